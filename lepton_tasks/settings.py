@@ -1,0 +1,83 @@
+"""The one settings object. Every endpoint, bucket, port and name comes from here.
+
+Values come from environment variables prefixed ``LEPTON_`` (e.g. ``LEPTON_S3_ENDPOINT``), then from
+``<data_dir>/lepton.env`` written by ``lepton up`` (so every process started by the embedded stack sees the
+same values), then from the defaults below. Secrets are ``SecretStr`` so they never print in logs or reprs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path(os.environ.get("LEPTON_DATA_DIR", ".lepton")).resolve()
+
+
+class Settings(BaseSettings):
+    """Lepton configuration (env prefix ``LEPTON_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="LEPTON_", extra="ignore")
+
+    mode: Literal["embedded", "compose"] = "embedded"
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    bind_host: str = "127.0.0.1"
+
+    # object storage (SeaweedFS embedded, MinIO in compose)
+    s3_endpoint: str = "127.0.0.1:8333"
+    s3_secure: bool = False
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_region: str = "us-east-1"
+    s3_master_port: int = 9333
+    inbox_bucket_prefix: str = "inbox-"
+    staging_bucket: str = "staging"
+    quarantine_bucket: str = "quarantine"
+    models_bucket: str = "models"
+
+    # vault (OpenBao embedded, HashiCorp Vault in compose)
+    vault_addr: str = "http://127.0.0.1:8200"
+    vault_token: SecretStr = SecretStr("")
+    transit_mount: str = "transit"
+    key_prefix: str = "lepton-"
+
+    # airflow
+    airflow_port: int = 8080
+
+    # training
+    trainer_image: str = "lepton-trainer:latest"
+    trainer_runtime: Literal["auto", "docker", "local"] = "auto"
+    trainer_gpus: int = 0
+    trainer_token_ttl: str = "1h"
+    docker_host: str = "unix://var/run/docker.sock"
+
+    @property
+    def env_file(self) -> Path:
+        return self.data_dir / "lepton.env"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.data_dir / "partners.yaml"
+
+    def inbox_bucket(self, partner: str) -> str:
+        return f"{self.inbox_bucket_prefix}{partner}"
+
+    def transit_key(self, partner: str) -> str:
+        return f"{self.key_prefix}{partner}"
+
+    def shared_buckets(self) -> list[str]:
+        return [self.staging_bucket, self.quarantine_bucket, self.models_bucket]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, then ``<data_dir>/lepton.env`` when it exists, then defaults."""
+    data_dir = Path(str(overrides.get("data_dir") or _default_data_dir()))
+    env_file = data_dir / "lepton.env"
+    if env_file.is_file():
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    return Settings(**overrides)  # type: ignore[arg-type]
