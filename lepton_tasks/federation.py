@@ -1,0 +1,241 @@
+"""Server side of a federated run: plan, trainer jobs, aggregation with a quorum, final metrics.
+
+Everything a run writes lives under ``models/<run_id>/`` and is keyed by run id and round, so re-running a
+round (or clearing one partner's task) overwrites the same objects: idempotent.
+
+    models/<run_id>/plan.json                 partners, their committed drops (hash, contract), hyper-parameters
+    models/<run_id>/stats.json                merged federated statistics (train splits only)
+    models/<run_id>/round-<k>/<partner>.update   a partner's weights (npz, no pickle) + n + local metrics
+    models/<run_id>/round-<k>/global.npz      the aggregate of round k
+    models/<run_id>/round-<k>/summary.json    who contributed, who was excluded, training metrics
+    models/<run_id>/eval/<partner>.json       held-out metrics + score histograms (global and local-only)
+    models/<run_id>/metrics.json, report.html, model/global.keras, model/VERSION.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from lepton_tasks.contracts import load_contract
+from lepton_tasks.ingest import read_manifest, staged_manifests
+from lepton_tasks.settings import Settings
+from lepton_tasks.storage import Storage
+from lepton_tasks.vault import Vault
+
+log = logging.getLogger(__name__)
+STRATEGIES = ("fedavg", "fedprox", "median", "trimmed_mean", "krum")
+
+
+class QuorumError(RuntimeError):
+    """Fewer partner updates than ``min_partners`` arrived for a round."""
+
+
+@dataclass(frozen=True)
+class HParams:
+    rounds: int = 5
+    local_epochs: int = 2
+    batch_size: int = 64
+    learning_rate: float = 0.005
+    strategy: str = "fedavg"
+    min_partners: int = 2
+    seed: int = 42
+    fedprox_mu: float = 0.0
+    trim_beta: float = 0.2
+    krum_f: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.rounds < 1 or self.local_epochs < 1 or self.min_partners < 1:
+            raise ValueError("rounds, local_epochs and min_partners must be >= 1")
+
+
+def run_prefix(run_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_.:+" else "_" for c in run_id)
+    return f"{safe}/"
+
+
+def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str, dataset: str,
+             partners: list[str] | None, hparams: HParams) -> dict[str, Any]:
+    """Verify every committed drop's manifest, merge the partners' train statistics, write plan + stats."""
+    from lepton_tasks.normalize import SufficientStats, merge
+
+    contract = load_contract(dataset)
+    found = staged_manifests(storage, settings, dataset, partners)
+    if partners:
+        missing = sorted(set(partners) - set(found))
+        if missing:
+            log.warning("no staged data for %s: excluded from this run", ", ".join(missing))
+    stats: list[SufficientStats] = []
+    plan_partners: dict[str, list[dict[str, Any]]] = {}
+    for partner, keys in found.items():
+        drops = []
+        for key in keys:
+            m = read_manifest(storage, settings, vault, partner, key)
+            if m["contract"] != contract.version_tag:
+                log.warning("skipping %s: contract %s, run uses %s", key, m["contract"], contract.version_tag)
+                continue
+            stats.append(SufficientStats.model_validate(m["statistics_train"]))
+            drops.append({"manifest": key, "drop_sha256": m["drop_sha256"], "rows": m["rows"],
+                          "contract": m["contract"], "objects": m["objects"]})
+        if drops:
+            plan_partners[partner] = drops
+    if len(plan_partners) < hparams.min_partners:
+        raise QuorumError(f"only {len(plan_partners)} partner(s) have staged {dataset} data "
+                          f"({', '.join(plan_partners) or 'none'}); min_partners is {hparams.min_partners}")
+    merged = merge(stats)
+    prefix = run_prefix(run_id)
+    storage.put_json(settings.models_bucket, prefix + "stats.json", merged.model_dump(mode="json"))
+    plan = {"run_id": run_id, "dataset": dataset, "contract": contract.version_tag,
+            "partners": sorted(plan_partners), "drops": plan_partners, "hparams": hparams.__dict__}
+    storage.put_json(settings.models_bucket, prefix + "plan.json", plan)
+    return plan
+
+
+def trainer_job(settings: Settings, storage: Storage, vault: Vault, *, run_id: str, partner: str,
+                mode: str, round_number: int, ttl: timedelta = timedelta(hours=1)) -> dict[str, Any]:
+    """The job a partner's trainer receives (SECRET: presigned URLs and a scoped token; env only, never XCom).
+
+    It holds only that partner's objects, a token that can decrypt/verify with only that partner's key, and
+    a presigned PUT for its own output: no S3 credentials, no other partner's anything, no root token.
+    """
+    prefix = run_prefix(run_id)
+    plan = storage.get_json(settings.models_bucket, prefix + "plan.json")
+    if partner not in plan["drops"]:
+        raise ValueError(f"partner {partner!r} is not part of run {run_id}")
+    hp = HParams(**plan["hparams"])
+    bucket = settings.staging_bucket
+    drops = []
+    for d in plan["drops"][partner]:
+        drops.append({
+            "manifest_key": d["manifest"],
+            "manifest_url": storage.presigned_get(bucket, d["manifest"], ttl),
+            **{split: {"key": obj["key"], "sha256": obj["sha256"], "url": storage.presigned_get(bucket, obj["key"], ttl)}
+               for split, obj in d["objects"].items()},
+        })
+    mb = settings.models_bucket
+    if mode == "train":
+        out_key = f"{prefix}round-{round_number}/{partner}.update"
+        prev = f"{prefix}round-{round_number - 1}/global.npz" if round_number > 1 else None
+    elif mode == "evaluate":
+        out_key = f"{prefix}eval/{partner}.json"
+        prev = f"{prefix}round-{last_round(storage, settings, run_id)}/global.npz"
+    else:
+        raise ValueError(f"unknown trainer mode {mode!r}")
+    return {
+        "mode": mode, "partner": partner, "dataset": plan["dataset"], "run_id": run_id, "round": round_number,
+        "vault_addr": settings.vault_addr, "transit_mount": settings.transit_mount,
+        "key_name": settings.transit_key(partner), "staging_bucket": bucket,
+        "vault_token": vault.trainer_token(partner, ttl=f"{int(ttl.total_seconds())}s"),
+        "drops": drops,
+        "stats_url": storage.presigned_get(mb, prefix + "stats.json", ttl),
+        "global_weights_url": storage.presigned_get(mb, prev, ttl) if prev else None,
+        "output_url": storage.presigned_put(mb, out_key, ttl),
+        "output_key": out_key,
+        "hparams": {"epochs": hp.local_epochs, "batch_size": hp.batch_size, "learning_rate": hp.learning_rate,
+                    "seed": hp.seed, "fedprox_mu": hp.fedprox_mu if hp.strategy == "fedprox" else 0.0,
+                    "local_only_epochs": hp.local_epochs * hp.rounds},
+    }
+
+
+def last_round(storage: Storage, settings: Settings, run_id: str) -> int:
+    prefix = run_prefix(run_id)
+    rounds = [int(o.key.split("/")[-2].removeprefix("round-")) for o in storage.list(settings.models_bucket, prefix)
+              if o.key.endswith("/global.npz")]
+    if not rounds:
+        raise ValueError(f"run {run_id} has no aggregated round yet")
+    return max(rounds)
+
+
+def aggregate_round(settings: Settings, storage: Storage, *, run_id: str, round_number: int) -> dict[str, Any]:
+    """Aggregate the updates that arrived for ``round_number``; enforce the quorum; write global + summary."""
+    from lepton_tasks import weights as wio
+    from lepton_tasks.aggregate import aggregate
+
+    prefix = run_prefix(run_id)
+    plan = storage.get_json(settings.models_bucket, prefix + "plan.json")
+    hp = HParams(**plan["hparams"])
+    rp = f"{prefix}round-{round_number}/"
+    arrived = {p for p in plan["partners"] if storage.exists(settings.models_bucket, f"{rp}{p}.update")}
+    excluded = sorted(set(plan["partners"]) - arrived)
+    if len(arrived) < hp.min_partners:
+        raise QuorumError(
+            f"round {round_number}: only {len(arrived)} update(s) arrived ({', '.join(sorted(arrived)) or 'none'}; "
+            f"missing {', '.join(excluded)}), fewer than min_partners={hp.min_partners}")
+    metrics: dict[str, Any] = {}
+
+    def updates():
+        for p in sorted(arrived):
+            arrays, meta = wio.loads(storage.get_bytes(settings.models_bucket, f"{rp}{p}.update"))
+            metrics[p] = {**meta.get("metrics", {}), "n": int(meta["n_samples"])}
+            yield p, arrays, int(meta["n_samples"])
+
+    params: dict[str, Any] = {}
+    if hp.strategy == "trimmed_mean":
+        params["beta"] = hp.trim_beta
+    elif hp.strategy == "krum":
+        params["f"] = hp.krum_f
+    global_w = aggregate(hp.strategy, updates(), **params)
+    storage.put_bytes(settings.models_bucket, f"{rp}global.npz",
+                      wio.dumps(global_w, {"run_id": run_id, "round": round_number, "strategy": hp.strategy,
+                                           "partners": sorted(arrived)}))
+    summary = {"round": round_number, "strategy": hp.strategy, "partners": metrics, "excluded": excluded}
+    storage.put_json(settings.models_bucket, f"{rp}summary.json", summary)
+    if excluded:
+        log.warning("round %d: excluded %s (no update after retries)", round_number, ", ".join(excluded))
+    return summary
+
+
+def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtime: str) -> dict[str, Any]:
+    """metrics.json: per round, per partner held-out metrics (global vs local-only), pooled overall."""
+    from lepton_tasks.evaluate import merge_score_summaries
+
+    prefix = run_prefix(run_id)
+    mb = settings.models_bucket
+    plan = storage.get_json(mb, prefix + "plan.json")
+    rounds = []
+    k = 1
+    while storage.exists(mb, f"{prefix}round-{k}/summary.json"):
+        rounds.append(storage.get_json(mb, f"{prefix}round-{k}/summary.json"))
+        k += 1
+    per_partner, local_only, g_summaries, l_summaries, missing = {}, {}, [], [], []
+    for p in plan["partners"]:
+        key = f"{prefix}eval/{p}.json"
+        if not storage.exists(mb, key):
+            missing.append(p)
+            continue
+        ev = storage.get_json(mb, key)
+        g, lo = ev["global"], ev["local_only"]
+        g_summaries.append(g.pop("score_summary"))
+        l_summaries.append(lo.pop("score_summary"))
+        per_partner[p], local_only[p] = g, lo
+    warnings = []
+    if runtime != "docker":
+        warnings.append(f"trainers ran with the {runtime.upper()} runtime (subprocesses), not Docker containers")
+    if missing:
+        warnings.append(f"no held-out evaluation from {', '.join(missing)}")
+    for r in rounds:
+        if r.get("excluded"):
+            warnings.append(f"round {r['round']}: excluded {', '.join(r['excluded'])}")
+    hp = plan["hparams"]
+    return {
+        "run_id": run_id, "dataset": plan["dataset"], "contract_version": plan["contract"],
+        "strategy": hp["strategy"], "hparams": hp, "runtime": runtime,
+        "rounds": rounds,
+        "final": {"per_partner": per_partner,
+                  "overall": merge_score_summaries(g_summaries) if g_summaries else {}},
+        "local_only": {"per_partner": local_only,
+                       "overall": merge_score_summaries(l_summaries) if l_summaries else {}},
+        "lineage": {"run_id": run_id, "rounds": len(rounds), "strategy": hp["strategy"],
+                    "contract": plan["contract"],
+                    "drops": {p: [d["drop_sha256"] for d in ds] for p, ds in plan["drops"].items()}},
+        "warnings": warnings,
+    }
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,170 @@
+"""The trainer entrypoint: ``python -m lepton_tasks.train`` (inside the partner's container, or a subprocess).
+
+It receives its job (see :func:`lepton_tasks.federation.trainer_job`) in the ``LEPTON_JOB`` environment
+variable — never on the command line — holding presigned URLs for exactly this partner's objects and a
+short-lived Vault token that can decrypt/verify with only this partner's key. It
+
+1. downloads each committed drop's manifest and verifies its HMAC with the partner's key (token);
+2. downloads the encrypted splits, checks their SHA-256 against the manifest, decrypts them (Tink + Vault)
+   to a private temp dir;
+3. normalizes with the merged federated statistics; then
+   - ``train``: trains locally from the current global weights and PUTs ``weights + n + metrics``;
+   - ``evaluate``: evaluates the final global model and a local-only model (trained on this partner alone)
+     on the partner's held-out split and PUTs metrics + score histograms (aggregates, never rows).
+
+Exit code 0 on success; 2 on a bad job; 3 on a security failure (signature, hash, decrypt denied).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lepton.trainer")
+
+
+class SecurityError(RuntimeError):
+    """A manifest signature, a ciphertext hash or a decryption failed."""
+
+
+def _get(url: str, dest: Path | None = None) -> bytes | Path:
+    with urllib.request.urlopen(url, timeout=300) as resp:  # noqa: S310 - presigned URL from the operator
+        if dest is None:
+            return resp.read()
+        with open(dest, "wb") as f:
+            while block := resp.read(1024 * 1024):
+                f.write(block)
+        return dest
+
+
+def _put(url: str, data: bytes, content_type: str) -> None:
+    req = urllib.request.Request(url, data=data, method="PUT", headers={"Content-Type": content_type})
+    with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310
+        if resp.status not in (200, 204):
+            raise RuntimeError(f"upload failed with HTTP {resp.status}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list[str]]:
+    """Verify + decrypt this partner's drops → (train frame, holdout frame, drop hashes). Plaintext stays in work."""
+    import pandas as pd
+
+    from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file
+    from lepton_tasks.ingest import canonical
+    from lepton_tasks.vault import Vault
+
+    vault = Vault.connect(job["vault_addr"], job["vault_token"], job["transit_mount"])
+    partner, key_name = job["partner"], job["key_name"]
+    frames: dict[str, list[pd.DataFrame]] = {"train": [], "holdout": []}
+    hashes = []
+    for i, drop in enumerate(job["drops"]):
+        body = json.loads(_get(drop["manifest_url"]))  # type: ignore[arg-type]
+        manifest = body.get("manifest")
+        if not isinstance(manifest, dict) or not vault.verify(key_name, canonical(manifest), body.get("hmac", "")):
+            raise SecurityError(f"{drop['manifest_key']}: manifest signature does not verify with {key_name}")
+        if manifest.get("partner") != partner or manifest.get("dataset") != job["dataset"]:
+            raise SecurityError(f"{drop['manifest_key']}: manifest is for {manifest.get('partner')}/"
+                                f"{manifest.get('dataset')}, not {partner}/{job['dataset']}")
+        hashes.append(manifest["drop_sha256"])
+        for split in ("train", "holdout"):
+            obj = drop[split]
+            if manifest["objects"][split]["key"] != obj["key"]:
+                raise SecurityError(f"{obj['key']}: not the object the manifest commits to")
+            enc = _get(obj["url"], work / f"{i}-{split}.enc")
+            digest = _sha256(enc)  # type: ignore[arg-type]
+            if digest != manifest["objects"][split]["sha256"]:
+                raise SecurityError(f"{obj['key']}: ciphertext SHA-256 {digest[:12]}… does not match the manifest")
+            plain = work / f"{i}-{split}.parquet"
+            try:
+                decrypt_file(enc, plain, client=vault.client, key_name=key_name,  # type: ignore[arg-type]
+                             ad=associated_data(partner, job["staging_bucket"], obj["key"]), object_name=obj["key"],
+                             transit_mount=job["transit_mount"])
+            except EnvelopeError as exc:
+                raise SecurityError(str(exc)) from exc
+            Path(enc).unlink()  # type: ignore[arg-type]
+            frames[split].append(pd.read_parquet(plain))
+            plain.unlink()
+    train = pd.concat(frames["train"], ignore_index=True)
+    holdout = pd.concat(frames["holdout"], ignore_index=True)
+    return train, holdout, hashes
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Execute one trainer job; return the (non-secret) summary that was uploaded."""
+    from lepton_tasks import weights as wio
+    from lepton_tasks.contracts import load_contract
+    from lepton_tasks.normalize import global_stats_from_json, transform, feature_names
+    from lepton_tasks.train.local import evaluate_weights, train_local
+
+    contract = load_contract(job["dataset"])
+    hp = job["hparams"]
+    gstats = global_stats_from_json(_get(job["stats_url"]))  # type: ignore[arg-type]
+    names = feature_names(contract, gstats)
+    global_w = None
+    if job.get("global_weights_url"):
+        global_w, _ = wio.loads(_get(job["global_weights_url"]))  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="lepton-trainer-") as tmp:
+        train_df, holdout_df, hashes = load_partner_frames(job, Path(tmp))
+    train_m = transform(train_df, contract, gstats)
+    if job["mode"] == "train":
+        res = train_local(train_m, contract.model, names, global_weights=global_w, epochs=hp["epochs"],
+                          batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
+                          seed=hp["seed"] + job["round"], fedprox_mu=hp["fedprox_mu"])
+        meta = {"partner": job["partner"], "round": job["round"], "run_id": job["run_id"],
+                "n_samples": res.n_samples, "metrics": res.metrics, "drops": hashes}
+        _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
+        return {k: v for k, v in meta.items() if k != "drops"}
+    holdout_m = transform(holdout_df, contract, gstats)
+    g = evaluate_weights(holdout_m, contract.model, names, global_w, with_summary=True)
+    local = train_local(train_m, contract.model, names, global_weights=None, epochs=hp["local_only_epochs"],
+                        batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"])
+    lo = evaluate_weights(holdout_m, contract.model, names, local.weights, with_summary=True)
+    out = {"partner": job["partner"], "run_id": job["run_id"], "global": g, "local_only": lo,
+           "rows": {"train": int(len(train_df)), "holdout": int(len(holdout_df))}}
+    _put(job["output_url"], json.dumps(out, default=float).encode(), "application/json")
+    return {"partner": job["partner"], "global_auc": g.get("auc"), "local_only_auc": lo.get("auc")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lepton_tasks.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--partner", required=True, help="the partner this container serves (checked against the job)")
+    parser.add_argument("--mode", choices=("train", "evaluate"), required=True)
+    parser.add_argument("--round", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer[%(name)s] %(levelname)s %(message)s")
+    raw = os.environ.pop("LEPTON_JOB", None)
+    if not raw:
+        print("error: no job: the LEPTON_JOB environment variable is empty", file=sys.stderr)
+        return 2
+    job = json.loads(raw)
+    if job.get("partner") != args.partner or job.get("mode") != args.mode:
+        print(f"error: job is for {job.get('partner')}/{job.get('mode')}, not {args.partner}/{args.mode}",
+              file=sys.stderr)
+        return 2
+    log.info("partner %s: %s (run %s, round %s)", args.partner, args.mode, job["run_id"], job["round"])
+    try:
+        summary = run_job(job)
+    except SecurityError as exc:
+        print(f"security error: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
