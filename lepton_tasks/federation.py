@@ -62,7 +62,7 @@ def run_prefix(run_id: str) -> str:
 def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str, dataset: str,
              partners: list[str] | None, hparams: HParams) -> dict[str, Any]:
     """Verify every committed drop's manifest, merge the partners' train statistics, write plan + stats."""
-    from lepton_tasks.normalize import SufficientStats, merge
+    from lepton_tasks.normalize import GlobalStats, SufficientStats, feature_names, merge
 
     contract = load_contract(dataset)
     found = staged_manifests(storage, settings, dataset, partners)
@@ -91,7 +91,8 @@ def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str,
     prefix = run_prefix(run_id)
     storage.put_json(settings.models_bucket, prefix + "stats.json", merged.model_dump(mode="json"))
     plan = {"run_id": run_id, "dataset": dataset, "contract": contract.version_tag,
-            "partners": sorted(plan_partners), "drops": plan_partners, "hparams": hparams.__dict__}
+            "partners": sorted(plan_partners), "drops": plan_partners, "hparams": hparams.__dict__,
+            "feature_names": feature_names(contract, GlobalStats.from_stats(merged, contract))}
     storage.put_json(settings.models_bucket, prefix + "plan.json", plan)
     return plan
 

@@ -171,7 +171,7 @@ def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str
             "rows": {"train": prepared.rows_train, "holdout": prepared.rows_holdout},
             "cleaning": _dump(prepared.report),
             "statistics_train": _dump(prepared.stats),
-            "warnings": list(prepared.warnings),
+            "warnings": [_dump(w) for w in prepared.warnings],
             "encryption": {"scheme": "tink-streaming-aead/AES256_GCM_HKDF_1MB+vault-transit",
                            "key_name": key_name, "key_version": key_version},
             "objects": objects,

@@ -57,7 +57,7 @@ def publish_run(settings: Settings, storage: Storage, *, run_id: str, runtime: s
     storage.put_file(mb, prefix + "report.html", report, content_type="text/html")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = _save_keras(plan["dataset"], weights_blob, Path(tmp))
+        model_path = _save_keras(plan["dataset"], weights_blob, len(plan["feature_names"]), Path(tmp))
         storage.put_file(mb, prefix + "model/global.keras", model_path)
     version_doc = {"version": version, "dataset": plan["dataset"], "run_id": run_id,
                    "published_at": datetime.now(UTC).isoformat(timespec="seconds"), "lineage": metrics["lineage"]}
@@ -68,7 +68,7 @@ def publish_run(settings: Settings, storage: Storage, *, run_id: str, runtime: s
             "metrics": metrics}
 
 
-def _save_keras(dataset: str, weights_blob: bytes, out: Path) -> Path:
+def _save_keras(dataset: str, weights_blob: bytes, n_features: int, out: Path) -> Path:
     """Rebuild the contract's model with the final global weights and save it as ``global.keras``."""
     from lepton_tasks import weights as wio
     from lepton_tasks.contracts import load_contract
@@ -76,21 +76,8 @@ def _save_keras(dataset: str, weights_blob: bytes, out: Path) -> Path:
 
     arrays, _ = wio.loads(weights_blob)
     contract = load_contract(dataset)
-    n_features = _n_features(contract, arrays)
     model = build_model(contract.model, n_features, seed=0)
     model.set_weights(arrays)
     path = out / "global.keras"
     model.save(path)
     return path
-
-
-def _n_features(contract, arrays) -> int:  # noqa: ANN001
-    """The model's input width, read off the first kernel (mlp) — sequence models take it from the spec."""
-    if contract.model.kind == "mlp":
-        return int(arrays[0].shape[0])
-    from lepton_tasks.train.model import sequence_feature_width  # noqa: F401
-
-    for a in arrays:
-        if a.ndim == 2 and a.shape[0] != contract.model.hash_buckets:
-            return int(a.shape[0])
-    raise ValueError("cannot infer the sequence model's feature width from its weights")

@@ -7,7 +7,7 @@ row-count bounds, and the model the federation trains on it.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +42,13 @@ class ColumnSpec(BaseModel):
     clip: tuple[float, float] | None = None
     #: a failed expectation on a critical column quarantines the drop; otherwise it is a warning
     critical: bool = True
+    #: a drop without a required column is rejected; a missing optional column is read as all-null
+    required: bool = True
+    description: str = ""
+
+    def is_numeric(self) -> bool:
+        """Numeric for statistics/normalization: int, float, bool (0/1) and timestamp (epoch seconds)."""
+        return self.dtype in ("int", "float", "bool", "timestamp")
 
 
 class RowBounds(BaseModel):
@@ -84,11 +91,13 @@ class Contract(BaseModel):
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     rows: RowBounds = Field(default_factory=RowBounds)
     allow_extra_columns: bool = False
+    #: CSV cells that mean "missing" (matched exactly, before type coercion)
+    null_values: list[str] = Field(default_factory=lambda: ["", "NA", "N/A", "NULL", "null", "NaN", "nan"])
     columns: dict[str, ColumnSpec]
     model: ModelSpec
 
     @model_validator(mode="after")
-    def _check(self) -> "Contract":
+    def _check(self) -> Contract:
         if self.label not in self.columns:
             raise ValueError(f"contract {self.name}: label {self.label!r} is not a declared column")
         if self.columns[self.label].role != "label":
@@ -105,13 +114,20 @@ class Contract(BaseModel):
     def feature_columns(self) -> list[str]:
         return [c for c, s in self.columns.items() if s.role == "feature"]
 
+    def columns_with_role(self, role: Role) -> list[str]:
+        """Declared columns with ``role``, in contract order."""
+        return [c for c, s in self.columns.items() if s.role == role]
+
+    def required_columns(self) -> list[str]:
+        return [c for c, s in self.columns.items() if s.required]
+
 
 def available() -> list[str]:
     """Names of the datasets that have a contract."""
     return sorted(p.stem for p in CONTRACTS_DIR.glob("*.yaml"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_contract(name: str) -> Contract:
     """Load the contract of dataset ``name``; raise ``KeyError`` naming the known datasets if unknown."""
     path = CONTRACTS_DIR / f"{name}.yaml"

@@ -108,12 +108,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Execute one trainer job; return the (non-secret) summary that was uploaded."""
     from lepton_tasks import weights as wio
     from lepton_tasks.contracts import load_contract
-    from lepton_tasks.normalize import global_stats_from_json, transform, feature_names
+    from lepton_tasks.normalize import GlobalStats, SufficientStats, feature_names, transform
     from lepton_tasks.train.local import evaluate_weights, train_local
 
     contract = load_contract(job["dataset"])
     hp = job["hparams"]
-    gstats = global_stats_from_json(_get(job["stats_url"]))  # type: ignore[arg-type]
+    gstats = GlobalStats.from_stats(SufficientStats.model_validate_json(_get(job["stats_url"])), contract)  # type: ignore[arg-type]
     names = feature_names(contract, gstats)
     global_w = None
     if job.get("global_weights_url"):

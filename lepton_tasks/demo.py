@@ -1,0 +1,156 @@
+"""The demo harness: onboard a scenario's partners, drop their data as they would, wait for the event-driven
+ingest and the asset-triggered federated training, then add a *centralized reference* (trained on the union
+of the partners' data — something a real federation would not have) and print where the report is.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+
+
+def partner_name(raw: str) -> str:
+    """Scenario partner ids (``bank_a``) as DNS-safe partner names (``bank-a``)."""
+    return raw.replace("_", "-")
+
+
+def _scenario(name: str):
+    if name not in SCENARIOS:
+        raise SystemExit(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
+    return SCENARIOS[name]
+
+
+def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:  # noqa: ANN001
+    """Onboard missing partners and upload each partner's file with that partner's own credentials."""
+    from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner, partner_storage
+    from lepton_tasks.storage import Storage
+
+    sc = _scenario(scenario)
+    settings = stack.settings()
+    storage = Storage.from_settings(settings)
+    existing = Registry(settings.registry_file).load()
+    for raw in sc.partners:
+        name = partner_name(raw)
+        if name not in existing:
+            add_partner(settings, name, [sc.dataset], storage=storage, root_vault=stack.root_vault(),
+                        identities=SeaweedIdentities(stack.seaweedfs.shell))
+            yield f"onboarded partner {name} (inbox s3://{settings.inbox_bucket(name)}/)"
+    time.sleep(2)  # s3.configure takes effect within seconds
+    frames = sc.generate(seed)
+    for raw, df in frames.items():
+        name = partner_name(raw)
+        key = f"{sc.dataset}/{scenario}-seed{seed}.csv"
+        client = partner_storage(settings, name)
+        for attempt in range(20):
+            try:
+                client.put_bytes(settings.inbox_bucket(name), key, to_csv_bytes(df), content_type="text/csv")
+                break
+            except Exception:  # noqa: BLE001 - credentials may need a moment to propagate; re-raised below
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
+        yield f"{name} dropped s3://{settings.inbox_bucket(name)}/{key} ({len(df)} rows) with its own credentials"
+
+
+def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
+    """REFERENCE ONLY: the same pipeline on the union of all partners' data (not possible in a real federation)."""
+    import pandas as pd
+
+    from lepton_tasks.contracts import load_contract
+    from lepton_tasks.evaluate import binary_metrics
+    from lepton_tasks.normalize import GlobalStats, feature_names, merge, transform
+    from lepton_tasks.prepare import prepare_drop
+    from lepton_tasks.train.local import predict, train_local
+
+    sc = _scenario(scenario)
+    contract = load_contract(sc.dataset)
+    trains, holdouts, stats = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for raw, df in sc.generate(seed).items():
+            src = Path(tmp) / f"{raw}.csv"
+            src.write_bytes(to_csv_bytes(df))
+            prep = prepare_drop(src, contract, object_key=f"{sc.dataset}/{raw}.csv", out_dir=Path(tmp) / raw)
+            trains.append(pd.read_parquet(prep.train_path))
+            holdouts.append(pd.read_parquet(prep.holdout_path))
+            stats.append(prep.stats)
+    gstats = GlobalStats.from_stats(merge(stats), contract)
+    names = feature_names(contract, gstats)
+    train = transform(pd.concat(trains, ignore_index=True), contract, gstats)
+    hold = transform(pd.concat(holdouts, ignore_index=True), contract, gstats)
+    res = train_local(train, contract.model, names, epochs=hparams["local_epochs"] * hparams["rounds"],
+                      batch_size=hparams["batch_size"], learning_rate=hparams["learning_rate"], seed=hparams["seed"])
+    p = predict(hold, contract.model, names, res.weights)
+    m = binary_metrics(hold["label"].to_numpy(), p)
+    return {"label": "centralized reference (union of all partners' data; not available in a real federation)",
+            "overall": m}
+
+
+def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0) -> Iterator[str]:  # noqa: ANN001
+    """The whole mission on the embedded stack; yields progress lines."""
+    from lepton_tasks.airflow_api import AirflowAPI
+    from lepton_tasks.federation import run_prefix
+    from lepton_tasks.ingest import staged_manifests
+    from lepton_tasks.publish import publish_run
+    from lepton_tasks.storage import Storage
+
+    sc = _scenario(scenario)
+    settings = stack.settings()
+    af = stack.airflow(settings)
+    api = AirflowAPI(af.url, "admin", af.admin_password() or "")
+    deadline = time.monotonic() + 120
+    while not (api.dag_exists("lepton_ingest") and api.dag_exists("lepton_train")):
+        if time.monotonic() > deadline:
+            raise SystemExit("the DAGs were not registered within 120 s: see `lepton logs airflow-dag-processor`")
+        time.sleep(3)
+    for dag_id in ("lepton_ingest", "lepton_train"):
+        api.unpause(dag_id)
+    before = {r["dag_run_id"] for r in api.runs("lepton_train")}
+    yield from drop_scenario(stack, scenario, seed=seed)
+    storage = Storage.from_settings(settings)
+    partners = [partner_name(p) for p in sc.partners]
+    yield f"waiting for the inbox watcher to ingest the drops (event-driven; see {af.url}/dags/lepton_ingest)"
+    t0 = time.monotonic()
+    while set(staged_manifests(storage, settings, sc.dataset, partners)) != set(partners):
+        if time.monotonic() - t0 > 600:
+            raise SystemExit("drops were not staged within 10 min: see the lepton_ingest runs in the UI")
+        time.sleep(3)
+    yield f"all {len(partners)} partners staged in {time.monotonic() - t0:.0f}s; waiting for the training run"
+    run_id = None
+    t0 = time.monotonic()
+    while run_id is None:
+        new = [r for r in api.runs("lepton_train") if r["dag_run_id"] not in before]
+        if new:
+            run_id = new[-1]["dag_run_id"]
+        elif time.monotonic() - t0 > 120:  # the asset event did not start one: start it from the API
+            run_id = api.trigger("lepton_train", {"dataset": sc.dataset, "rounds": rounds})
+        else:
+            time.sleep(3)
+    yield f"training run {run_id}: {af.url}/dags/lepton_train/runs/{run_id}"
+    state = api.wait_run("lepton_train", run_id, timeout)
+    if state != "success":
+        raise SystemExit(f"training run {run_id} ended {state}: see {af.url}/dags/lepton_train/runs/{run_id}")
+    plan = storage.get_json(settings.models_bucket, run_prefix(run_id) + "plan.json")
+    ref = centralized_reference(scenario, seed=seed, hparams=plan["hparams"])
+    out = publish_run(settings, storage, run_id=run_id, runtime="docker" if _docker_ok() else "local",
+                      extra={"centralized": ref})
+    m = out["metrics"]
+    fed_auc = m["final"]["overall"].get("auc")
+    lo = [v.get("auc") for v in m["local_only"]["per_partner"].values() if v.get("auc") is not None]
+    yield (f"federated AUC (union of holdouts) {fed_auc:.4f} | centralized reference {ref['overall']['auc']:.4f} | "
+           f"mean local-only {sum(lo) / len(lo):.4f}" if fed_auc is not None and lo else json.dumps(m["final"]))
+    yield f"REPORT: {out['report_path']}"
+    yield f"model version {out['version']}: {out['model_url']}"
+    yield f"Airflow UI: {af.url}  (user admin; password in {af.password_file()})"
+
+
+def _docker_ok() -> bool:
+    from lepton_tasks.embedded.docker import docker_status
+
+    s = docker_status()
+    return bool(s.available and s.trainer_image)

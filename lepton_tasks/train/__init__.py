@@ -1,0 +1,1 @@
+"""The trainer: builds, trains and evaluates the federated model inside a partner container."""

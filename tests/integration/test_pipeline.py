@@ -1,0 +1,168 @@
+"""The data path against real SeaweedFS + OpenBao: ingest → staged (manifest last) → plan → trainer jobs
+(in-process, with the partner's scoped token) → aggregation with quorum → publish. Plus tamper and isolation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lepton_tasks.demo import partner_name
+from lepton_tasks.ingest import MANIFEST, ingest_drop, read_manifest, staged_manifests
+from lepton_tasks.partners import partner_storage
+from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+
+pytestmark = pytest.mark.integration
+
+SCENARIO = "banks"
+PARTNERS = [partner_name(p) for p in SCENARIOS[SCENARIO].partners]
+
+
+@pytest.fixture(scope="module")
+def staged(settings, admin_storage, operator_vault, onboard):
+    sc = SCENARIOS[SCENARIO]
+    results = {}
+    for raw, df in sc.generate(7).items():
+        name = partner_name(raw)
+        onboard(name, [sc.dataset])
+        client = partner_storage(settings, name)
+        key = f"{sc.dataset}/drop-1.csv"
+        for _ in range(20):
+            try:
+                client.put_bytes(settings.inbox_bucket(name), key, to_csv_bytes(df))
+                break
+            except Exception:  # noqa: BLE001 - identity propagation
+                import time
+
+                time.sleep(0.5)
+        results[name] = ingest_drop(settings, admin_storage, operator_vault, name, key)
+    return results
+
+
+def test_drops_are_staged_encrypted_with_manifest_last(staged, settings, admin_storage, operator_vault):
+    assert {r.status for r in staged.values()} == {"staged"}
+    found = staged_manifests(admin_storage, settings, "banks", PARTNERS)
+    assert set(found) == set(PARTNERS)
+    for partner, keys in found.items():
+        m = read_manifest(admin_storage, settings, operator_vault, partner, keys[0])
+        assert m["contract"] == "banks@v1" and m["rows"]["train"] > 0 and m["rows"]["holdout"] > 0
+        assert m["encryption"]["key_name"] == f"lepton-{partner}"
+        assert "balance" in json.dumps(m["statistics_train"])
+        for obj in m["objects"].values():
+            blob = admin_storage.get_bytes(settings.staging_bucket, obj["key"])
+            assert blob.startswith(b"LEPTON-ENV1\n")
+            assert b"PAR1" not in blob[:64] and b"customer_id" not in blob  # no plaintext parquet in shared bucket
+
+
+def test_same_drop_twice_is_skipped(staged, settings, admin_storage, operator_vault):
+    name = PARTNERS[0]
+    df = SCENARIOS[SCENARIO].generate(7)[SCENARIOS[SCENARIO].partners[0]]
+    partner_storage(settings, name).put_bytes(settings.inbox_bucket(name), "banks/copy.csv", to_csv_bytes(df))
+    before = sorted(o.key for o in admin_storage.list(settings.staging_bucket, f"{name}/"))
+    res = ingest_drop(settings, admin_storage, operator_vault, name, "banks/copy.csv")
+    assert res.status == "skipped" and res.drop_id == staged[name].drop_id
+    assert sorted(o.key for o in admin_storage.list(settings.staging_bucket, f"{name}/")) == before
+
+
+def test_bad_drop_is_quarantined_with_reason_and_original(staged, settings, admin_storage, operator_vault):
+    from lepton_tasks.drops import DropError
+
+    name = PARTNERS[1]
+    bad = b"customer_id,student,balance,income,default\nc1,No,12.5,abc,No\n"
+    partner_storage(settings, name).put_bytes(settings.inbox_bucket(name), "banks/bad.csv", bad)
+    with pytest.raises(DropError) as err:
+        ingest_drop(settings, admin_storage, operator_vault, name, "banks/bad.csv")
+    assert err.value.column == "income" and err.value.row == 1
+    inbox = settings.inbox_bucket(name)
+    assert not admin_storage.exists(inbox, "banks/bad.csv")
+    q = [o.key for o in admin_storage.list(inbox, "quarantine/")]
+    reason_key = next(k for k in q if k.endswith("reason.json"))
+    reason = admin_storage.get_json(inbox, reason_key)
+    assert reason["column"] == "income" and reason["row"] == 1 and reason["fix"]
+    original = next(k for k in q if k.endswith(".original"))
+    assert admin_storage.get_bytes(inbox, original) == bad  # nothing lost
+    # the partner itself can read why
+    assert partner_storage(settings, name).get_json(inbox, reason_key)["code"] == reason["code"]
+    # the shared index carries no values
+    index = admin_storage.get_json(settings.quarantine_bucket, f"{name}/{reason['drop_id']}.json")
+    assert "abc" not in json.dumps(index)
+
+
+def test_tampered_manifest_is_rejected(staged, settings, admin_storage, operator_vault):
+    from lepton_tasks.ingest import ManifestError
+
+    name = PARTNERS[0]
+    key = staged_manifests(admin_storage, settings, "banks", [name])[name][0]
+    body = admin_storage.get_json(settings.staging_bucket, key)
+    body["manifest"]["rows"]["train"] += 1
+    tampered_key = key.replace(MANIFEST, "tampered.json")
+    admin_storage.put_json(settings.staging_bucket, tampered_key, body)
+    with pytest.raises(ManifestError, match="does not verify"):
+        read_manifest(admin_storage, settings, operator_vault, name, tampered_key)
+
+
+def test_staged_object_decrypts_only_with_own_token_and_fails_when_tampered(staged, settings, admin_storage,
+                                                                           operator_vault, tmp_path):
+    from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file
+    from lepton_tasks.vault import Vault
+
+    a, b = PARTNERS[0], PARTNERS[1]
+    m = read_manifest(admin_storage, settings, operator_vault, a,
+                      staged_manifests(admin_storage, settings, "banks", [a])[a][0])
+    obj = m["objects"]["train"]["key"]
+    enc = admin_storage.download(settings.staging_bucket, obj, tmp_path / "t.enc")
+    ad = associated_data(a, settings.staging_bucket, obj)
+    own = Vault.connect(settings.vault_addr, operator_vault.trainer_token(a, "2m"))
+    decrypt_file(enc, tmp_path / "ok.parquet", client=own.client, key_name=f"lepton-{a}", ad=ad, object_name=obj)
+    assert (tmp_path / "ok.parquet").read_bytes()[:4] == b"PAR1"
+    other = Vault.connect(settings.vault_addr, operator_vault.trainer_token(b, "2m"))
+    with pytest.raises(EnvelopeError, match="denied"):
+        decrypt_file(enc, tmp_path / "x.parquet", client=other.client, key_name=f"lepton-{a}", ad=ad, object_name=obj)
+    with pytest.raises(EnvelopeError):  # moved to another key: associated data no longer matches
+        decrypt_file(enc, tmp_path / "y.parquet", client=own.client, key_name=f"lepton-{a}",
+                     ad=associated_data(a, settings.staging_bucket, obj + ".moved"), object_name=obj)
+    raw = bytearray(enc.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tmp_path / "flip.enc").write_bytes(bytes(raw))
+    with pytest.raises(EnvelopeError, match="tampered"):
+        decrypt_file(tmp_path / "flip.enc", tmp_path / "z.parquet", client=own.client, key_name=f"lepton-{a}",
+                     ad=ad, object_name=obj)
+    assert not (tmp_path / "z.parquet").exists()  # nothing published from a failed stream
+
+
+def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, operator_vault):
+    from lepton_tasks.federation import HParams, QuorumError, aggregate_round, plan_run, trainer_job
+    from lepton_tasks.publish import publish_run
+    from lepton_tasks.train.__main__ import run_job
+
+    run_id = "test-run-1"
+    hp = HParams(rounds=2, local_epochs=2, batch_size=64, learning_rate=0.01, min_partners=3, seed=1)
+    plan = plan_run(settings, admin_storage, operator_vault, run_id=run_id, dataset="banks", partners=PARTNERS,
+                    hparams=hp)
+    assert plan["partners"] == sorted(PARTNERS)
+    for k in (1, 2):
+        for p in PARTNERS:
+            if k == 2 and p == PARTNERS[2]:
+                continue  # this partner "fails" in round 2
+            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode="train",
+                                round_number=k))
+        if k == 2:
+            with pytest.raises(QuorumError, match="fewer than min_partners=3"):
+                aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
+            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=PARTNERS[2],
+                                mode="train", round_number=k))  # clearing the task: only that partner re-runs
+        summary = aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
+        assert summary["excluded"] == []
+    for p in PARTNERS:
+        run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode="evaluate",
+                            round_number=0))
+    out = publish_run(settings, admin_storage, run_id=run_id, runtime="local")
+    m = out["metrics"]
+    assert m["final"]["overall"]["auc"] > 0.85
+    assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(PARTNERS)
+    assert m["lineage"]["drops"][PARTNERS[0]] == [staged[PARTNERS[0]].manifest_key and
+                                                  read_manifest(admin_storage, settings, operator_vault, PARTNERS[0],
+                                                                staged[PARTNERS[0]].manifest_key)["drop_sha256"]]
+    for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
+        assert admin_storage.exists(settings.models_bucket, f"{run_id}/{suffix}")
+    assert any("LOCAL runtime" in w for w in m["warnings"])

@@ -1,0 +1,156 @@
+"""The trainer image's content hash: pure, on a fake repository tree (no Docker)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lepton_tasks.images import (
+    content_hash,
+    gpu_requirements,
+    trainer_build_inputs,
+    trainer_tag,
+)
+
+BASE = "lepton-base:bookworm@sha256:" + "ab" * 32
+
+
+@pytest.fixture()
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    (root / "docker/trainer").mkdir(parents=True)
+    (root / "docker/trainer/Dockerfile").write_text("FROM scratch\n")
+    (root / "requirements-trainer.txt").write_text("numpy==2.4.6\ntensorflow_cpu==2.21.0\n")
+    (root / "pyproject.toml").write_text("[project]\nname = 'lepton'\n")
+    (root / "lepton_tasks/train").mkdir(parents=True)
+    (root / "lepton_tasks/__init__.py").write_text('"""pkg"""\n')
+    (root / "lepton_tasks/train/__main__.py").write_text("print('train')\n")
+    (root / "lepton_tasks/contracts").mkdir()
+    (root / "lepton_tasks/contracts/iris.yaml").write_text("name: iris\n")
+    # not inputs: bytecode, other suffixes, files outside the package
+    (root / "lepton_tasks/__pycache__").mkdir()
+    (root / "lepton_tasks/__pycache__/x.cpython-311.pyc").write_bytes(b"\0")
+    (root / "lepton_tasks/notes.txt").write_text("not hashed\n")
+    (root / "README.md").write_text("readme\n")
+    (root / "tests").mkdir()
+    (root / "tests/test_x.py").write_text("def test(): pass\n")
+    return root
+
+
+def _hash(root: Path, *, base: str = BASE, gpu: bool = False) -> str:
+    return content_hash(root, base_ref=base, gpu=gpu)
+
+
+def test_inputs_are_sorted_and_limited(repo: Path) -> None:
+    rel = [p.relative_to(repo).as_posix() for p in trainer_build_inputs(repo)]
+    assert rel == sorted(rel)
+    assert set(rel) == {
+        "docker/trainer/Dockerfile",
+        "requirements-trainer.txt",
+        "pyproject.toml",
+        "lepton_tasks/__init__.py",
+        "lepton_tasks/train/__main__.py",
+        "lepton_tasks/contracts/iris.yaml",
+    }
+
+
+def test_missing_dockerfile_is_an_error(repo: Path) -> None:
+    (repo / "docker/trainer/Dockerfile").unlink()
+    with pytest.raises(FileNotFoundError, match="Dockerfile"):
+        trainer_build_inputs(repo)
+
+
+def test_hash_is_stable(repo: Path, tmp_path: Path) -> None:
+    first = _hash(repo)
+    assert first == _hash(repo)
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    # the same tree elsewhere (absolute paths are not part of the hash), with different mtimes
+    copy = tmp_path / "elsewhere"
+    for path in trainer_build_inputs(repo):
+        dest = copy / path.relative_to(repo)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(path.read_bytes())
+    assert _hash(copy) == first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: (r / "lepton_tasks/train/__main__.py").write_text("print('train v2')\n"),
+        lambda r: (r / "lepton_tasks/contracts/iris.yaml").write_text("name: iris2\n"),
+        lambda r: (r / "lepton_tasks/train/new_module.py").write_text(""),
+        lambda r: (r / "lepton_tasks/train/__main__.py").rename(r / "lepton_tasks/train/main.py"),
+        lambda r: (r / "requirements-trainer.txt").write_text("numpy==2.4.5\ntensorflow_cpu==2.21.0\n"),
+        lambda r: (r / "docker/trainer/Dockerfile").write_text("FROM scratch\nUSER 1\n"),
+        lambda r: (r / "pyproject.toml").write_text("[project]\nname = 'lepton'\nversion = '2'\n"),
+    ],
+    ids=["module-edit", "yaml-edit", "module-added", "module-renamed", "requirements", "dockerfile", "pyproject"],
+)
+def test_hash_changes_with_inputs(repo: Path, change) -> None:  # type: ignore[no-untyped-def]
+    before = _hash(repo)
+    change(repo)
+    assert _hash(repo) != before
+
+
+def test_hash_ignores_non_inputs(repo: Path) -> None:
+    before = _hash(repo)
+    (repo / "lepton_tasks/notes.txt").write_text("edited\n")
+    (repo / "lepton_tasks/__pycache__/x.cpython-311.pyc").write_bytes(b"\1")
+    (repo / "README.md").write_text("edited\n")
+    (repo / "tests/test_x.py").write_text("# edited\n")
+    assert _hash(repo) == before
+
+
+def test_hash_covers_base_and_gpu(repo: Path) -> None:
+    cpu = _hash(repo)
+    assert _hash(repo, gpu=True) != cpu
+    assert _hash(repo, base="python:3.11-slim-bookworm@sha256:" + "cd" * 32) != cpu
+    assert _hash(repo, base="lepton-base:bookworm@sha256:" + "ef" * 32) != cpu  # same name, rebuilt base
+
+
+def test_tag_format(repo: Path) -> None:
+    digest = _hash(repo)
+    tag = trainer_tag(digest)
+    assert tag == f"lepton-trainer:{digest[:12]}"
+    assert re.fullmatch(r"lepton-trainer:[0-9a-f]{12}", tag)
+    with pytest.raises(ValueError):
+        trainer_tag("not-a-digest")
+
+
+def test_gpu_requirements_swaps_tensorflow() -> None:
+    text = "# pins\nnumpy==2.4.6\ntensorflow_cpu==2.21.0\nwrapt==2.5.2\n"
+    out = gpu_requirements(text)
+    assert "tensorflow[and-cuda]==2.21.0" in out.splitlines()
+    assert "tensorflow_cpu" not in out
+    assert "numpy==2.4.6" in out and "wrapt==2.5.2" in out
+    with pytest.raises(ValueError):
+        gpu_requirements("numpy==2.4.6\n")
+
+
+def test_real_repo_requirements_are_pinned() -> None:
+    """requirements-trainer.txt pins everything with == at the versions of requirements.txt."""
+    root = Path(__file__).resolve().parents[2]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    dev = {}
+    for line in (root / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            dev[norm(name)] = version.strip()
+    names = set()
+    for line in (root / "requirements-trainer.txt").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        assert "==" in line, f"not pinned: {line}"
+        name, version = line.split("==")
+        names.add(norm(name))
+        if norm(name) in dev:
+            assert dev[norm(name)] == version, f"{name}: {version} here, {dev[norm(name)]} in requirements.txt"
+    assert {"tensorflow-cpu", "pandas", "pyarrow", "numpy", "minio", "hvac", "tink", "pydantic",
+            "pydantic-settings", "pyyaml", "scikit-learn"} <= names
+    assert not names & {"apache-airflow", "great-expectations", "matplotlib"}
