@@ -75,9 +75,8 @@ def lepton_ingest():
         """One drop, end to end (see lepton_tasks.ingest.ingest_drop)."""
         from dataclasses import asdict
 
+        from airflow.sdk.exceptions import AirflowFailException
         from lepton_airflow.connections import lepton_settings
-
-        from airflow.exceptions import AirflowFailException
 
         from lepton_tasks.drops import DropError
         from lepton_tasks.ingest import ingest_drop
@@ -103,7 +102,7 @@ def lepton_ingest():
         @task(task_id=f"announce_{dataset}", outlets=[staged_asset(dataset)], trigger_rule="all_done")
         def announce(results: list[dict], dataset: str = dataset) -> None:
             """Emit the dataset's Asset event only if this run staged new data for it."""
-            from airflow.exceptions import AirflowSkipException
+            from airflow.sdk.exceptions import AirflowSkipException
 
             staged = [r for r in results if r and r.get("status") == "staged" and r.get("dataset") == dataset]
             if not staged:

@@ -96,7 +96,7 @@ def lepton_train():
             @task(task_id="gate")
             def gate(k: int = k) -> None:
                 """Skip this round (and the rest) when it is beyond the requested number of rounds."""
-                from airflow.exceptions import AirflowSkipException
+                from airflow.sdk.exceptions import AirflowSkipException
 
                 if k > _param("rounds"):
                     raise AirflowSkipException(f"round {k} > rounds={_param('rounds')}")
@@ -108,7 +108,7 @@ def lepton_train():
             @task(task_id="aggregate", trigger_rule="all_done")
             def aggregate(k: int = k) -> dict:
                 """Aggregate the updates that arrived; fail the round below the quorum."""
-                from airflow.exceptions import AirflowSkipException
+                from airflow.sdk.exceptions import AirflowSkipException
                 from lepton_airflow.connections import lepton_settings
 
                 from lepton_tasks.federation import aggregate_round

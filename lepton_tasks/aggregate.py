@@ -130,7 +130,12 @@ def _check_layers(partner: str, weights: object, ref: _Reference | None) -> list
             f"partner {partner!r}: weights must be a list of arrays (Keras get_weights() layout), "
             f"got {type(weights).__name__}"
         )
-    layers = [np.asarray(layer) for layer in weights]
+    layers: list[np.ndarray] = []
+    for i, layer in enumerate(weights):
+        try:
+            layers.append(np.asarray(layer))
+        except (TypeError, ValueError) as exc:  # e.g. a ragged nested list
+            raise ValueError(f"partner {partner!r}: layer {i} is not an array: {exc}") from exc
     if not layers:
         raise ValueError(f"partner {partner!r}: weights hold no layers")
     for i, layer in enumerate(layers):
@@ -269,13 +274,14 @@ class StreamingFedAvg:
 
     ``accumulate_dtype``:
         ``float32`` (default) sums in float32, the same arithmetic as Flower's ``aggregate``
-        (``layer * n`` then ``np.add`` in the layer's float32): the average is within a few
-        float32 ulps of the exact one for tens of partners, and ``result`` divides in place, so
-        the whole aggregation holds exactly one extra model. A float64 layer is always summed in
+        (``layer * n`` then ``np.add`` in the layer's float32; bit-identical results in the
+        benchmark): the error grows with the number of partners, a few float32 ulps for tens of
+        them. ``result`` divides in place, so the aggregation holds exactly one extra model.
+        Sample counts above 2**24 are rounded to float32 (a relative change below 6e-8). A float64 layer is always summed in
         float64 (the accumulator is never narrower than the layer).
-        ``float64`` forms each ``n * w`` exactly and sums in float64 -- the average is correctly
-        rounded to a few 1e-16 -- at the cost of a two-model accumulator plus the result and
-        about twice the time (measured in ``bench/README.md``).
+        ``float64`` forms each ``n * w`` exactly and sums in float64 (relative error ~1e-16),
+        so the float32 average is within one ulp of the exact mean -- at the cost of a
+        two-model accumulator plus the result and about twice the time (``bench/README.md``).
 
     Validation: the first update fixes the number of layers, their shapes and dtypes. ``add``
     raises ``ValueError`` naming the partner (and layer) on a mismatch, on ``n <= 0`` or on a
@@ -288,7 +294,7 @@ class StreamingFedAvg:
         self._accumulate_dtype = _check_accumulate_dtype(accumulate_dtype)
         self._ref: _Reference | None = None
         self._acc: list[np.ndarray] = []
-        self._scratch: list[np.ndarray] = []
+        self._scratch: dict[np.dtype[Any], np.ndarray] = {}
         self._partners: list[str] = []
         self._seen: set[str] = set()
         self._total = 0
@@ -319,12 +325,13 @@ class StreamingFedAvg:
             raise ValueError(f"partner {partner!r}: appears more than once; one update per partner")
         n = _check_n(partner, n)
         layers = _check_layers(partner, weights, self._ref)
-        if self._ref is None:
+        first = self._ref is None
+        if first:
             self._start(partner, layers)
         for i, (acc, layer) in enumerate(zip(self._acc, layers, strict=True)):
             flat = layer.reshape(-1)
             factor = acc.dtype.type(n)
-            scratch = self._scratch[0] if acc.dtype == self._scratch[0].dtype else self._scratch[1]
+            scratch = self._scratch[acc.dtype]
             for start in range(0, flat.size, _STREAM_BLOCK):
                 block = flat[start : start + _STREAM_BLOCK]
                 if not _block_is_finite(block):
@@ -332,11 +339,14 @@ class StreamingFedAvg:
                         f"partner {partner!r} sent NaN/Inf weights after part of them had been summed"
                     )
                     raise _nonfinite_error(partner, i)
-                tmp = scratch[: block.size]
                 target = acc[start : start + block.size]
                 with np.errstate(over="ignore", invalid="ignore"):  # overflow: checked in result()
-                    np.multiply(block, factor, out=tmp, dtype=acc.dtype)
-                    np.add(target, tmp, out=target)
+                    if first:  # the accumulator starts uninitialised: write, don't add
+                        np.multiply(block, factor, out=target, dtype=acc.dtype)
+                    else:
+                        tmp = scratch[: block.size]
+                        np.multiply(block, factor, out=tmp, dtype=acc.dtype)
+                        np.add(target, tmp, out=target)
         self._seen.add(partner)
         self._partners.append(partner)
         self._total += n
@@ -344,11 +354,11 @@ class StreamingFedAvg:
     def _start(self, partner: str, layers: list[np.ndarray]) -> None:
         self._ref = _Reference(partner, layers)
         self._acc = [
-            np.zeros(layer.size, dtype=np.result_type(self._accumulate_dtype, layer.dtype))
+            np.empty(layer.size, dtype=np.result_type(self._accumulate_dtype, layer.dtype))
             for layer in layers
         ]
         block = min(_STREAM_BLOCK, max(layer.size for layer in layers))
-        self._scratch = [np.empty(block, dtype=np.float32), np.empty(block, dtype=np.float64)]
+        self._scratch = {acc.dtype: np.empty(block, dtype=acc.dtype) for acc in self._acc}
 
     def result(self) -> Weights:
         """The weighted average, one array per layer, in the layers' dtypes.
@@ -372,7 +382,7 @@ class StreamingFedAvg:
             self._acc[i] = avg  # let a wider accumulator go as soon as possible
             out.append(avg.reshape(self._ref.shapes[i]))
         self._acc = []
-        self._scratch = []
+        self._scratch = {}
         self._result = out
         return out
 

@@ -27,7 +27,7 @@ class AirflowAPI:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - loopback API
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise AirflowAPIError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc

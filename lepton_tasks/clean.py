@@ -182,7 +182,9 @@ class SeenHashes:
             new = new[np.concatenate(([True], new[1:] != new[:-1]))]
         new = new[~self.contains(new)]
         if len(new):
-            self._sorted = np.sort(np.concatenate([self._sorted, new]), kind="stable")
+            merged = np.concatenate([self._sorted, new])
+            merged.sort(kind="stable")  # in place: two sorted runs, merged in linear time
+            self._sorted = merged
 
 
 # ---------------------------------------------------------------------------------------------- cleaning

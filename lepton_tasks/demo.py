@@ -26,7 +26,7 @@ def _scenario(name: str):
     return SCENARIOS[name]
 
 
-def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:  # noqa: ANN001
+def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:
     """Onboard missing partners and upload each partner's file with that partner's own credentials."""
     from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner, partner_storage
     from lepton_tasks.storage import Storage
@@ -51,7 +51,7 @@ def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:  # n
             try:
                 client.put_bytes(settings.inbox_bucket(name), key, to_csv_bytes(df), content_type="text/csv")
                 break
-            except Exception:  # noqa: BLE001 - credentials may need a moment to propagate; re-raised below
+            except Exception:
                 if attempt == 19:
                     raise
                 time.sleep(0.5)
@@ -91,7 +91,7 @@ def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) 
             "overall": m}
 
 
-def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0) -> Iterator[str]:  # noqa: ANN001
+def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0) -> Iterator[str]:
     """The whole mission on the embedded stack; yields progress lines."""
     from lepton_tasks.airflow_api import AirflowAPI
     from lepton_tasks.federation import run_prefix

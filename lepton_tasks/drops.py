@@ -87,7 +87,7 @@ class DropError(Exception):
         self.samples = [{str(k): _jsonable(v) for k, v in s.items()} for s in (samples or [])[:MAX_SAMPLES]]
         self.details = {str(k): _jsonable(v) for k, v in (details or {}).items()}
         #: an HTML validation report, attached by :func:`lepton_tasks.prepare.prepare_drop` (not in reason.json)
-        self.report_html: str | None = None
+        self.validation_html: str | None = None
         super().__init__(self.__str__())
 
     def location(self) -> str:

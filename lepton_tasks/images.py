@@ -234,7 +234,9 @@ def _target_pip_args(arch: str) -> list[str]:
 def _run_logged(cmd: list[str], log: IO[str], *, step: str, log_path: Path, **kwargs: Any) -> None:
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
+    started = time.monotonic()
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False, **kwargs)
+    log.write(f"[{step}: exit {proc.returncode} after {time.monotonic() - started:.1f}s]\n")
     log.flush()
     if proc.returncode != 0:
         raise ImageBuildError(f"{step} failed (exit {proc.returncode}): `{' '.join(cmd[:6])} …`; see {log_path}")
@@ -320,6 +322,26 @@ def build_project_wheel(repo_root: Path, snapshot: dict[str, bytes], out_dir: Pa
     return wheels[0]
 
 
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (an interrupted debootstrap can leave /proc, /sys mounted)."""
+    prefix = str(path.resolve())
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    points = [line.split()[1].replace("\\040", " ") for line in lines if len(line.split()) > 1]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def _safe_rmtree(path: Path, log: IO[str]) -> None:
+    """rmtree, but never into a mounted file system (a bind-mounted /dev would be the host's)."""
+    mounts = _mounts_under(path)
+    if mounts:
+        log.write(f"NOT removing {path}: still mounted there: {mounts} (umount them, then delete it)\n")
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def build_debootstrap_base(client: docker.DockerClient, cache_dir: Path, *, name: str = DEBOOTSTRAP_BASE,
                            mirror: str = DEBIAN_MIRROR, security_updates: bool = True, log: IO[str],
                            log_path: Path) -> str:
@@ -338,7 +360,10 @@ def build_debootstrap_base(client: docker.DockerClient, cache_dir: Path, *, name
         raise ImageBuildError("debootstrap is not installed: run `scripts/dockerd.sh install` "
                               "(apt-get install docker.io debootstrap)")
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob("rootfs-*"):  # left by an interrupted build
+        _safe_rmtree(stale, log)
     rootfs = Path(tempfile.mkdtemp(prefix="rootfs-", dir=cache_dir))
+    rootfs.chmod(0o755)  # becomes "/" of the image; mkdtemp makes it 0700 (apt's _apt user needs to enter it)
     try:
         _run_logged([debootstrap, "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
                      DEBIAN_SUITE, str(rootfs), mirror], log, step="debootstrap", log_path=log_path)
@@ -384,7 +409,7 @@ def build_debootstrap_base(client: docker.DockerClient, cache_dir: Path, *, name
         if rc != 0:
             raise ImageBuildError(f"tar of the base root file system failed (exit {rc}); see {log_path}")
     finally:
-        shutil.rmtree(rootfs, ignore_errors=True)
+        _safe_rmtree(rootfs, log)
     found = image_id(client, name)
     if found is None:
         raise ImageBuildError(f"docker import did not create {name}; see {log_path}")
@@ -495,13 +520,26 @@ def build_trainer_image(repo_root: Path, *, base: str = "auto", gpu: bool = Fals
     started = time.monotonic()
     root = Path(repo_root).resolve()
     cache_dir = Path(cache_dir).resolve()
+    own_client = client is None
     client = client or docker_client(timeout=DOCKER_TIMEOUT_S)
+    try:
+        return _build(root, client, base=base, gpu=gpu, cache_dir=cache_dir, tag_latest=tag_latest,
+                      started=started)
+    finally:
+        if own_client:
+            client.close()
+
+
+def _build(root: Path, client: docker.DockerClient, *, base: str, gpu: bool, cache_dir: Path, tag_latest: bool,
+           started: float) -> BuildResult:
     steps: dict[str, float] = {}
     (cache_dir / "logs").mkdir(parents=True, exist_ok=True)
     snapshot = snapshot_inputs(root)
 
     with _build_lock(cache_dir):
         log_path = cache_dir / "logs" / "trainer-build.log"
+        if log_path.exists() and log_path.stat().st_size > 20 * 2**20:  # keep one previous log
+            log_path.replace(log_path.with_suffix(".log.1"))
         with open(log_path, "a") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} build_trainer_image base={base} gpu={gpu}\n")
             t0 = time.monotonic()
@@ -519,6 +557,8 @@ def build_trainer_image(repo_root: Path, *, base: str = "auto", gpu: bool = Fals
                 return BuildResult(tag=tag, skipped=True, seconds=time.monotonic() - started, base=base_name,
                                    log_path=log_path, steps=steps)
 
+            for stale in cache_dir.glob("context-*"):  # left by an interrupted build
+                shutil.rmtree(stale, ignore_errors=True)
             arch = str(client.info().get("Architecture") or platform.machine())
             t1 = time.monotonic()
             wheels = ensure_wheelhouse(snapshot[REQUIREMENTS.as_posix()], cache_dir, arch=arch, gpu=gpu, log=log,
@@ -539,6 +579,7 @@ def build_trainer_image(repo_root: Path, *, base: str = "auto", gpu: bool = Fals
                                       LABEL_GPU: "1" if gpu else "0"},
                               log=log, log_path=log_path)
             steps["build"] = time.monotonic() - t1
+            log.write(f"[docker build: {steps['build']:.1f}s]\n")
             if tag_latest:
                 client.images.get(tag).tag(TRAINER_REPOSITORY, "latest")
             log.write(f"built {tag} in {time.monotonic() - started:.1f}s: {steps}\n")

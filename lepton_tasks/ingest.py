@@ -227,7 +227,7 @@ def staged_manifests(storage: Storage, settings: Settings, dataset: str,
     out: dict[str, list[str]] = {}
     for obj in storage.list(settings.staging_bucket):
         parts = obj.key.split("/")
-        if len(parts) == 4 and parts[1] == dataset and parts[3] == MANIFEST and not parts[0].startswith("_"):
-            if partners is None or parts[0] in partners:
-                out.setdefault(parts[0], []).append(obj.key)
+        committed = len(parts) == 4 and parts[1] == dataset and parts[3] == MANIFEST and not parts[0].startswith("_")
+        if committed and (partners is None or parts[0] in partners):
+            out.setdefault(parts[0], []).append(obj.key)
     return {p: sorted(keys) for p, keys in sorted(out.items())}

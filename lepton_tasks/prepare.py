@@ -9,7 +9,7 @@ This is what the Airflow ingest task calls between downloading a drop and encryp
 Memory stays bounded: each chunk of ``chunk_rows`` rows is processed and appended to two Parquet files with
 ``pyarrow.parquet.ParquetWriter``; only per-drop hash sets (8 bytes per distinct row and per unique-column
 value) grow with the file. On a critical problem it raises :class:`~lepton_tasks.drops.DropError` (with
-``report_html`` attached for the quarantine) and leaves no partial output behind.
+``validation_html`` attached for the quarantine) and leaves no partial output behind.
 
 Order of steps per chunk, and why: types are coerced first so every later message can name a typed value;
 exact duplicate rows are removed *before* validation so a re-sent identical row is cleaned, not rejected by the
@@ -142,7 +142,9 @@ def prepare_drop(
                 validator = Validator(contract, object_key=object_key)
             raise_for_critical(validator.finish(total_rows=rows_in), object_key=object_key)
         except DropError as err:
-            err.report_html = render_html(validator.validations if validator else [], object_key, error=err)
+            err.validation_html = render_html(
+                validator.validations if validator else [], object_key, error=err
+            )
             raise
     except BaseException:
         for w in writers.values():

@@ -295,9 +295,8 @@ def _scan_bytes(path: Path, key: str, max_line_bytes: int) -> None:
             nls = np.flatnonzero(arr == 0x0A)
             starts = np.concatenate(([0], nls + 1))
             ends = np.concatenate((nls, [len(data)]))
+            # the last (maybe partial) line is already too long if it exceeds the limit
             lengths = ends - starts
-            if not final and len(nls) > 0:  # the last partial line is judged when complete (or too long)
-                lengths[-1] = min(lengths[-1], max_line_bytes)
             long_lines = np.flatnonzero(lengths > max_line_bytes)
             if len(long_lines):
                 i = int(long_lines[0])
@@ -324,7 +323,8 @@ def _scan_bytes(path: Path, key: str, max_line_bytes: int) -> None:
                 return
             pending_line += len(nls)
             pending = data[cut:]
-            if len(pending) > max_line_bytes:  # guarded above, but keep memory bounded whatever happens
+            # unreachable (flagged above), but keeps memory bounded whatever happens
+            if len(pending) > max_line_bytes:  # pragma: no cover
                 raise _err("line_too_long", f"line {pending_line} is longer than {max_line_bytes} bytes", key)
 
 

@@ -59,7 +59,7 @@ class Storage:
         return f"Storage(endpoint={self.endpoint!r}, access_key={self.access_key!r})"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Storage":
+    def from_settings(cls, settings: Settings) -> Storage:
         return cls(settings.s3_endpoint, settings.s3_access_key, settings.s3_secret_key.get_secret_value(),
                    secure=settings.s3_secure, region=settings.s3_region)
 

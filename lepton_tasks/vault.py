@@ -62,7 +62,7 @@ class Vault:
     transit_mount: str = "transit"
 
     @classmethod
-    def connect(cls, addr: str, token: str, transit_mount: str = "transit") -> "Vault":
+    def connect(cls, addr: str, token: str, transit_mount: str = "transit") -> Vault:
         return cls(hvac.Client(url=addr, token=token, timeout=30), transit_mount)
 
     # keys ------------------------------------------------------------------------------------------------

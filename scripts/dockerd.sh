@@ -12,6 +12,7 @@
 #
 # DOCKER_HOST: when it is a unix:// socket, the daemon listens there (and `docker info` checks there).
 # DOCKERD_START_TIMEOUT: seconds to wait for `docker info` to succeed after starting (default 60).
+# DOCKERD_EXTRA_ARGS: extra dockerd flags, word-split (e.g. "--data-root /srv/docker").
 set -euo pipefail
 
 DATA_DIR="${LEPTON_DATA_DIR:-.lepton}"
@@ -60,6 +61,7 @@ our_pid() {
 cmd_install() {
   local missing=0
   command -v dockerd >/dev/null 2>&1 || missing=1
+  command -v docker-compose >/dev/null 2>&1 || missing=1
   command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing=1
   if [ "$missing" -eq 0 ]; then
     say "dockerd and debootstrap are already installed; nothing to do"
@@ -67,8 +69,8 @@ cmd_install() {
   fi
   say "installing docker.io and debootstrap with apt-get"
   export DEBIAN_FRONTEND=noninteractive
-  as_root apt-get install -y docker.io debootstrap || {
-    as_root apt-get update && as_root apt-get install -y docker.io debootstrap
+  as_root apt-get install -y docker.io debootstrap docker-compose || {
+    as_root apt-get update && as_root apt-get install -y docker.io debootstrap docker-compose
   }
 }
 
@@ -94,6 +96,8 @@ cmd_start() {
     "") ;;
     *) die "DOCKER_HOST=$DOCKER_HOST is not a unix socket; start that daemon yourself" ;;
   esac
+  # shellcheck disable=SC2206  # word splitting wanted
+  [ -n "${DOCKERD_EXTRA_ARGS:-}" ] && args+=(${DOCKERD_EXTRA_ARGS})
   say "starting dockerd (log $LOG_FILE)"
   printf '\n==== %s dockerd.sh start ====\n' "$(date -u +%FT%TZ)" >> "$LOG_FILE"
   # own session/process group, detached from this shell's terminal and stdin

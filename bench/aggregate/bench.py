@@ -8,7 +8,7 @@ round, and lepton/flwr ratios are taken per round, then the median):
 * ``flwr``               ``flwr.server.strategy.aggregate.aggregate(results)``
                          (``results: list[tuple[NDArrays, int]]``, float32 arithmetic).
 * ``lepton list f32``    ``fedavg(list)``: updates already in memory, blocked float32 kernel.
-* ``lepton list f64``    ``fedavg(list, accumulate_dtype="float64")``: blocked float64 (BLAS gemv).
+* ``lepton list f64``    ``fedavg(list, accumulate_dtype="float64")``: blocked float64 (einsum).
 * ``lepton stream f32``  ``fedavg(iter(list))``: the streaming accumulator, float32 (default).
 * ``lepton stream f64``  ``fedavg(iter(list), accumulate_dtype="float64")``.
 
@@ -20,9 +20,10 @@ page cache), a "loading from a disk-like source" pair:
 
 Two timings:
 
-* warm: all variants in this process, alternating, ``--repeats`` rounds. After the first round
-  glibc keeps the freed 10 MB layer buffers on its heap, so later rounds reuse hot pages: the
-  best case for flwr, whose ``aggregate`` allocates N scaled copies of the model every call.
+* warm: all variants in this process, alternating, ``--repeats`` rounds after an unrecorded
+  warm-up round. glibc then keeps the freed 10 MB layer buffers on its heap and later calls
+  reuse hot pages: the best case for flwr, whose ``aggregate`` allocates N scaled copies of
+  the model every call.
 * cold: each variant in a fresh subprocess (inputs loaded first, then ONE aggregation timed),
   ``--cold-repeats`` times, order rotated: what an Airflow task that aggregates once sees.
 
@@ -31,7 +32,7 @@ one's), inputs loaded before measuring:
 
 * tracemalloc peak (its own run, since tracing slows allocation): numpy reports its data
   buffers to tracemalloc, so this is exactly the peak of bytes allocated (arrays and Python
-  objects) during the call, inputs excluded. OpenBLAS's own small work buffers are not seen.
+  objects) during the call, inputs excluded (BLAS-internal buffers, if any, are not seen).
   This is the number the README quotes.
 * RSS high-water delta (from the cold runs, median): ``/proc/self/clear_refs`` <- 5 resets the
   kernel's VmHWM, then VmHWM - VmRSS(before). What the OS saw, allocator slack included; Linux.
@@ -48,7 +49,7 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--partners", type=int, default=20, help="number of updates (default 20)")
     p.add_argument("--params", type=int, default=10_000_000, help="parameters per model (default 10M)")
-    p.add_argument("--repeats", type=int, default=7, help="timed rounds, in-memory variants (default 7)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds, in-memory variants (default 9)")
     p.add_argument("--disk-repeats", type=int, default=3, help="timed rounds, from-disk variants (default 3)")
     p.add_argument("--cold-repeats", type=int, default=3, help="fresh-process runs per variant (default 3)")
     p.add_argument("--blas-threads", type=int, default=0, help="OPENBLAS_NUM_THREADS (0: library default)")
@@ -161,8 +162,11 @@ FROM_DISK = ["flwr from disk", "lepton gen f32", "lepton gen f64"]
 
 
 def time_rounds(variants: dict[str, Callable[[], list[np.ndarray]]], repeats: int) -> dict[str, list[float]]:
-    """``repeats`` rounds; each round runs every variant once, in an order rotated per round."""
+    """``repeats`` rounds after one unrecorded warm-up round; each round runs every variant once,
+    in an order rotated per round."""
     names = list(variants)
+    for name in names:
+        variants[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]

@@ -12,12 +12,14 @@ Idempotent; safe to re-run. In order:
 3. a sealed server (any later restart) is NOT unsealed from that file: the script stops and says how to unseal
    by hand (``docker-compose exec vault vault operator unseal``), then re-run it;
 4. with the root token (from ``VAULT_INIT_FILE``, else asked for on the terminal): enables the transit engine
-   and AppRole, a file audit device (``/vault/logs/audit.log`` on the server), writes Lepton's operator policy and
-   trainer token role (``lepton_tasks.vault.Vault.setup_operator``: the same code as the embedded stack), and
-   installs the operator token whose id is ``LEPTON_VAULT_TOKEN`` from ``.env`` (so Airflow's
-   ``AIRFLOW_CONN_LEPTON_VAULT`` and Vault agree without copying tokens around). A re-run renews it.
+   and AppRole, a file audit device (``/vault/logs/audit.log`` on the server), writes Lepton's operator
+   policy and trainer token role (``lepton_tasks.vault.Vault.setup_operator``: the same code as the
+   embedded stack), and installs the operator token whose id is ``LEPTON_VAULT_TOKEN`` from ``.env`` (so
+   Airflow's ``AIRFLOW_CONN_LEPTON_VAULT`` and Vault agree without copying tokens around). A re-run renews
+   it.
 
-It runs in the lepton-airflow image with ``lepton_tasks`` mounted (hvac, pydantic-settings). No secret is printed.
+It runs in the lepton-airflow image with ``lepton_tasks`` mounted (hvac, pydantic-settings). It prints no
+secret.
 """
 
 from __future__ import annotations
@@ -70,12 +72,14 @@ def write_secret_file(path: Path, data: dict) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError as exc:
         raise InitError(
-            f"{path} already exists but Vault is not initialized: the vault-data volume was probably recreated. "
+            f"{path} already exists but Vault is not initialized: the vault-data volume was probably "
+            f"recreated. "
             f"Move the old file away (it belongs to the old Vault) and re-run."
         ) from exc
     except PermissionError as exc:
         raise InitError(
-            f"cannot write {path} (uid {os.getuid()}): create the host directory first, owned by AIRFLOW_UID, "
+            f"cannot write {path} (uid {os.getuid()}): create the host directory first, owned by "
+            f"AIRFLOW_UID, "
             f"e.g. `mkdir -p .lepton/compose && chmod 700 .lepton/compose`"
         ) from exc
     with os.fdopen(fd, "w") as f:
@@ -88,14 +92,19 @@ def initialize(client: hvac.Client, out: Path, shares: int, threshold: int) -> s
     if not 1 <= threshold <= shares:
         raise InitError(f"need 1 <= VAULT_KEY_THRESHOLD ({threshold}) <= VAULT_KEY_SHARES ({shares})")
     res = client.sys.initialize(secret_shares=shares, secret_threshold=threshold)
-    write_secret_file(out, {
-        "note": "Lepton compose Vault: unseal keys + initial root token. Move the keys off this machine.",
-        "unseal_keys_b64": res["keys_base64"],
-        "unseal_threshold": threshold,
-        "root_token": res["root_token"],
-    })
-    print(f"vault-init: initialized ({shares} unseal keys, threshold {threshold}); keys and root token written "
-          f"to {out} (0600)")
+    write_secret_file(
+        out,
+        {
+            "note": "Lepton compose Vault: unseal keys + initial root token. Move the keys off this machine.",
+            "unseal_keys_b64": res["keys_base64"],
+            "unseal_threshold": threshold,
+            "root_token": res["root_token"],
+        },
+    )
+    print(
+        f"vault-init: initialized ({shares} unseal keys, threshold {threshold}); keys and root token written "
+        f"to {out} (0600)"
+    )
     client.sys.submit_unseal_keys(res["keys_base64"][:threshold])
     if client.sys.is_sealed():
         raise InitError("Vault is still sealed after submitting the unseal keys")
@@ -111,8 +120,9 @@ def root_token_from(out: Path) -> str:
     raise InitError(f"no root token: {out} is missing and there is no terminal to ask for it")
 
 
-def configure(root: hvac.Client, operator_token: str, *, transit_mount: str, key_prefix: str,
-              audit: bool) -> None:
+def configure(
+    root: hvac.Client, operator_token: str, *, transit_mount: str, key_prefix: str, audit: bool
+) -> None:
     mounts = root.sys.list_mounted_secrets_engines()["data"]
     if f"{transit_mount}/" not in mounts:
         root.sys.enable_secrets_engine("transit", path=transit_mount)
@@ -126,9 +136,11 @@ def configure(root: hvac.Client, operator_token: str, *, transit_mount: str, key
             try:
                 root.sys.enable_audit_device("file", options={"file_path": "/vault/logs/audit.log"})
             except hvac.exceptions.VaultError as exc:
-                raise InitError(f"could not enable the file audit device: {exc} (a server that only accepts "
-                                f"audit devices from its config file, like OpenBao: declare one there and set "
-                                f"LEPTON_VAULT_AUDIT=0)") from exc
+                raise InitError(
+                    f"could not enable the file audit device: {exc} (a server that only accepts "
+                    f"audit devices from its config file, like OpenBao: declare one there and set "
+                    f"LEPTON_VAULT_AUDIT=0)"
+                ) from exc
             print("vault-init: enabled the file audit device (/vault/logs/audit.log in the vault container)")
     else:
         print("vault-init: WARNING: audit device not managed (LEPTON_VAULT_AUDIT=0)")
@@ -145,14 +157,20 @@ def configure(root: hvac.Client, operator_token: str, *, transit_mount: str, key
         info = None
     if info is None:
         root.auth.token.create(
-            id=operator_token, policies=[OPERATOR_POLICY], no_parent=True, period=OPERATOR_PERIOD,
-            display_name="lepton-operator", no_default_policy=True,
+            id=operator_token,
+            policies=[OPERATOR_POLICY],
+            no_parent=True,
+            period=OPERATOR_PERIOD,
+            display_name="lepton-operator",
+            no_default_policy=True,
         )
         print(f"vault-init: installed the operator token (LEPTON_VAULT_TOKEN; periodic, {OPERATOR_PERIOD})")
     else:
         if sorted(info.get("policies") or []) != [OPERATOR_POLICY]:
-            raise InitError(f"a token with the id LEPTON_VAULT_TOKEN exists with policies {info.get('policies')}, "
-                            f"not [{OPERATOR_POLICY}]: choose a new LEPTON_VAULT_TOKEN")
+            raise InitError(
+                f"a token with the id LEPTON_VAULT_TOKEN exists with policies {info.get('policies')}, "
+                f"not [{OPERATOR_POLICY}]: choose a new LEPTON_VAULT_TOKEN"
+            )
         root.auth.token.renew(operator_token)
         print(f"vault-init: operator token already installed; renewed (period {OPERATOR_PERIOD})")
 
@@ -162,30 +180,46 @@ def main() -> int:
     out = Path(os.environ.get("VAULT_INIT_FILE", "/secrets/vault-init.json"))
     operator_token = os.environ.get("LEPTON_VAULT_TOKEN", "").strip()
     if not TOKEN_RE.fullmatch(operator_token):
-        raise InitError("LEPTON_VAULT_TOKEN must be 32-128 characters of [A-Za-z0-9_-] (no '.'), e.g. "
-                        "`openssl rand -hex 32`")
+        raise InitError(
+            "LEPTON_VAULT_TOKEN must be 32-128 characters of [A-Za-z0-9_-] (no '.'), e.g. "
+            "`openssl rand -hex 32`"
+        )
     settings = Settings()
     client = hvac.Client(url=addr, timeout=30)
     wait_for_server(client)
 
     root_token = None
     if not client.sys.is_initialized():
-        root_token = initialize(client, out, _env_int("VAULT_KEY_SHARES", 5), _env_int("VAULT_KEY_THRESHOLD", 3))
+        root_token = initialize(
+            client, out, _env_int("VAULT_KEY_SHARES", 5), _env_int("VAULT_KEY_THRESHOLD", 3)
+        )
     elif client.sys.is_sealed():
-        print("vault-init: Vault is initialized but SEALED. Unseal it by hand (threshold of the unseal keys):\n"
-              "    docker-compose exec vault vault operator unseal      # repeat until 'Sealed false'\n"
-              "then re-run: docker-compose run --rm vault-init", file=sys.stderr)
+        print(
+            "vault-init: Vault is initialized but SEALED. Unseal it by hand (threshold of the unseal keys):\n"
+            "    docker-compose exec vault vault operator unseal      # repeat until 'Sealed false'\n"
+            "then re-run: docker-compose run --rm vault-init",
+            file=sys.stderr,
+        )
         return 3
     root = hvac.Client(url=addr, token=root_token or root_token_from(out), timeout=30)
     try:
         root.auth.token.lookup_self()
     except hvac.exceptions.Forbidden as exc:
-        raise InitError("the root token was rejected (revoked?): generate one with `vault operator generate-root` "
-                        "and enter it when asked") from exc
-    configure(root, operator_token, transit_mount=settings.transit_mount, key_prefix=settings.key_prefix,
-              audit=os.environ.get("LEPTON_VAULT_AUDIT", "1") != "0")
-    print("vault-init: done. Keep the unseal keys and root token offline; revoke the root token when not "
-          "onboarding (`vault token revoke`), regenerate it with `vault operator generate-root`.")
+        raise InitError(
+            "the root token was rejected (revoked?): generate one with `vault operator generate-root` "
+            "and enter it when asked"
+        ) from exc
+    configure(
+        root,
+        operator_token,
+        transit_mount=settings.transit_mount,
+        key_prefix=settings.key_prefix,
+        audit=os.environ.get("LEPTON_VAULT_AUDIT", "1") != "0",
+    )
+    print(
+        "vault-init: done. Keep the unseal keys and root token offline; revoke the root token when not "
+        "onboarding (`vault token revoke`), regenerate it with `vault operator generate-root`."
+    )
     return 0
 
 

@@ -90,7 +90,7 @@ class EmbeddedAirflow:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as resp:
                 data = json.loads(resp.read())
         except (urllib.error.URLError, OSError, json.JSONDecodeError):
             return False
@@ -119,7 +119,7 @@ class EmbeddedAirflow:
         log = self.settings.data_dir / "logs" / "airflow-db-migrate.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
-            rc = subprocess.run([self._airflow(), "db", "migrate"], env=env, stdout=f, stderr=subprocess.STDOUT,  # noqa: S603
+            rc = subprocess.run([self._airflow(), "db", "migrate"], env=env, stdout=f, stderr=subprocess.STDOUT,
                                 check=False, timeout=600).returncode
         if rc != 0:
             raise ServiceError(f"airflow: `airflow db migrate` failed; see {log}")

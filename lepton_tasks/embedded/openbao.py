@@ -84,7 +84,7 @@ ui = false
     def health(self) -> dict | None:
         """``/v1/sys/health`` as a dict, or None when nothing answers."""
         try:
-            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=2) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{self.addr}/v1/sys/health", timeout=2) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:  # sealed/uninitialised/standby answer with non-200 codes
             return json.loads(exc.read() or b"{}")
@@ -124,7 +124,7 @@ ui = false
             data=json.dumps({"recovery_shares": 1, "recovery_threshold": 1}).encode(),
             method="PUT",
         )
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=30) as resp:
             out = json.loads(resp.read())
         _write_secret(self.root_token_file, out["root_token"].encode())
         _write_secret(self.home / "recovery-key", out["recovery_keys_base64"][0].encode())

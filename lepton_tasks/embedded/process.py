@@ -90,7 +90,8 @@ class ManagedProcess:
         except (ValueError, KeyError, json.JSONDecodeError):
             self.pid_file.unlink(missing_ok=True)
             return None
-        if _proc_start_time(pid) != started:
+        if _proc_start_time(pid) != started or _is_zombie(pid):
+            _reap(pid)
             self.pid_file.unlink(missing_ok=True)
             return None
         return pid
@@ -103,7 +104,7 @@ class ManagedProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - argv is built by Lepton, never from user input
+            proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -29,7 +29,7 @@ class Ports:
     airflow: int = 8080
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         """Free loopback ports for every service (tests, parallel stacks); gRPC offsets included."""
         from lepton_tasks.embedded.process import free_port
 
@@ -47,7 +47,7 @@ class Ports:
                    s3_filer=pick(10000), s3_admin=pick(10000), airflow=pick())
 
     @classmethod
-    def from_env(cls) -> "Ports":
+    def from_env(cls) -> Ports:
         p = cls()
         for name in p.__dataclass_fields__:
             val = os.environ.get(f"LEPTON_PORT_{name.upper()}")

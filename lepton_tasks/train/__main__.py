@@ -36,7 +36,7 @@ class SecurityError(RuntimeError):
 
 
 def _get(url: str, dest: Path | None = None) -> bytes | Path:
-    with urllib.request.urlopen(url, timeout=300) as resp:  # noqa: S310 - presigned URL from the operator
+    with urllib.request.urlopen(url, timeout=300) as resp:
         if dest is None:
             return resp.read()
         with open(dest, "wb") as f:
@@ -47,7 +47,7 @@ def _get(url: str, dest: Path | None = None) -> bytes | Path:
 
 def _put(url: str, data: bytes, content_type: str) -> None:
     req = urllib.request.Request(url, data=data, method="PUT", headers={"Content-Type": content_type})
-    with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310
+    with urllib.request.urlopen(req, timeout=300) as resp:
         if resp.status not in (200, 204):
             raise RuntimeError(f"upload failed with HTTP {resp.status}")
 
@@ -124,18 +124,29 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job["mode"] == "train":
         res = train_local(train_m, contract.model, names, global_weights=global_w, epochs=hp["epochs"],
                           batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
-                          seed=hp["seed"] + job["round"], fedprox_mu=hp["fedprox_mu"])
+                          seed=hp["seed"] + job["round"], fedprox_mu=hp["fedprox_mu"], tie_break=contract.row_key)
         meta = {"partner": job["partner"], "round": job["round"], "run_id": job["run_id"],
                 "n_samples": res.n_samples, "metrics": res.metrics, "drops": hashes}
         _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
         return {k: v for k, v in meta.items() if k != "drops"}
     holdout_m = transform(holdout_df, contract, gstats)
-    g = evaluate_weights(holdout_m, contract.model, names, global_w, with_summary=True)
+    eval_kw: dict[str, Any] = {"tie_break": contract.row_key}
+    if contract.model.kind == "sequence":
+        # score only held-out events, but with each user's whole history (both splits) as context
+        import numpy as np
+        import pandas as pd
+
+        eval_frame = pd.concat([train_m, holdout_m], ignore_index=True)
+        eval_kw["targets"] = np.r_[np.zeros(len(train_m), bool), np.ones(len(holdout_m), bool)]
+    else:
+        eval_frame = holdout_m
+    g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
     local = train_local(train_m, contract.model, names, global_weights=None, epochs=hp["local_only_epochs"],
-                        batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"])
-    lo = evaluate_weights(holdout_m, contract.model, names, local.weights, with_summary=True)
+                        batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"],
+                        tie_break=contract.row_key)
+    lo = evaluate_weights(eval_frame, contract.model, names, local.weights, with_summary=True, **eval_kw)
     out = {"partner": job["partner"], "run_id": job["run_id"], "global": g, "local_only": lo,
-           "rows": {"train": int(len(train_df)), "holdout": int(len(holdout_df))}}
+           "rows": {"train": len(train_df), "holdout": len(holdout_df)}}
     _put(job["output_url"], json.dumps(out, default=float).encode(), "application/json")
     return {"partner": job["partner"], "global_auc": g.get("auc"), "local_only_auc": lo.get("auc")}
 

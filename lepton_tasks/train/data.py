@@ -9,19 +9,20 @@ order is kept, whatever the sort used to build histories), so predictions line u
 
 - ``mlp``: ``x`` is a float32 matrix ``(n, len(feature_names))``.
 - ``sequence``: ``x`` is a dict (see :mod:`lepton_tasks.train.model`):
-  ``items`` int32 ``(n, L)``, ``features`` float32 ``(n, L, len(feature_names) + 1)``, ``item`` int32 ``(n,)``,
+  ``items`` int32 ``(n, L)``, ``features`` float32 ``(n, L, len(feature_names) + 2)``, ``item`` int32 ``(n,)``,
   ``user`` int32 ``(n,)``. A row's history is its user's events sorted by timestamp, then by the
   ``tie_break`` columns, then by frame position (a total, deterministic order); the window holds the last
-  ``L`` events up to and including the row's own event, oldest first, zero-padded on the right. The extra
-  feature channel is the label of the event *before* each step (0 for a user's first event), so a row's own
-  label is never among its inputs.
+  ``L`` events up to and including the row's own event, oldest first, zero-padded on the right. Two channels
+  follow the contract features (:data:`EXTRA_CHANNELS`): ``prev_label``, the label of the event *before* each
+  step (0 for a user's first event), so a row's own label is never among its inputs; and ``same_item``, 1 where
+  a *past* step shows the row's own item (a repeat view — a signal hashed-id embeddings learn poorly).
 
 ``y`` is float32 ``(n,)`` or ``None`` when the frame has no ``label`` column (prediction only; sequence
 histories then see 0 for every past label).
 
 Ids are hashed with :func:`hash_ids`: pandas' SipHash-2-4 with its fixed default key, identical in every
 process and on every machine (pinned by a unit test), into buckets ``1..hash_buckets-1``; ``0`` is padding.
-Memory: the sequence ``features`` array is ``n·L·(F+1)·4`` bytes (100k rows, L=10, F=20: 84 MB).
+Memory: the sequence ``features`` array is ``n·L·(F+2)·4`` bytes (100k rows, L=10, F=20: 88 MB).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import pandas as pd
 from lepton_tasks.contracts import ModelSpec
 
 LABEL = "label"
+#: per-event channels appended to the contract features of a sequence model, in this order
+EXTRA_CHANNELS = ("prev_label", "same_item")
 #: tie-break column used when present and no ``tie_break`` is given
 DEFAULT_TIE_BREAK = ("event_id",)
 
@@ -195,12 +198,19 @@ def to_model_inputs(
     rows = inverse if keep is None else inverse[keep]
     idx, valid = idx_sorted[rows], valid_sorted[rows]
     items = np.where(valid, item_ids[order][idx], 0).astype(np.int32)
-    features = per_event[idx]
+    current = item_ids if keep is None else item_ids[keep]
+    width = per_event.shape[1]
+    features = np.empty((len(rows), length, width + 1), np.float32)
+    features[:, :, :width] = per_event[idx]
+    own_step = valid.sum(axis=1) - 1  # the row's own event is the last real step
+    same = valid & (items == current[:, None])
+    same[np.arange(len(rows)), own_step] = False
+    features[:, :, width] = same
     features[~valid] = 0.0
     x = {
         "items": items,
-        "features": np.ascontiguousarray(features, dtype=np.float32),
-        "item": item_ids if keep is None else item_ids[keep],
+        "features": features,
+        "item": current,
         "user": user_ids if keep is None else user_ids[keep],
     }
     return x, (y if keep is None or y is None else y[keep])
@@ -212,5 +222,7 @@ def target_mask(targets: np.ndarray | None, n: int) -> np.ndarray | None:
         return None
     keep = np.asarray(targets)
     if keep.dtype != bool or keep.shape != (n,):
-        raise ValueError(f"targets must be a boolean array with one value per frame row ({n}), got {keep.dtype}{keep.shape}")
+        raise ValueError(
+            f"targets must be a boolean array with one value per frame row ({n}), got {keep.dtype}{keep.shape}"
+        )
     return keep

@@ -14,18 +14,24 @@ Two kinds:
       event when the user has fewer than ``L`` events. Padding is masked, so where it sits does not change
       the result on CPU; it sits on the right because cuDNN's GRU kernel only accepts right-padded masks
       (a left-padded mask fails a runtime assertion on GPU);
-    - ``features`` float32 ``(L, n_features + 1)``: the per-event features of those events plus one channel
-      "the user's previous event was positive" (the label of the event *before* each step, so the current
-      event's own label never enters its inputs);
+    - ``features`` float32 ``(L, n_features + 2)``: the per-event features of those events plus two channels
+      (``data.EXTRA_CHANNELS``): "the user's previous event was positive" (the label of the event *before*
+      each step, so the current event's own label never enters its inputs) and "this past step shows the
+      current item" (repeat views);
     - ``item``, ``user`` int32 scalars: hashed ids of the current event's item and user.
 
-    ``items`` → ``Embedding(hash_buckets, embedding_dim)`` (shared with ``item``), concatenated with
-    ``features`` → ``GRU(gru_units)`` with the mask ``items != 0`` (so it returns the state after the current
+    ``items`` → ``Embedding(hash_buckets, embedding_dim)`` (shared with ``item``) → ``Dropout``, concatenated
+    with ``features`` → ``GRU(gru_units)`` with the mask ``items != 0`` (so it returns the state after the current
     event and padding gets no gradient) → concatenated with the current item and user embeddings → the same
     Dense stack as ``mlp`` → ``Dense(1, sigmoid)``. The mask is passed explicitly: an Embedding's
     ``mask_zero`` mask would not survive ``Concatenate`` with the unmasked ``features``.
 
     Ids are hashed in ``data.py`` (a fixed-key SipHash, the same on every machine), not by min-max scaling.
+
+``spec.l2`` applies to every Dense kernel and, for sequence models, to the embedding tables and the GRU
+kernels; ``spec.dropout`` follows every hidden Dense layer and, for sequence models, the embeddings. Hashed
+id embeddings memorize quickly (thousands of ids, few views each): for event logs of tens of thousands of rows
+use ``dropout`` ≈ 0.2, ``l2`` ≈ 1e-4 and one local epoch per round.
 
 Models are returned uncompiled; :mod:`lepton_tasks.train.local` compiles them. Every weight is created at
 build time, so ``get_weights()`` of two models built from the same spec line up array by array: that is what
@@ -41,11 +47,12 @@ import keras
 import tensorflow as tf
 
 from lepton_tasks.contracts import ModelSpec
+from lepton_tasks.train.data import EXTRA_CHANNELS
 
 log = logging.getLogger(__name__)
 
 #: per-event channels the sequence model adds to the contract's features (see :func:`sequence_feature_width`)
-EXTRA_SEQUENCE_CHANNELS = 1
+EXTRA_SEQUENCE_CHANNELS = len(EXTRA_CHANNELS)
 SEQUENCE_INPUTS = ("items", "features", "item", "user")
 
 _devices_configured = False
@@ -164,28 +171,42 @@ def build_model(spec: ModelSpec, n_features: int, seed: int) -> keras.Model:
     item = keras.Input(shape=(), dtype="int32", name="item")
     user = keras.Input(shape=(), dtype="int32", name="user")
 
+    reg = keras.regularizers.L2(spec.l2) if spec.l2 > 0 else None
     item_embedding = keras.layers.Embedding(
         spec.hash_buckets,
         spec.embedding_dim,
         embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=seed + 1),
+        embeddings_regularizer=reg,
         name="item_embedding",
     )
     user_embedding = keras.layers.Embedding(
         spec.hash_buckets,
         spec.embedding_dim,
         embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=seed + 2),
+        embeddings_regularizer=reg,
         name="user_embedding",
     )
-    steps = keras.layers.Concatenate(axis=-1, name="steps")([item_embedding(items), features])
+
+    def dropped(x, name: str, offset: int):
+        return keras.layers.Dropout(spec.dropout, seed=seed + offset, name=name)(x) if spec.dropout > 0 else x
+
+    history_items = dropped(item_embedding(items), "items_dropout", 11)
+    steps = keras.layers.Concatenate(axis=-1, name="steps")([history_items, features])
     mask = PaddingMask(name="padding_mask")(items)
     history = keras.layers.GRU(
         spec.gru_units,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 3),
         recurrent_initializer=keras.initializers.Orthogonal(seed=seed + 4),
+        kernel_regularizer=reg,
+        recurrent_regularizer=reg,
         name="history_gru",
     )(steps, mask=mask)
     current = keras.layers.Concatenate(axis=-1, name="current")(
-        [history, item_embedding(item), user_embedding(user)]
+        [
+            history,
+            dropped(item_embedding(item), "item_dropout", 12),
+            dropped(user_embedding(user), "user_dropout", 13),
+        ]
     )
     return keras.Model(
         {"items": items, "features": features, "item": item, "user": user},

@@ -23,7 +23,6 @@ STATE_KEY = "announced"
 def scan_inboxes() -> dict[str, dict[str, str]]:
     """``{"partner/key": {"partner", "key", "etag"}}`` for every object in every partner inbox."""
     from lepton_airflow.connections import settings_from_env
-
     from lepton_tasks.ingest import QUARANTINE_PREFIX
     from lepton_tasks.storage import Storage
 

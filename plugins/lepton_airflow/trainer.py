@@ -24,7 +24,7 @@ from airflow.providers.docker.operators.docker import DockerOperator
 log = logging.getLogger(__name__)
 
 
-def choose_runtime(settings) -> tuple[str, str]:  # noqa: ANN001
+def choose_runtime(settings) -> tuple[str, str]:
     """``(runtime, why)`` for this task: docker | local."""
     from lepton_tasks.embedded.docker import docker_status
 
@@ -67,9 +67,8 @@ class LeptonTrainerOperator(DockerOperator):
         self.round_number = round_number
         self.run_id_ = run_id_
 
-    def execute(self, context) -> dict[str, Any]:  # noqa: ANN001
+    def execute(self, context) -> dict[str, Any]:
         from lepton_airflow.connections import lepton_settings
-
         from lepton_tasks.federation import trainer_job
         from lepton_tasks.storage import Storage
         from lepton_tasks.vault import Vault
@@ -94,7 +93,7 @@ class LeptonTrainerOperator(DockerOperator):
             env = {**os.environ, "LEPTON_JOB": json.dumps(job), "TF_CPP_MIN_LOG_LEVEL": "2"}
             for k in [k for k in env if k.startswith(("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_"))]:
                 env.pop(k)  # the trainer gets nothing but its job, like in a container
-            proc = subprocess.run([sys.executable, "-m", "lepton_tasks.train", *args], env=env,  # noqa: S603
+            proc = subprocess.run([sys.executable, "-m", "lepton_tasks.train", *args], env=env,
                                   capture_output=True, text=True, check=False,
                                   timeout=ttl.total_seconds())
             for line in (proc.stdout + proc.stderr).splitlines():

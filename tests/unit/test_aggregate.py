@@ -189,6 +189,14 @@ def test_streaming_fedavg_nan_poisons_the_accumulator() -> None:
         s.result()
 
 
+def test_streaming_fedavg_nan_in_the_first_update() -> None:
+    s = StreamingFedAvg()
+    with pytest.raises(ValueError, match="partner 'mallory': layer 0 contains NaN or Inf"):
+        s.add("mallory", [vec(1, np.inf)], 1)
+    with pytest.raises(ValueError, match="unusable: partner 'mallory'"):
+        s.add("alice", [vec(1, 2)], 1)
+
+
 @pytest.mark.parametrize("as_iter", [False, True], ids=["list", "generator"])
 def test_fedavg_float32_overflow_is_reported(as_iter: bool) -> None:
     updates = [("a", [vec(3e38)], 1), ("b", [vec(3e38)], 1)]
@@ -390,6 +398,7 @@ BAD_INPUTS: dict[str, tuple[list[tuple[str, list[Any], Any]], str]] = {
         "partner 'carol': weights must be a list of arrays",
     ),
     "no-layers": (with_carol([]), "partner 'carol': weights hold no layers"),
+    "ragged": (with_carol([vec(5, 6), [[1.0], [1.0, 2.0]]]), "partner 'carol': layer 1 is not an array"),
     "duplicate": ([*three_good(), three_good()[1]], "partner 'bob': appears more than once"),
     "empty-partner": ([*three_good(), ("", [vec(1, 2), vec(0)], 1)], "partner must be a non-empty string"),
     "not-a-triple": ([*three_good(), ("dave", [vec(1, 2), vec(0)])], r"\(partner, weights, n\) tuple"),

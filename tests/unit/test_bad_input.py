@@ -253,7 +253,7 @@ def test_duplicate_id_across_chunks(tmp_path):
 def test_row_count_below_contract_minimum(tmp_path):
     err = rejected(tmp_path, csv_bytes(good_rows(10)), "too_few_rows")
     assert "at least 50" in err.message
-    assert err.report_html and "REJECTED" in err.report_html
+    assert err.validation_html and "REJECTED" in err.validation_html
 
 
 # -------------------------------------------------------------------------------------- format level
@@ -429,3 +429,49 @@ def test_bad_keys(key, code):
 def test_good_key():
     k = parse_drop_key("banks/2024-06_export.v2.CSV", DATASETS)
     assert (k.dataset, k.filename, k.format) == ("banks", "2024-06_export.v2.CSV", "csv")
+
+
+# ------------------------------------------------------------------------------------ the error itself
+
+
+def test_drop_error_is_structured_serializable_and_picklable():
+    import pickle
+
+    import numpy as np
+
+    err = DropError(
+        "wrong_type",
+        "bad",
+        file="banks/x.csv",
+        row=7,
+        column="balance",
+        fix="do this",
+        samples=[{"row": i, "balance": np.float64(i) if i else float("nan")} for i in range(9)],
+        details={"n": np.int64(3)},
+    )
+    assert str(err).startswith("[wrong_type] banks/x.csv, row 7, column 'balance': bad")
+    reason = json.loads(json.dumps(err.to_reason()))
+    assert reason["row"] == 7 and reason["column"] == "balance" and reason["details"] == {"n": 3}
+    assert len(reason["samples"]) == 5 and reason["samples"][0] == {"row": 0, "balance": None}
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.code, back.file, back.row, back.column, back.samples) == (
+        err.code,
+        err.file,
+        err.row,
+        err.column,
+        err.samples,
+    )
+    assert str(DropError("empty_file", "empty", file="banks/x.csv")) == "[empty_file] banks/x.csv: empty"
+
+
+def test_neutralize_formula_for_human_exports():
+    from lepton_tasks.drops import neutralize_formula
+
+    assert neutralize_formula("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
+    assert [neutralize_formula(v) for v in ("+1", "-1", "@x", "plain", "")] == [
+        "'+1",
+        "'-1",
+        "'@x",
+        "plain",
+        "",
+    ]

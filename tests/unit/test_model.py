@@ -126,7 +126,7 @@ def test_sequence_windows_are_per_user_ordered_and_right_padded():
     frame = _events()
     x, y = data.to_model_inputs(frame, SEQ, ["price"])
     assert y.tolist() == [1, 0, 1, 1, 0, 0]  # frame order kept
-    assert x["items"].shape == (6, 3) and x["features"].shape == (6, 3, 2)
+    assert x["items"].shape == (6, 3) and x["features"].shape == (6, 3, 1 + len(data.EXTRA_CHANNELS))
     h = dict(zip(frame["item_id"], data.hash_ids(frame["item_id"], SEQ.hash_buckets)))
     expected_items = {  # oldest first, up to and including the row's own event
         "e1": ["i1"],
@@ -144,6 +144,7 @@ def test_sequence_windows_are_per_user_ordered_and_right_padded():
         prices = [float(i[1:]) for i in expected_items[event]]
         assert x["features"][row, :, 0].tolist() == prices + [0.0] * pad, event
         assert x["features"][row, :, 1].tolist() == expected_prev_label[event] + [0.0] * pad, event
+        assert x["features"][row, :, 2].tolist() == [0.0] * 3, event  # no repeat views here
         assert x["item"][row] == h[frame["item_id"][row]]
     assert x["user"][1] == x["user"][2] != x["user"][0]
 
@@ -155,7 +156,7 @@ def test_sequence_window_keeps_only_the_last_events_and_ties_break_by_position()
     x, _ = data.to_model_inputs(frame, SEQ, [])
     h = data.hash_ids(list("abcde"), SEQ.hash_buckets)
     assert x["items"][4].tolist() == h[2:5].tolist()
-    assert x["features"].shape == (5, 3, 1)
+    assert x["features"].shape == (5, 3, 2)
     assert x["features"][4, :, 0].tolist() == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="tie-break"):
         data.to_model_inputs(frame, SEQ, [], tie_break=["nope"])
@@ -177,7 +178,7 @@ def test_sequence_inputs_are_vectorized_for_100k_rows():
     t = time.perf_counter()
     x, y = data.to_model_inputs(frame, spec, ["f0"])
     elapsed = time.perf_counter() - t
-    assert x["items"].shape == (n, 10) and x["features"].shape == (n, 10, 2) and y.shape == (n,)
+    assert x["items"].shape == (n, 10) and x["features"].shape == (n, 10, 3) and y.shape == (n,)
     assert elapsed < 10, elapsed
     # every window ends with the row's own event
     last = x["items"][np.arange(n), (x["items"] != 0).sum(axis=1) - 1]
@@ -223,3 +224,29 @@ def test_initial_weights_are_identical_in_another_process():
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().splitlines()[-1] == fingerprint(build_model(SEQ, 2, seed=9).get_weights())
+
+
+def test_repeat_views_are_flagged_and_targets_keep_full_histories():
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u"] * 4 + ["v"],
+            "item_id": ["a", "b", "a", "a", "a"],
+            "ts": np.array([1, 2, 3, 4, 1], dtype=np.int64),
+            "label": np.array([0, 1, 0, 1, 0], dtype=np.int8),
+        }
+    )
+    x, _ = data.to_model_inputs(frame, SEQ, [])
+    same = x["features"][:, :, 1]
+    assert same[0].tolist() == [0, 0, 0]  # its own event is not a repeat
+    assert same[2].tolist() == [1, 0, 0]  # a, b, [a]
+    assert same[3].tolist() == [0, 1, 0]  # b, a, [a]  (window of 3)
+    assert same[4].tolist() == [0, 0, 0]  # another user's views do not count
+    mask = np.array([False, False, True, False, True])
+    xt, yt = data.to_model_inputs(frame, SEQ, [], targets=mask)
+    assert yt.tolist() == [0, 0]
+    for key in x:
+        np.testing.assert_array_equal(xt[key], x[key][mask])
+    xm, ym = data.to_model_inputs(frame.assign(f=np.float32(1)), MLP, ["f"], targets=mask)
+    assert xm.shape == (2, 1) and ym.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="boolean"):
+        data.to_model_inputs(frame, SEQ, [], targets=np.array([1, 0, 1, 0, 1]))
