@@ -6,12 +6,14 @@ BIN := $(CURDIR)/$(VENV)/bin
 export LEPTON_DATA_DIR ?= $(CURDIR)/.lepton
 export PATH := $(BIN):$(PATH)
 SCENARIO ?= banks
+PIP_VERSION := 25.3
 
 .PHONY: setup image demo test up down status lint bench-ingest bench-aggregate bench-round clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "== installing pinned requirements into $(VENV)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check pip==$(PIP_VERSION)
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	$(BIN)/pip check

@@ -115,7 +115,9 @@ class EmbeddedAirflow:
             p.stop()
         require_ports_free("airflow api-server", self.settings.bind_host, [self.settings.airflow_port])
         self.home.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.env()}
+        # a clean Airflow environment: nothing AIRFLOW_* inherited from the caller (e.g. a test session's config)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        env = {**base, **self.env()}
         log = self.settings.data_dir / "logs" / "airflow-db-migrate.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as f:
@@ -125,7 +127,7 @@ class EmbeddedAirflow:
             raise ServiceError(f"airflow: `airflow db migrate` failed; see {log}")
         flags = {"scheduler": ["--skip-serve-logs"], "triggerer": ["--skip-serve-logs"]}
         for comp, proc in procs.items():
-            proc.start([self._airflow(), comp, *flags.get(comp, [])], env=self.env(), cwd=self.home)
+            proc.start([self._airflow(), comp, *flags.get(comp, [])], env=self.env(), cwd=self.home, base_env=base)
         wait_until(self.healthy, service="airflow", timeout=timeout, proc=procs["api-server"], interval=1.0)
         if self.password_file().exists():
             os.chmod(self.password_file(), 0o600)

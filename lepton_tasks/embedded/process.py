@@ -99,8 +99,12 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.pid() is not None
 
-    def start(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
-        """Start ``argv`` in a new session, logging to :attr:`log_file`; return its pid."""
+    def start(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+              base_env: dict[str, str] | None = None) -> int:
+        """Start ``argv`` in a new session, logging to :attr:`log_file`; return its pid.
+
+        The child's environment is ``base_env`` (default: this process's) updated with ``env``.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
@@ -109,7 +113,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **(env or {})},
+                env={**(os.environ if base_env is None else base_env), **(env or {})},
                 cwd=cwd,
                 start_new_session=True,
             )

@@ -1,0 +1,148 @@
+"""bench/ingest: the ingest path on a large e-commerce drop, against baselines run side by side.
+
+Reports, in one run (each measurement in its own subprocess so peak RSS is its own):
+1. time of the full ingest path (read → GX validation → clean → split → federated stats → Parquet → Tink +
+   Vault envelope encryption of both splits) vs a bare ``pyarrow.csv.read_csv`` + Parquet write of the same
+   file (target ratio ≤ 2.0);
+2. peak RSS of the full path at SIZE and at 3×SIZE (must stay flat; target ≤ 1.5 GB);
+3. envelope-encryption throughput vs raw AES-256-GCM (``cryptography``, 1 MiB chunks) on the same bytes
+   (target ≥ 0.8×).
+
+Usage: ``python bench/ingest/bench.py [--size-mb 1024] [--no-3x]``. It starts its own OpenBao on a free
+loopback port in a temp dir (real Vault calls, O(1) per object) and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _child(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh Python; it prints one JSON line; add its peak RSS."""
+    wrapper = code + "\nimport resource, json as _j\n" \
+        "print('RESULT ' + _j.dumps({**RESULT, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True,
+                         env={**os.environ, **(env or {})}, cwd=REPO)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+BASELINE = """
+import time, pyarrow.csv as pc, pyarrow.parquet as pq
+t = time.perf_counter()
+table = pc.read_csv({src!r})
+pq.write_table(table, {dst!r})
+RESULT = {{'seconds': time.perf_counter() - t, 'rows': table.num_rows}}
+"""
+
+FULL = """
+import time, hvac
+from pathlib import Path
+from lepton_tasks.contracts import load_contract
+from lepton_tasks.prepare import prepare_drop
+from lepton_tasks.envelope import encrypt_file, associated_data
+client = hvac.Client(url={addr!r}, token={token!r})
+t = time.perf_counter()
+p = prepare_drop(Path({src!r}), load_contract('ecommerce'), object_key='ecommerce/bench.csv', out_dir=Path({out!r}))
+for split, path in (('train', p.train_path), ('holdout', p.holdout_path)):
+    encrypt_file(path, Path({out!r}) / (split + '.enc'), client=client, key_name='lepton-bench',
+                 ad=associated_data('bench', 'staging', split))
+RESULT = {{'seconds': time.perf_counter() - t, 'rows': p.rows_train + p.rows_holdout}}
+"""
+
+CRYPTO = """
+import os, time, hvac
+from pathlib import Path
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from lepton_tasks.envelope import encrypt_file
+src = Path({src!r}); dst = Path({dst!r})
+client = hvac.Client(url={addr!r}, token={token!r})
+data_mb = src.stat().st_size / 2**20
+best_raw = best_env = 1e9
+for _ in range(3):
+    t = time.perf_counter()
+    aes = AESGCM(AESGCM.generate_key(bit_length=256))
+    with open(src, 'rb') as f, open(dst, 'wb') as out:
+        i = 0
+        while block := f.read(1 << 20):
+            out.write(aes.encrypt(i.to_bytes(12, 'big'), block, b'ad')); i += 1
+    best_raw = min(best_raw, time.perf_counter() - t)
+    t = time.perf_counter()
+    encrypt_file(src, dst, client=client, key_name='lepton-bench', ad=b'ad')
+    best_env = min(best_env, time.perf_counter() - t)
+RESULT = {{'raw_mb_s': data_mb / best_raw, 'envelope_mb_s': data_mb / best_env}}
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mb", type=int, default=1024)
+    ap.add_argument("--no-3x", action="store_true", help="skip the 3× size memory check")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from lepton_tasks.embedded.openbao import OpenBao
+    from lepton_tasks.embedded.process import free_port
+    from lepton_tasks.scenarios.ecommerce import write_csv
+    from lepton_tasks.vault import Vault
+
+    with tempfile.TemporaryDirectory(prefix="lepton-bench-") as tmp:
+        tmpd = Path(tmp)
+        bao = OpenBao(tmpd / "stack", port=free_port(also_free_offsets=(1,)))
+        bao.start()
+        try:
+            Vault.connect(bao.addr, bao.root_token()).ensure_key("lepton-bench")
+            token = bao.root_token()
+            results: dict[str, dict] = {}
+            sizes = [args.size_mb] + ([] if args.no_3x else [3 * args.size_mb])
+            for size in sizes:
+                src = tmpd / f"drop-{size}.csv"
+                rows = int(size * 2**20 / 68)  # ≈ 68 bytes per event row
+                t = time.perf_counter()
+                written = write_csv(src, rows, seed=1)
+                print(f"generated {written / 2**20:.0f} MiB ({rows} rows) in {time.perf_counter() - t:.0f}s", flush=True)
+                if size == args.size_mb:
+                    base = _child(BASELINE.format(src=str(src), dst=str(tmpd / "base.parquet")))
+                    print(f"baseline pyarrow read+parquet: {base['seconds']:.1f}s, peak {base['peak_rss_mb']:.0f} MiB",
+                          flush=True)
+                    results["baseline"] = base
+                out = tmpd / f"out-{size}"
+                out.mkdir()
+                full = _child(FULL.format(src=str(src), out=str(out), addr=bao.addr, token=token))
+                print(f"full ingest path @ {size} MiB: {full['seconds']:.1f}s, peak {full['peak_rss_mb']:.0f} MiB",
+                      flush=True)
+                results[f"full_{size}"] = full
+                if size == args.size_mb:
+                    crypto = _child(CRYPTO.format(src=str(out / "train.parquet") if (out / "train.parquet").exists()
+                                                  else str(src), dst=str(tmpd / "c.enc"), addr=bao.addr, token=token))
+                    results["crypto"] = crypto
+                src.unlink()
+                for f in out.iterdir():
+                    f.unlink()
+        finally:
+            bao.stop()
+    base, full = results["baseline"], results[f"full_{args.size_mb}"]
+    print("\n== bench/ingest (ratios measured side by side in this run) ==")
+    print(f"full ingest / pyarrow baseline time : {full['seconds'] / base['seconds']:.2f}x  (target <= 2.0)")
+    print(f"peak RSS full path @ {args.size_mb} MiB    : {full['peak_rss_mb']:.0f} MiB (target <= 1536)")
+    if not args.no_3x:
+        big = results[f"full_{3 * args.size_mb}"]
+        print(f"peak RSS full path @ {3 * args.size_mb} MiB   : {big['peak_rss_mb']:.0f} MiB "
+              f"(ratio {big['peak_rss_mb'] / full['peak_rss_mb']:.2f}x for 3x the data; flat = ~1.0)")
+    c = results["crypto"]
+    print(f"envelope encryption vs raw AES-GCM  : {c['envelope_mb_s'] / c['raw_mb_s']:.2f}x "
+          f"({c['envelope_mb_s']:.0f} vs {c['raw_mb_s']:.0f} MB/s; target >= 0.8)")
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
