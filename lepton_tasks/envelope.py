@@ -144,3 +144,35 @@ def decrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return dst
+
+
+def rewrap_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad: bytes, object_name: str,
+                transit_mount: str = "transit") -> None:
+    """Re-wrap an object's data key under the latest version of its transit key; the ciphertext body is copied.
+
+    Used after ``rotate`` so that ``min_decryption_version`` can be raised without re-encrypting the data.
+    """
+    import shutil
+
+    _register()
+    kek = _kek(client, transit_mount, key_name)
+    with open(src, "rb") as f:
+        head = f.read(len(MAGIC) + 4)
+        if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
+            raise EnvelopeError(f"{object_name}: not a Lepton envelope (bad header)")
+        (n,) = struct.unpack(">I", head[len(MAGIC):])
+        wrapped = f.read(n).decode("utf-8", errors="replace")
+        try:
+            handle = json_proto_keyset_format.parse_encrypted(wrapped, kek, ad)
+            rewrapped = json_proto_keyset_format.serialize_encrypted(handle, kek, ad).encode()
+        except tink.TinkError as exc:
+            raise EnvelopeError(f"{object_name}: cannot rewrap the data key with {key_name}: {exc}") from exc
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".rewrap-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(MAGIC + struct.pack(">I", len(rewrapped)) + rewrapped)
+                shutil.copyfileobj(f, out, _CHUNK)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -62,6 +62,7 @@ def _sha256(path: Path) -> str:
 
 def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list[str]]:
     """Verify + decrypt this partner's drops → (train frame, holdout frame, drop hashes). Plaintext stays in work."""
+    import hvac.exceptions
     import pandas as pd
 
     from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file
@@ -75,7 +76,14 @@ def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list
     for i, drop in enumerate(job["drops"]):
         body = json.loads(_get(drop["manifest_url"]))  # type: ignore[arg-type]
         manifest = body.get("manifest")
-        if not isinstance(manifest, dict) or not vault.verify(key_name, canonical(manifest), body.get("hmac", "")):
+        if not isinstance(manifest, dict):
+            raise SecurityError(f"{drop['manifest_key']}: not a signed Lepton manifest")
+        try:
+            valid = vault.verify(key_name, canonical(manifest), body.get("hmac", ""))
+        except hvac.exceptions.Forbidden as exc:
+            raise SecurityError(f"{drop['manifest_key']}: Vault denied verification with {key_name}: this token "
+                                f"is not {partner}'s") from exc
+        if not valid:
             raise SecurityError(f"{drop['manifest_key']}: manifest signature does not verify with {key_name}")
         if manifest.get("partner") != partner or manifest.get("dataset") != job["dataset"]:
             raise SecurityError(f"{drop['manifest_key']}: manifest is for {manifest.get('partner')}/"

@@ -166,3 +166,56 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
     for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
         assert admin_storage.exists(settings.models_bucket, f"{run_id}/{suffix}")
     assert any("LOCAL runtime" in w for w in m["warnings"])
+
+
+def test_trainer_entrypoint_refuses_another_partners_token(staged, settings, admin_storage, operator_vault,
+                                                           monkeypatch, capsys):
+    """The real entrypoint, given partner A's job but partner B's token, cannot decrypt: exit 3, no upload."""
+    from lepton_tasks.federation import HParams, plan_run, trainer_job
+    from lepton_tasks.train.__main__ import main
+
+    a, b = PARTNERS[0], PARTNERS[1]
+    plan_run(settings, admin_storage, operator_vault, run_id="deny-run", dataset="banks", partners=PARTNERS,
+             hparams=HParams(rounds=1, min_partners=2))
+    job = trainer_job(settings, admin_storage, operator_vault, run_id="deny-run", partner=a, mode="train",
+                      round_number=1)
+    job["vault_token"] = operator_vault.trainer_token(b, ttl="2m")
+    monkeypatch.setenv("LEPTON_JOB", json.dumps(job))
+    assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 3
+    err = capsys.readouterr().err
+    assert "security error" in err and job["vault_token"] not in err
+    assert not admin_storage.exists(settings.models_bucket, job["output_key"])
+    monkeypatch.setenv("LEPTON_JOB", json.dumps({**job, "partner": b}))
+    assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 2  # a job for someone else is refused
+
+
+def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised(settings, admin_storage,
+                                                                                 operator_vault, root_vault,
+                                                                                 onboard, tmp_path):
+    from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file, encrypt_file, rewrap_file
+    from lepton_tasks.vault import Vault
+
+    onboard("rot-a")
+    key = "lepton-rot-a"
+    src = tmp_path / "plain.bin"
+    src.write_bytes(b"partner data " * 1000)
+    ad = associated_data("rot-a", "staging", "rot-a/x")
+    encrypt_file(src, tmp_path / "v1.enc", client=operator_vault.client, key_name=key, ad=ad)
+    assert root_vault.rotate_key(key) == 2
+    encrypt_file(src, tmp_path / "v2.enc", client=operator_vault.client, key_name=key, ad=ad)
+    reader = Vault.connect(settings.vault_addr, operator_vault.trainer_token("rot-a", "2m"))
+    for name in ("v1", "v2"):  # no downtime: both versions decrypt after rotation
+        decrypt_file(tmp_path / f"{name}.enc", tmp_path / f"{name}.out", client=reader.client, key_name=key, ad=ad,
+                     object_name=name)
+        assert (tmp_path / f"{name}.out").read_bytes() == src.read_bytes()
+    rewrap_file(tmp_path / "v1.enc", tmp_path / "v1-rewrapped.enc", client=operator_vault.client, key_name=key,
+                ad=ad, object_name="v1")
+    root_vault.set_min_decryption_version(key, 2)
+    decrypt_file(tmp_path / "v1-rewrapped.enc", tmp_path / "v1r.out", client=reader.client, key_name=key, ad=ad,
+                 object_name="v1r")  # rewrapped: readable under the new minimum
+    assert (tmp_path / "v1r.out").read_bytes() == src.read_bytes()
+    with pytest.raises(EnvelopeError):
+        decrypt_file(tmp_path / "v1.enc", tmp_path / "v1b.out", client=reader.client, key_name=key, ad=ad,
+                     object_name="v1")
+    decrypt_file(tmp_path / "v2.enc", tmp_path / "v2b.out", client=reader.client, key_name=key, ad=ad,
+                 object_name="v2")
