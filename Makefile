@@ -35,6 +35,7 @@ up: setup  ## start the embedded stack (OpenBao, SeaweedFS, Airflow) on 127.0.0.
 	$(BIN)/lepton up
 
 demo: setup  ## everything: docker (if installable), trainer image, stack, partners, drops, federated run, report
+	-@scripts/dockerd.sh install
 	-@scripts/dockerd.sh start
 	@$(MAKE) --no-print-directory image
 	$(BIN)/lepton up

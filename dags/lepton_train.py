@@ -12,7 +12,10 @@ a dataset (Asset `lepton-staged-<dataset>`).
    A partner whose task fails after its retries is excluded from that round; fewer than `min_partners`
    updates fail the round. Clearing one partner's task re-runs only that partner; outputs are keyed by
    run id + round, so re-runs are idempotent. Rounds beyond `rounds` are skipped.
-3. `evaluate` runs in each partner's container on its held-out split (global model and a local-only model);
+3. `local_only` trains, in each partner's container and alongside the rounds, a model on that partner's data
+   alone. `evaluate` scores, inside each partner's container and on its held-out split only, the final global
+   model and every partner's local-only model (weights travel, data never does); partners return score
+   histograms, so the overall AUC on the union of the holdouts is exact without any row leaving a partner.
    `publish` writes `metrics.json`, `report.html` and the versioned model, and logs where they are.
 """
 
@@ -128,10 +131,14 @@ def lepton_train():
             previous = agg
             aggregates.append(agg)
 
+    # local-only models (each partner's data alone) train alongside the rounds, for the comparison
+    local_only = LeptonTrainerOperator.partial(
+        task_id="local_only", mode="local", execution_timeout=timedelta(hours=1),
+    ).expand(partner=partners)
+
     with TaskGroup(group_id="evaluate", tooltip="held-out evaluation inside each partner's container"):
         evaluate = LeptonTrainerOperator.partial(
-            task_id="evaluate", mode="evaluate", execution_timeout=timedelta(hours=1),
-            trigger_rule="none_failed_min_one_success",
+            task_id="evaluate", mode="evaluate", execution_timeout=timedelta(hours=1), trigger_rule="all_done",
         ).expand(partner=partners)
 
         @task(trigger_rule="all_done")
@@ -152,7 +159,7 @@ def lepton_train():
             print(f"model version {out['version']}: {out['model_url']}")
             return out["report_url"]
 
-        aggregates >> evaluate >> publish()
+        [*aggregates, local_only] >> evaluate >> publish()
 
 
 lepton_train()

@@ -8,9 +8,18 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
 
 class AirflowAPIError(RuntimeError):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _transient(exc: BaseException) -> bool:
+    """SQLite (the embedded metadata DB) answers a busy lock with HTTP 500 'Database error': retry those."""
+    return isinstance(exc, AirflowAPIError) and exc.status == 500 and "Database error" in str(exc)
 
 
 class AirflowAPI:
@@ -20,6 +29,8 @@ class AirflowAPI:
         self._token = self._post("/auth/token", {"username": username, "password": password}, auth=False)[
             "access_token"]
 
+    @retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(5), wait=wait_exponential(0.5, max=8),
+           reraise=True)
     def _req(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth:
@@ -30,7 +41,7 @@ class AirflowAPI:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
-            raise AirflowAPIError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+            raise AirflowAPIError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}", exc.code) from exc
         return json.loads(raw) if raw else None
 
     def _post(self, path: str, body: Any, auth: bool = True) -> Any:

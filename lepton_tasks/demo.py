@@ -141,9 +141,10 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
                       extra={"centralized": ref})
     m = out["metrics"]
     fed_auc = m["final"]["overall"].get("auc")
-    lo = [v.get("auc") for v in m["local_only"]["per_partner"].values() if v.get("auc") is not None]
+    lo_auc = m["local_only"]["overall"].get("auc")
     yield (f"federated AUC (union of holdouts) {fed_auc:.4f} | centralized reference {ref['overall']['auc']:.4f} | "
-           f"mean local-only {sum(lo) / len(lo):.4f}" if fed_auc is not None and lo else json.dumps(m["final"]))
+           f"mean local-only (on the union) {lo_auc:.4f}" if fed_auc is not None and lo_auc is not None
+           else json.dumps(m["final"]))
     yield f"REPORT: {out['report_path']}"
     yield f"model version {out['version']}: {out['model_url']}"
     yield f"Airflow UI: {af.url}  (user admin; password in {af.password_file()})"

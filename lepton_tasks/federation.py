@@ -119,12 +119,22 @@ def trainer_job(settings: Settings, storage: Storage, vault: Vault, *, run_id: s
                for split, obj in d["objects"].items()},
         })
     mb = settings.models_bucket
+    local_models: dict[str, str] = {}
     if mode == "train":
         out_key = f"{prefix}round-{round_number}/{partner}.update"
         prev = f"{prefix}round-{round_number - 1}/global.npz" if round_number > 1 else None
+    elif mode == "local":
+        out_key, prev = f"{prefix}local/{partner}.npz", None
     elif mode == "evaluate":
+        done = last_round(storage, settings, run_id)
+        if done < hp.rounds:
+            raise ValueError(f"run {run_id}: round {done + 1} of {hp.rounds} did not complete; nothing to evaluate")
         out_key = f"{prefix}eval/{partner}.json"
-        prev = f"{prefix}round-{last_round(storage, settings, run_id)}/global.npz"
+        prev = f"{prefix}round-{done}/global.npz"
+        # every partner's local-only model (weights are shared in a federation; data never is), to measure how
+        # each generalizes to the other partners' held-out data
+        local_models = {p: storage.presigned_get(mb, f"{prefix}local/{p}.npz", ttl) for p in plan["partners"]
+                        if storage.exists(mb, f"{prefix}local/{p}.npz")}
     else:
         raise ValueError(f"unknown trainer mode {mode!r}")
     return {
@@ -137,6 +147,7 @@ def trainer_job(settings: Settings, storage: Storage, vault: Vault, *, run_id: s
         "global_weights_url": storage.presigned_get(mb, prev, ttl) if prev else None,
         "output_url": storage.presigned_put(mb, out_key, ttl),
         "output_key": out_key,
+        "local_models": local_models,
         "hparams": {"epochs": hp.local_epochs, "batch_size": hp.batch_size, "learning_rate": hp.learning_rate,
                     "seed": hp.seed, "fedprox_mu": hp.fedprox_mu if hp.strategy == "fedprox" else 0.0,
                     "local_only_epochs": hp.local_epochs * hp.rounds},
@@ -203,17 +214,29 @@ def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtim
     while storage.exists(mb, f"{prefix}round-{k}/summary.json"):
         rounds.append(storage.get_json(mb, f"{prefix}round-{k}/summary.json"))
         k += 1
-    per_partner, local_only, g_summaries, l_summaries, missing = {}, {}, [], [], []
+    per_partner, g_summaries, missing = {}, [], []
+    local_own: dict[str, dict] = {}
+    local_union: dict[str, list] = {}
     for p in plan["partners"]:
         key = f"{prefix}eval/{p}.json"
         if not storage.exists(mb, key):
             missing.append(p)
             continue
         ev = storage.get_json(mb, key)
-        g, lo = ev["global"], ev["local_only"]
+        g = ev["global"]
         g_summaries.append(g.pop("score_summary"))
-        l_summaries.append(lo.pop("score_summary"))
-        per_partner[p], local_only[p] = g, lo
+        per_partner[p] = g
+        for owner, lm in ev.get("local_models", {}).items():
+            local_union.setdefault(owner, []).append(lm.pop("score_summary"))
+            if owner == p:
+                local_own[p] = lm
+    local_only = {}
+    for owner, summaries in local_union.items():
+        union = merge_score_summaries(summaries)
+        local_only[owner] = {**{k: union.get(k) for k in ("auc", "pr_auc", "accuracy", "log_loss", "n")},
+                             "evaluated_by": len(summaries),
+                             "own_holdout": local_own.get(owner, {})}
+    union_aucs = [v["auc"] for v in local_only.values() if v.get("auc") is not None]
     warnings = []
     if runtime != "docker":
         warnings.append(f"trainers ran with the {runtime.upper()} runtime (subprocesses), not Docker containers")
@@ -230,7 +253,9 @@ def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtim
         "final": {"per_partner": per_partner,
                   "overall": merge_score_summaries(g_summaries) if g_summaries else {}},
         "local_only": {"per_partner": local_only,
-                       "overall": merge_score_summaries(l_summaries) if l_summaries else {}},
+                       "overall": {"auc": sum(union_aucs) / len(union_aucs) if union_aucs else None,
+                                   "note": "mean over partners of each local-only model's AUC on the union of "
+                                           "all partners' held-out data (scored inside each partner's container)"}},
         "lineage": {"run_id": run_id, "rounds": len(rounds), "strategy": hp["strategy"],
                     "contract": plan["contract"],
                     "drops": {p: [d["drop_sha256"] for d in ds] for p, ds in plan["drops"].items()}},

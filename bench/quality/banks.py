@@ -74,17 +74,20 @@ def main() -> int:
                         run_job(trainer_job(settings, storage, op, run_id=run_id, partner=p, mode="train",
                                             round_number=k))
                     aggregate_round(settings, storage, run_id=run_id, round_number=k)
-                for p in partners:
-                    run_job(trainer_job(settings, storage, op, run_id=run_id, partner=p, mode="evaluate",
-                                        round_number=0))
+                for mode in ("local", "evaluate"):
+                    for p in partners:
+                        run_job(trainer_job(settings, storage, op, run_id=run_id, partner=p, mode=mode,
+                                            round_number=0))
                 ref = centralized_reference("banks", seed=seed, hparams=hp.__dict__)
                 out = publish_run(settings, storage, run_id=run_id, runtime="local (in-process benchmark)",
                                   extra={"centralized": ref})
                 m = out["metrics"]
-                lo = [v["auc"] for v in m["local_only"]["per_partner"].values() if v.get("auc") is not None]
                 row = {"seed": seed, "federated_auc": m["final"]["overall"]["auc"],
-                       "centralized_auc": ref["overall"]["auc"], "mean_local_only_auc": sum(lo) / len(lo),
-                       "local_only": {p: v.get("auc") for p, v in m["local_only"]["per_partner"].items()},
+                       "centralized_auc": ref["overall"]["auc"],
+                       "mean_local_only_auc": m["local_only"]["overall"]["auc"],
+                       "local_only_union": {p: v.get("auc") for p, v in m["local_only"]["per_partner"].items()},
+                       "local_only_own_holdout": {p: v["own_holdout"].get("auc")
+                                                  for p, v in m["local_only"]["per_partner"].items()},
                        "seconds": round(time.perf_counter() - t0, 1), "report": out["report_path"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

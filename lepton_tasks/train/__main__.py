@@ -9,8 +9,9 @@ short-lived Vault token that can decrypt/verify with only this partner's key. It
    to a private temp dir;
 3. normalizes with the merged federated statistics; then
    - ``train``: trains locally from the current global weights and PUTs ``weights + n + metrics``;
-   - ``evaluate``: evaluates the final global model and a local-only model (trained on this partner alone)
-     on the partner's held-out split and PUTs metrics + score histograms (aggregates, never rows).
+   - ``local``: trains a local-only model (this partner's data alone, for comparison) and PUTs its weights;
+   - ``evaluate``: evaluates the final global model and every partner's local-only model on this partner's
+     held-out split and PUTs metrics + score histograms (aggregates, never rows).
 
 Exit code 0 on success; 2 on a bad job; 3 on a security failure (signature, hash, decrypt denied).
 """
@@ -137,6 +138,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 "n_samples": res.n_samples, "metrics": res.metrics, "drops": hashes}
         _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
         return {k: v for k, v in meta.items() if k != "drops"}
+    if job["mode"] == "local":  # a model trained on this partner's data alone, for comparison
+        res = train_local(train_m, contract.model, names, global_weights=None, epochs=hp["local_only_epochs"],
+                          batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"],
+                          tie_break=contract.row_key)
+        meta = {"partner": job["partner"], "run_id": job["run_id"], "kind": "local-only",
+                "n_samples": res.n_samples, "metrics": res.metrics}
+        _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
+        return {k: v for k, v in meta.items() if k != "metrics"}
     holdout_m = transform(holdout_df, contract, gstats)
     eval_kw: dict[str, Any] = {"tie_break": contract.row_key}
     if contract.model.kind == "sequence":
@@ -149,20 +158,22 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     else:
         eval_frame = holdout_m
     g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
-    local = train_local(train_m, contract.model, names, global_weights=None, epochs=hp["local_only_epochs"],
-                        batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"],
-                        tie_break=contract.row_key)
-    lo = evaluate_weights(eval_frame, contract.model, names, local.weights, with_summary=True, **eval_kw)
-    out = {"partner": job["partner"], "run_id": job["run_id"], "global": g, "local_only": lo,
+    local_models = {}
+    for owner, url in sorted(job.get("local_models", {}).items()):
+        weights_l, _ = wio.loads(_get(url))  # type: ignore[arg-type]
+        local_models[owner] = evaluate_weights(eval_frame, contract.model, names, weights_l, with_summary=True,
+                                               **eval_kw)
+    out = {"partner": job["partner"], "run_id": job["run_id"], "global": g, "local_models": local_models,
            "rows": {"train": len(train_df), "holdout": len(holdout_df)}}
     _put(job["output_url"], json.dumps(out, default=float).encode(), "application/json")
-    return {"partner": job["partner"], "global_auc": g.get("auc"), "local_only_auc": lo.get("auc")}
+    return {"partner": job["partner"], "global_auc": g.get("auc"),
+            "local_models_scored": sorted(local_models)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lepton_tasks.train", description=__doc__.split("\n")[0])
     parser.add_argument("--partner", required=True, help="the partner this container serves (checked against the job)")
-    parser.add_argument("--mode", choices=("train", "evaluate"), required=True)
+    parser.add_argument("--mode", choices=("train", "local", "evaluate"), required=True)
     parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer[%(name)s] %(levelname)s %(message)s")

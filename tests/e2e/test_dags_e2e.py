@@ -101,6 +101,7 @@ def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, ro
     assert metrics["runtime"] == "docker"
     assert [r["excluded"] for r in metrics["rounds"]] == [[failing], [failing]]
     assert set(metrics["final"]["per_partner"]) == set(partners[:2])
+    assert set(metrics["local_only"]["per_partner"]) == set(partners[:2])
     assert metrics["final"]["overall"]["auc"] > 0.9
     assert set(metrics["lineage"]["drops"]) == set(partners)
     version = admin_storage.get_json(mb, prefix + "model/VERSION.json")

@@ -153,13 +153,17 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
                                 mode="train", round_number=k))  # clearing the task: only that partner re-runs
         summary = aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
         assert summary["excluded"] == []
-    for p in PARTNERS:
-        run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode="evaluate",
-                            round_number=0))
+    for mode in ("local", "evaluate"):
+        for p in PARTNERS:
+            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode=mode,
+                                round_number=0))
     out = publish_run(settings, admin_storage, run_id=run_id, runtime="local")
     m = out["metrics"]
     assert m["final"]["overall"]["auc"] > 0.85
     assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(PARTNERS)
+    for lo in m["local_only"]["per_partner"].values():  # each local model was scored by every partner
+        assert lo["evaluated_by"] == 3 and lo["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
+    assert m["local_only"]["overall"]["auc"] is not None
     staged_sha = read_manifest(admin_storage, settings, operator_vault, PARTNERS[0],
                                staged[PARTNERS[0]].manifest_key)["drop_sha256"]
     assert staged_sha in m["lineage"]["drops"][PARTNERS[0]]
