@@ -4,6 +4,7 @@ DockerOperator trainer containers (3 partners, 2 rounds), one partner made to fa
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -66,7 +67,8 @@ def test_ingest_dag_stages_each_scenario(scenario, airflow_db, settings, onboard
         assert set(m["objects"]) == {"train", "holdout"}
 
 
-def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, root_vault, operator_vault, onboard):
+def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, root_vault, operator_vault, onboard,
+                                         services, capfd):
     from lepton_tasks.embedded.docker import docker_status
     from lepton_tasks.ingest import ingest_drop
     from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
@@ -93,6 +95,14 @@ def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, ro
         root_vault.write_policy(f"lepton-partner-{failing}", policy)
         os.environ.pop("LEPTON_TRAINER_RUNTIME", None)
     assert run.state == "success"
+    logs = "".join(capfd.readouterr())
+    assert "round_1" in logs and "trainer" in logs  # the task logs were captured
+    secrets = [settings.vault_token.get_secret_value(), settings.s3_secret_key.get_secret_value(),
+               services.openbao.root_token()]
+    for secret in secrets:
+        assert secret not in logs, "a secret leaked into the task logs"
+    assert "X-Amz-Signature" not in logs, "a presigned URL leaked into the task logs"
+    assert not re.search(r"\bs\.[A-Za-z0-9]{24}\b", logs), "a Vault token leaked into the task logs"
     prefix = f"{run.run_id}/"
     mb = settings.models_bucket
     for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
