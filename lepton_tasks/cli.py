@@ -19,7 +19,7 @@ demo_app = typer.Typer(help="Demo scenarios: drop data as partners would, run th
 app.add_typer(partners_app, name="partners")
 app.add_typer(images_app, name="images")
 app.add_typer(demo_app, name="demo")
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def _stack():

@@ -6,6 +6,7 @@ of the partners' data — something a real federation would not have) and print 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the centralized reference trains in this process
 
 
 def partner_name(raw: str) -> str:

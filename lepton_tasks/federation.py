@@ -233,10 +233,12 @@ def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtim
     local_only = {}
     for owner, summaries in local_union.items():
         union = merge_score_summaries(summaries)
-        local_only[owner] = {**{k: union.get(k) for k in ("auc", "pr_auc", "accuracy", "log_loss", "n")},
-                             "evaluated_by": len(summaries),
-                             "own_holdout": local_own.get(owner, {})}
-    union_aucs = [v["auc"] for v in local_only.values() if v.get("auc") is not None]
+        # per partner: the local-only model on its OWN holdout (comparable with the global model's per-partner
+        # numbers), plus how it does on the union of every partner's holdout
+        local_only[owner] = {**local_own.get(owner, {}),
+                             "union": {**{k: union.get(k) for k in ("auc", "pr_auc", "accuracy", "log_loss", "n")},
+                                       "evaluated_by": len(summaries)}}
+    union_aucs = [v["union"]["auc"] for v in local_only.values() if v["union"].get("auc") is not None]
     warnings = []
     if runtime != "docker":
         warnings.append(f"trainers ran with the {runtime.upper()} runtime (subprocesses), not Docker containers")

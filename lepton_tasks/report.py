@@ -409,7 +409,8 @@ def render_html(metrics: Mapping[str, Any]) -> str:
     parts.append("<h2>Run summary</h2>")
     parts.append(_summary(metrics, rounds, partners, overall))
     if _auc(local_overall) is not None:
-        parts.append(f'<p class="muted">Local-only models, overall AUC: {_fmt(_auc(local_overall))}</p>')
+        what = local_overall.get("note") or "overall AUC"
+        parts.append(f'<p class="muted">Local-only models ({_esc(what)}): {_fmt(_auc(local_overall))}</p>')
     if overall.get("notes"):
         parts.append(f'<p class="muted">{_esc("; ".join(map(str, overall["notes"])))}</p>')
 

@@ -85,9 +85,8 @@ def main() -> int:
                 row = {"seed": seed, "federated_auc": m["final"]["overall"]["auc"],
                        "centralized_auc": ref["overall"]["auc"],
                        "mean_local_only_auc": m["local_only"]["overall"]["auc"],
-                       "local_only_union": {p: v.get("auc") for p, v in m["local_only"]["per_partner"].items()},
-                       "local_only_own_holdout": {p: v["own_holdout"].get("auc")
-                                                  for p, v in m["local_only"]["per_partner"].items()},
+                       "local_only_union": {p: v["union"].get("auc") for p, v in m["local_only"]["per_partner"].items()},
+                       "local_only_own_holdout": {p: v.get("auc") for p, v in m["local_only"]["per_partner"].items()},
                        "seconds": round(time.perf_counter() - t0, 1), "report": out["report_path"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -161,8 +161,10 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
     m = out["metrics"]
     assert m["final"]["overall"]["auc"] > 0.85
     assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(PARTNERS)
-    for lo in m["local_only"]["per_partner"].values():  # each local model was scored by every partner
-        assert lo["evaluated_by"] == 3 and lo["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
+    for p, lo in m["local_only"]["per_partner"].items():  # each local model was scored by every partner
+        assert lo["union"]["evaluated_by"] == 3
+        assert lo["union"]["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
+        assert lo["n"] == m["final"]["per_partner"][p]["n"]  # and on its own holdout, like the global model
     assert m["local_only"]["overall"]["auc"] is not None
     staged_sha = read_manifest(admin_storage, settings, operator_vault, PARTNERS[0],
                                staged[PARTNERS[0]].manifest_key)["drop_sha256"]
