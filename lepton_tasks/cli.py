@@ -93,15 +93,27 @@ def logs(service: str, lines: Annotated[int, typer.Option("-n")] = 50) -> None:
 
 # partners ---------------------------------------------------------------------------------------------------
 def _onboarding():
-    from lepton_tasks.partners import MinioIdentities, SeaweedIdentities
-    from lepton_tasks.storage import Storage
+    import os
 
+    from lepton_tasks.partners import MinioIdentities, SeaweedIdentities
+    from lepton_tasks.settings import load_settings
+    from lepton_tasks.storage import Storage
+    from lepton_tasks.vault import Vault
+
+    if load_settings().mode == "compose":
+        # compose: endpoints and MinIO admin credentials from LEPTON_* env; the Vault root token (from
+        # vault-init) in LEPTON_VAULT_ROOT_TOKEN; users/policies through MinIO's admin API (not run here yet)
+        settings = load_settings()
+        root = os.environ.get("LEPTON_VAULT_ROOT_TOKEN")
+        if not root:
+            _fail("compose mode: set LEPTON_VAULT_ROOT_TOKEN (from .lepton/compose/vault-init.json) to onboard")
+        return (settings, Storage.from_settings(settings),
+                Vault.connect(settings.vault_addr, str(root), settings.transit_mount), MinioIdentities(settings))
     stack = _stack()
     settings = stack.settings()
-    if not stack.seaweedfs.proc.running() and settings.mode == "embedded":
+    if not stack.seaweedfs.proc.running():
         _fail("the stack is not running: run `lepton up` first")
-    identities = MinioIdentities(settings) if settings.mode == "compose" else SeaweedIdentities(stack.seaweedfs.shell)
-    return settings, Storage.from_settings(settings), stack.root_vault(), identities
+    return settings, Storage.from_settings(settings), stack.root_vault(), SeaweedIdentities(stack.seaweedfs.shell)
 
 
 @partners_app.command("add")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lepton_tasks.embedded.airflow import EmbeddedAirflow
@@ -47,8 +48,19 @@ class Ports:
                    s3_filer=pick(10000), s3_admin=pick(10000), airflow=pick())
 
     @classmethod
-    def from_env(cls) -> Ports:
+    def load(cls, data_dir: Path) -> Ports:
+        """The ports ``lepton up`` used for this data dir (``ports.json``), overridden by ``LEPTON_PORT_*``."""
         p = cls()
+        saved = data_dir / "ports.json"
+        if saved.is_file():
+            for name, value in json.loads(saved.read_text()).items():
+                if name in p.__dataclass_fields__:
+                    setattr(p, name, int(value))
+        return cls.from_env(p)
+
+    @classmethod
+    def from_env(cls, base: Ports | None = None) -> Ports:
+        p = base or cls()
         for name in p.__dataclass_fields__:
             val = os.environ.get(f"LEPTON_PORT_{name.upper()}")
             if val:
@@ -102,6 +114,8 @@ class Stack:
     def up(self, *, with_airflow: bool = True) -> dict[str, bool]:
         """Start what is not running; return ``{service: started_now}``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not (self.openbao.proc.running() or self.seaweedfs.proc.running()):  # record where we listen
+            (self.data_dir / "ports.json").write_text(json.dumps(asdict(self.ports), indent=1))
         started = {"openbao": self.openbao.start()}
         if not self.operator_token_file.exists():
             token = self.root_vault().setup_operator("lepton-")
@@ -162,4 +176,5 @@ class Stack:
 
 
 def default_stack() -> Stack:
-    return Stack(load_settings().data_dir)
+    data_dir = load_settings().data_dir
+    return Stack(data_dir, ports=Ports.load(data_dir))
