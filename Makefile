@@ -8,7 +8,7 @@ export PATH := $(BIN):$(PATH)
 SCENARIO ?= banks
 PIP_VERSION := 25.3
 
-.PHONY: setup image demo test up down status lint bench-ingest bench-aggregate bench-round clean
+.PHONY: setup image demo test up down status lint bench-ingest bench-aggregate bench-round bench-quality clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench-aggregate: setup
 
 bench-ingest: setup
 	$(BIN)/python bench/ingest/bench.py
+
+bench-round: setup image
+	$(BIN)/python bench/round/bench.py
+
+bench-quality: setup
+	$(BIN)/python bench/quality/banks.py
 
 clean: down
 	rm -rf .lepton

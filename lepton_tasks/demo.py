@@ -31,7 +31,7 @@ def _scenario(name: str):
 
 def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:
     """Onboard missing partners and upload each partner's file with that partner's own credentials."""
-    from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner, partner_storage
+    from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner, drop_as_partner
     from lepton_tasks.storage import Storage
 
     sc = _scenario(scenario)
@@ -44,20 +44,11 @@ def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:
             add_partner(settings, name, [sc.dataset], storage=storage, root_vault=stack.root_vault(),
                         identities=SeaweedIdentities(stack.seaweedfs.shell))
             yield f"onboarded partner {name} (inbox s3://{settings.inbox_bucket(name)}/)"
-    time.sleep(2)  # s3.configure takes effect within seconds
     frames = sc.generate(seed)
     for raw, df in frames.items():
         name = partner_name(raw)
         key = f"{sc.dataset}/{scenario}-seed{seed}.csv"
-        client = partner_storage(settings, name)
-        for attempt in range(20):
-            try:
-                client.put_bytes(settings.inbox_bucket(name), key, to_csv_bytes(df), content_type="text/csv")
-                break
-            except Exception:
-                if attempt == 19:
-                    raise
-                time.sleep(0.5)
+        drop_as_partner(settings, name, key, to_csv_bytes(df))
         yield f"{name} dropped s3://{settings.inbox_bucket(name)}/{key} ({len(df)} rows) with its own credentials"
 
 

@@ -57,16 +57,19 @@ def _kek(client: hvac.Client, transit_mount: str, key_name: str) -> aead.Aead:
     return aead.KmsEnvelopeAead(aead.aead_key_templates.AES256_GCM, remote)
 
 
-class _NoClose(io.RawIOBase):
-    """Wraps a file so that Tink's ``close()`` of the encrypting stream leaves it open."""
+class _HashingWriter(io.RawIOBase):
+    """Writes through to a file, hashing what passes (no second read of the ciphertext); Tink's ``close()``
+    of the encrypting stream leaves the file open."""
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
+        self.sha256 = hashlib.sha256()
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
+        self.sha256.update(b)
         return self._f.write(b)
 
     def close(self) -> None:
@@ -86,19 +89,12 @@ def encrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad
     primitive = handle.primitive(streaming_aead.StreamingAead)
     wrapped_b = wrapped.encode()
     with open(dst, "wb") as out:
-        out.write(MAGIC + struct.pack(">I", len(wrapped_b)) + wrapped_b)
-        with open(src, "rb") as f, primitive.new_encrypting_stream(_NoClose(out), ad) as enc:  # type: ignore[arg-type]
+        sink = _HashingWriter(out)
+        sink.write(MAGIC + struct.pack(">I", len(wrapped_b)) + wrapped_b)
+        with open(src, "rb") as f, primitive.new_encrypting_stream(sink, ad) as enc:  # type: ignore[arg-type]
             while block := f.read(_CHUNK):
                 enc.write(block)
-    return _sha256(dst)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * _CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return sink.sha256.hexdigest()
 
 
 def decrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad: bytes, object_name: str,

@@ -199,3 +199,24 @@ def remove_partner(settings: Settings, name: str, *, storage: Storage, root_vaul
     partners = registry.load()
     partners.pop(name, None)
     registry.save(partners)
+
+
+def _propagating(exc: BaseException) -> bool:
+    from minio.error import S3Error
+
+    return isinstance(exc, S3Error) and exc.code in ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
+
+
+def drop_as_partner(settings: Settings, name: str, key: str, data: bytes, *, wait_s: float = 30.0) -> None:
+    """Upload ``data`` to ``name``'s inbox with the partner's OWN credentials, as the partner would.
+
+    A freshly onboarded identity takes a few seconds to propagate in SeaweedFS: access errors are retried
+    (with backoff) for up to ``wait_s`` seconds, then re-raised.
+    """
+    from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential
+
+    client = partner_storage(settings, name)
+    put = retry(retry=retry_if_exception(_propagating), stop=stop_after_delay(wait_s),
+                wait=wait_exponential(0.2, max=2), reraise=True)(client.put_bytes)
+    put(settings.inbox_bucket(name), key, data, content_type="text/csv" if key.endswith(".csv") else
+        "application/octet-stream")

@@ -60,26 +60,35 @@ RESULT = {{'seconds': time.perf_counter() - t, 'rows': p.rows_train + p.rows_hol
 """
 
 CRYPTO = """
-import os, time, hvac
+import hashlib, os, time, hvac
 from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from lepton_tasks.envelope import encrypt_file
 src = Path({src!r}); dst = Path({dst!r})
 client = hvac.Client(url={addr!r}, token={token!r})
 data_mb = src.stat().st_size / 2**20
-best_raw = best_env = 1e9
-for _ in range(3):
+
+def raw(hash_output):
     t = time.perf_counter()
     aes = AESGCM(AESGCM.generate_key(bit_length=256))
+    h = hashlib.sha256()
     with open(src, 'rb') as f, open(dst, 'wb') as out:
         i = 0
         while block := f.read(1 << 20):
-            out.write(aes.encrypt(i.to_bytes(12, 'big'), block, b'ad')); i += 1
-    best_raw = min(best_raw, time.perf_counter() - t)
+            c = aes.encrypt(i.to_bytes(12, 'big'), block, b'ad'); out.write(c); i += 1
+            if hash_output:
+                h.update(c)
+    return time.perf_counter() - t
+
+best = {{'raw': 1e9, 'raw_sha': 1e9, 'env': 1e9}}
+for _ in range(5):
+    best['raw'] = min(best['raw'], raw(False))
+    best['raw_sha'] = min(best['raw_sha'], raw(True))
     t = time.perf_counter()
     encrypt_file(src, dst, client=client, key_name='lepton-bench', ad=b'ad')
-    best_env = min(best_env, time.perf_counter() - t)
-RESULT = {{'raw_mb_s': data_mb / best_raw, 'envelope_mb_s': data_mb / best_env}}
+    best['env'] = min(best['env'], time.perf_counter() - t)
+RESULT = {{'raw_mb_s': data_mb / best['raw'], 'raw_sha256_mb_s': data_mb / best['raw_sha'],
+           'envelope_mb_s': data_mb / best['env']}}
 """
 
 
@@ -121,8 +130,10 @@ def main() -> int:
                       flush=True)
                 results[f"full_{size}"] = full
                 if size == args.size_mb:
-                    crypto = _child(CRYPTO.format(src=str(out / "train.parquet") if (out / "train.parquet").exists()
-                                                  else str(src), dst=str(tmpd / "c.enc"), addr=bao.addr, token=token))
+                    blob = tmpd / "crypto-256MiB.bin"
+                    blob.write_bytes(os.urandom(256 * 2**20))  # same bytes for both contenders
+                    crypto = _child(CRYPTO.format(src=str(blob), dst=str(tmpd / "c.enc"), addr=bao.addr, token=token))
+                    blob.unlink()
                     results["crypto"] = crypto
                 src.unlink()
                 for f in out.iterdir():
@@ -140,6 +151,8 @@ def main() -> int:
     c = results["crypto"]
     print(f"envelope encryption vs raw AES-GCM  : {c['envelope_mb_s'] / c['raw_mb_s']:.2f}x "
           f"({c['envelope_mb_s']:.0f} vs {c['raw_mb_s']:.0f} MB/s; target >= 0.8)")
+    print(f"  vs raw AES-GCM + SHA-256 of output: {c['envelope_mb_s'] / c['raw_sha256_mb_s']:.2f}x "
+          f"({c['raw_sha256_mb_s']:.0f} MB/s; the envelope also hashes its ciphertext for the manifest)")
     print(json.dumps(results, indent=1))
     return 0
 

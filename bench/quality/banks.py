@@ -34,7 +34,7 @@ def main() -> int:
     from lepton_tasks.embedded.stack import Ports, Stack
     from lepton_tasks.federation import HParams, aggregate_round, plan_run, trainer_job
     from lepton_tasks.ingest import ingest_drop
-    from lepton_tasks.partners import SeaweedIdentities, add_partner, partner_storage
+    from lepton_tasks.partners import SeaweedIdentities, add_partner, drop_as_partner
     from lepton_tasks.publish import publish_run
     from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
     from lepton_tasks.storage import Storage
@@ -56,13 +56,7 @@ def main() -> int:
                     name = f"s{seed}-{partner_name(raw)}"
                     add_partner(settings, name, ["banks"], storage=storage, root_vault=stack.root_vault(),
                                 identities=SeaweedIdentities(stack.seaweedfs.shell))
-                    client = partner_storage(settings, name)
-                    for _ in range(40):
-                        try:
-                            client.put_bytes(settings.inbox_bucket(name), "banks/drop.csv", to_csv_bytes(df))
-                            break
-                        except Exception:  # noqa: BLE001 - new identity propagating
-                            time.sleep(0.5)
+                    drop_as_partner(settings, name, "banks/drop.csv", to_csv_bytes(df))
                     ingest_drop(settings, storage, op, name, "banks/drop.csv")
                     partners.append(name)
                 hp = HParams(rounds=args.rounds, local_epochs=args.local_epochs, strategy=args.strategy,

@@ -34,7 +34,7 @@ def main() -> int:
     from lepton_tasks.embedded.stack import Ports, Stack
     from lepton_tasks.federation import HParams, aggregate_round, plan_run, trainer_job
     from lepton_tasks.ingest import ingest_drop
-    from lepton_tasks.partners import SeaweedIdentities, add_partner, partner_storage
+    from lepton_tasks.partners import SeaweedIdentities, add_partner, drop_as_partner
     from lepton_tasks.scenarios import banks, to_csv_bytes
     from lepton_tasks.storage import Storage
     from lepton_tasks.vault import Vault
@@ -57,13 +57,7 @@ def main() -> int:
                     add_partner(settings, name, ["banks"], storage=storage, root_vault=stack.root_vault(),
                                 identities=SeaweedIdentities(stack.seaweedfs.shell))
                     shard = data.sample(n=shard_rows, random_state=i)
-                    cl = partner_storage(settings, name)
-                    for _ in range(40):
-                        try:
-                            cl.put_bytes(settings.inbox_bucket(name), "banks/shard.csv", to_csv_bytes(shard))
-                            break
-                        except Exception:  # noqa: BLE001 - new identity propagating
-                            time.sleep(0.5)
+                    drop_as_partner(settings, name, "banks/shard.csv", to_csv_bytes(shard))
                     ingest_drop(settings, storage, op, name, "banks/shard.csv")
                 run_id = f"round-bench-{n}"
                 plan_run(settings, storage, op, run_id=run_id, dataset="banks", partners=names,

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import time
 
 import pytest
 
 from lepton_tasks.demo import partner_name
 from lepton_tasks.ingest import read_manifest, staged_manifests
-from lepton_tasks.partners import partner_storage
+from lepton_tasks.partners import drop_as_partner
 from tests.conftest import REPO, need
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,17 +33,6 @@ def airflow_db(settings):
     os.environ.pop("LEPTON_DATA_DIR", None)
 
 
-def _drop(settings, partner: str, key: str, data: bytes) -> None:
-    client = partner_storage(settings, partner)
-    for _ in range(30):
-        try:
-            client.put_bytes(settings.inbox_bucket(partner), key, data)
-            return
-        except Exception:  # noqa: BLE001 - a new identity takes a moment
-            time.sleep(0.5)
-    client.put_bytes(settings.inbox_bucket(partner), key, data)
-
-
 @pytest.mark.parametrize("scenario", ["hospitals", "ecommerce", "banks"])
 def test_ingest_dag_stages_each_scenario(scenario, airflow_db, settings, onboard, admin_storage, operator_vault):
     from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
@@ -55,7 +43,7 @@ def test_ingest_dag_stages_each_scenario(scenario, airflow_db, settings, onboard
     for raw, df in frames.items():
         name = partner_name(raw)
         onboard(name, [sc.dataset])
-        _drop(settings, name, f"{sc.dataset}/e2e.csv", to_csv_bytes(df))
+        drop_as_partner(settings, name, f"{sc.dataset}/e2e.csv", to_csv_bytes(df))
         run = dag.test(run_conf={"partner": name, "object_key": f"{sc.dataset}/e2e.csv"})
         assert run.state == "success", f"ingest of {name} ended {run.state}"
     found = staged_manifests(admin_storage, settings, sc.dataset, [partner_name(p) for p in frames])
@@ -77,7 +65,7 @@ def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, ro
         name = partner_name(raw)
         if not staged_manifests(admin_storage, settings, "hospitals", [name]):
             onboard(name, ["hospitals"])
-            _drop(settings, name, "hospitals/e2e.csv", to_csv_bytes(df))
+            drop_as_partner(settings, name, "hospitals/e2e.csv", to_csv_bytes(df))
             ingest_drop(settings, admin_storage, operator_vault, name, "hospitals/e2e.csv")
 
     status = docker_status()

@@ -9,7 +9,7 @@ import pytest
 
 from lepton_tasks.demo import partner_name
 from lepton_tasks.ingest import MANIFEST, ingest_drop, read_manifest, staged_manifests
-from lepton_tasks.partners import partner_storage
+from lepton_tasks.partners import drop_as_partner, partner_storage
 from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
 
 pytestmark = pytest.mark.integration
@@ -25,16 +25,8 @@ def staged(settings, admin_storage, operator_vault, onboard):
     for raw, df in sc.generate(7).items():
         name = partner_name(raw)
         onboard(name, [sc.dataset])
-        client = partner_storage(settings, name)
         key = f"{sc.dataset}/drop-1.csv"
-        for _ in range(20):
-            try:
-                client.put_bytes(settings.inbox_bucket(name), key, to_csv_bytes(df))
-                break
-            except Exception:  # noqa: BLE001 - identity propagation
-                import time
-
-                time.sleep(0.5)
+        drop_as_partner(settings, name, key, to_csv_bytes(df))
         results[name] = ingest_drop(settings, admin_storage, operator_vault, name, key)
     return results
 
