@@ -41,7 +41,8 @@ demo: setup  ## everything: docker (if installable), trainer image, stack, partn
 	$(BIN)/lepton up
 	$(BIN)/lepton demo run --scenario $(SCENARIO)
 
-test: setup image  ## the whole test suite against real services (started and stopped by the tests)
+test: setup image  ## lint, then the whole test suite against real services (started and stopped by the tests)
+	$(BIN)/ruff check lepton_tasks plugins dags tests bench
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 down:  ## stop the embedded stack
