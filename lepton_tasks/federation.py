@@ -179,11 +179,14 @@ def aggregate_round(settings: Settings, storage: Storage, *, run_id: str, round_
             f"round {round_number}: only {len(arrived)} update(s) arrived ({', '.join(sorted(arrived)) or 'none'}; "
             f"missing {', '.join(excluded)}), fewer than min_partners={hp.min_partners}")
     metrics: dict[str, Any] = {}
+    prev_eval: dict[str, Any] = {}
 
     def updates():
         for p in sorted(arrived):
             arrays, meta = wio.loads(storage.get_bytes(settings.models_bucket, f"{rp}{p}.update"))
             metrics[p] = {**meta.get("metrics", {}), "n": int(meta["n_samples"])}
+            if meta.get("global_prev_holdout"):
+                prev_eval[p] = meta["global_prev_holdout"]
             yield p, arrays, int(meta["n_samples"])
 
     params: dict[str, Any] = {}
@@ -196,6 +199,12 @@ def aggregate_round(settings: Settings, storage: Storage, *, run_id: str, round_
                       wio.dumps(global_w, {"run_id": run_id, "round": round_number, "strategy": hp.strategy,
                                            "partners": sorted(arrived)}))
     summary = {"round": round_number, "strategy": hp.strategy, "partners": metrics, "excluded": excluded}
+    if prev_eval:  # the previous round's global model, scored on each contributing partner's holdout
+        from lepton_tasks.evaluate import merge_score_summaries
+
+        summaries = [v.pop("score_summary") for v in prev_eval.values() if "score_summary" in v]
+        summary["global_prev_holdout"] = {"round": round_number - 1, "per_partner": prev_eval,
+                                          "overall": merge_score_summaries(summaries) if summaries else {}}
     storage.put_json(settings.models_bucket, f"{rp}summary.json", summary)
     if excluded:
         log.warning("round %d: excluded %s (no update after retries)", round_number, ", ".join(excluded))
@@ -239,6 +248,14 @@ def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtim
                              "union": {**{k: union.get(k) for k in ("auc", "pr_auc", "accuracy", "log_loss", "n")},
                                        "evaluated_by": len(summaries)}}
     union_aucs = [v["union"]["auc"] for v in local_only.values() if v["union"].get("auc") is not None]
+    # held-out metrics of the global model after each round: round k's comes from round k+1's federated
+    # evaluation, the last one from the final evaluation
+    for i, r in enumerate(rounds):
+        nxt = rounds[i + 1].get("global_prev_holdout") if i + 1 < len(rounds) else None
+        if nxt:
+            r["global"] = nxt["overall"]
+        elif i + 1 == len(rounds) and g_summaries:
+            r["global"] = merge_score_summaries(g_summaries)
     warnings = []
     if runtime != "docker":
         warnings.append(f"trainers ran with the {runtime.upper()} runtime (subprocesses), not Docker containers")

@@ -113,6 +113,18 @@ def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list
     return train, holdout, hashes
 
 
+def _holdout_frame(train_m: Any, holdout_m: Any, contract: Any) -> tuple[Any, dict[str, Any]]:
+    """The frame + kwargs to score held-out rows: for sequence models, the whole history is context."""
+    kw: dict[str, Any] = {"tie_break": contract.row_key}
+    if contract.model.kind != "sequence":
+        return holdout_m, kw
+    import numpy as np
+    import pandas as pd
+
+    kw["targets"] = np.r_[np.zeros(len(train_m), bool), np.ones(len(holdout_m), bool)]
+    return pd.concat([train_m, holdout_m], ignore_index=True), kw
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Execute one trainer job; return the (non-secret) summary that was uploaded."""
     from lepton_tasks import weights as wio
@@ -131,13 +143,18 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         train_df, holdout_df, hashes = load_partner_frames(job, Path(tmp))
     train_m = transform(train_df, contract, gstats)
     if job["mode"] == "train":
+        held_out = None
+        if global_w is not None:  # federated evaluation of the incoming global model on this partner's holdout
+            eval_frame, eval_kw = _holdout_frame(train_m, transform(holdout_df, contract, gstats), contract)
+            held_out = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
         res = train_local(train_m, contract.model, names, global_weights=global_w, epochs=hp["epochs"],
                           batch_size=hp["batch_size"], learning_rate=hp["learning_rate"],
                           seed=hp["seed"] + job["round"], fedprox_mu=hp["fedprox_mu"], tie_break=contract.row_key)
         meta = {"partner": job["partner"], "round": job["round"], "run_id": job["run_id"],
-                "n_samples": res.n_samples, "metrics": res.metrics, "drops": hashes}
+                "n_samples": res.n_samples, "metrics": res.metrics, "drops": hashes,
+                "global_prev_holdout": held_out}
         _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
-        return {k: v for k, v in meta.items() if k != "drops"}
+        return {k: v for k, v in meta.items() if k not in ("drops", "global_prev_holdout")}
     if job["mode"] == "local":  # a model trained on this partner's data alone, for comparison
         res = train_local(train_m, contract.model, names, global_weights=None, epochs=hp["local_only_epochs"],
                           batch_size=hp["batch_size"], learning_rate=hp["learning_rate"], seed=hp["seed"],
@@ -146,17 +163,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 "n_samples": res.n_samples, "metrics": res.metrics}
         _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
         return {k: v for k, v in meta.items() if k != "metrics"}
-    holdout_m = transform(holdout_df, contract, gstats)
-    eval_kw: dict[str, Any] = {"tie_break": contract.row_key}
-    if contract.model.kind == "sequence":
-        # score only held-out events, but with each user's whole history (both splits) as context
-        import numpy as np
-        import pandas as pd
-
-        eval_frame = pd.concat([train_m, holdout_m], ignore_index=True)
-        eval_kw["targets"] = np.r_[np.zeros(len(train_m), bool), np.ones(len(holdout_m), bool)]
-    else:
-        eval_frame = holdout_m
+    eval_frame, eval_kw = _holdout_frame(train_m, transform(holdout_df, contract, gstats), contract)
     g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
     local_models = {}
     for owner, url in sorted(job.get("local_models", {}).items()):

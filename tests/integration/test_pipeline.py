@@ -158,6 +158,10 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
         assert lo["union"]["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
         assert lo["n"] == m["final"]["per_partner"][p]["n"]  # and on its own holdout, like the global model
     assert m["local_only"]["overall"]["auc"] is not None
+    # held-out AUC of the global model after every round (federated evaluation, pooled from score histograms)
+    assert [r["global"]["n"] for r in m["rounds"]] == [m["final"]["overall"]["n"]] * 2
+    assert m["rounds"][1]["global"]["auc"] == m["final"]["overall"]["auc"]
+    assert m["rounds"][1]["global_prev_holdout"]["round"] == 1 and m["rounds"][0]["global"]["auc"] > 0.8
     staged_sha = read_manifest(admin_storage, settings, operator_vault, PARTNERS[0],
                                staged[PARTNERS[0]].manifest_key)["drop_sha256"]
     assert staged_sha in m["lineage"]["drops"][PARTNERS[0]]
