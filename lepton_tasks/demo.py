@@ -98,13 +98,14 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
     af = stack.airflow(settings)
     api = AirflowAPI(af.url, "admin", af.admin_password() or "")
     deadline = time.monotonic() + 120
-    while not (api.dag_exists("lepton_ingest") and api.dag_exists("lepton_train")):
+    train_dag = f"lepton_train_{sc.dataset}"
+    while not (api.dag_exists("lepton_ingest") and api.dag_exists(train_dag)):
         if time.monotonic() > deadline:
             raise SystemExit("the DAGs were not registered within 120 s: see `lepton logs airflow-dag-processor`")
         time.sleep(3)
-    for dag_id in ("lepton_ingest", "lepton_train"):
+    for dag_id in ("lepton_ingest", train_dag):
         api.unpause(dag_id)
-    before = {r["dag_run_id"] for r in api.runs("lepton_train")}
+    before = {r["dag_run_id"] for r in api.runs(train_dag)}
     yield from drop_scenario(stack, scenario, seed=seed)
     storage = Storage.from_settings(settings)
     partners = [partner_name(p) for p in sc.partners]
@@ -118,17 +119,17 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
     run_id = None
     t0 = time.monotonic()
     while run_id is None:
-        new = [r for r in api.runs("lepton_train") if r["dag_run_id"] not in before]
+        new = [r for r in api.runs(train_dag) if r["dag_run_id"] not in before]
         if new:
             run_id = new[-1]["dag_run_id"]
         elif time.monotonic() - t0 > 120:  # the asset event did not start one: start it from the API
-            run_id = api.trigger("lepton_train", {"dataset": sc.dataset, "rounds": rounds})
+            run_id = api.trigger(train_dag, {"rounds": rounds})
         else:
             time.sleep(3)
-    yield f"training run {run_id}: {af.url}/dags/lepton_train/runs/{run_id}"
-    state = api.wait_run("lepton_train", run_id, timeout)
+    yield f"training run {run_id}: {af.url}/dags/{train_dag}/runs/{run_id}"
+    state = api.wait_run(train_dag, run_id, timeout)
     if state != "success":
-        raise SystemExit(f"training run {run_id} ended {state}: see {af.url}/dags/lepton_train/runs/{run_id}")
+        raise SystemExit(f"training run {run_id} ended {state}: see {af.url}/dags/{train_dag}/runs/{run_id}")
     plan = storage.get_json(settings.models_bucket, run_prefix(run_id) + "plan.json")
     ref = centralized_reference(scenario, seed=seed, hparams=plan["hparams"])
     out = publish_run(settings, storage, run_id=run_id, runtime="docker" if _docker_ok() else "local",

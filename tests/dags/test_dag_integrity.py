@@ -28,6 +28,16 @@ def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
 
 
+def test_one_training_dag_per_dataset_each_on_its_own_asset(dagbag):
+    from lepton_tasks.contracts import available
+
+    assert {f"lepton_train_{d}" for d in available()} | {"lepton_ingest"} == set(dagbag.dags)
+    for d in available():
+        dag = dagbag.dags[f"lepton_train_{d}"]
+        assert d in dag.tags
+        assert f"lepton-staged-{d}" in repr(dag.timetable.asset_condition)
+
+
 def test_every_dag_is_documented_tagged_and_retried(dagbag):
     assert dagbag.dags
     for dag_id, dag in dagbag.dags.items():

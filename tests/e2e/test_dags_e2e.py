@@ -76,8 +76,8 @@ def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, ro
     policy = root_vault.client.sys.read_acl_policy(name=f"lepton-partner-{failing}")["data"]["policy"]
     root_vault.delete_policy(f"lepton-partner-{failing}")  # its trainer can no longer decrypt: it must fail
     try:
-        dag = airflow_db.get_dag("lepton_train")
-        run = dag.test(run_conf={"dataset": "hospitals", "partners": partners, "rounds": 2, "local_epochs": 2,
+        dag = airflow_db.get_dag("lepton_train_hospitals")
+        run = dag.test(run_conf={"partners": partners, "rounds": 2, "local_epochs": 2,
                                  "min_partners": 2, "learning_rate": 0.01, "batch_size": 32})
     finally:
         root_vault.write_policy(f"lepton-partner-{failing}", policy)

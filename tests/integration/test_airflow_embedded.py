@@ -43,7 +43,7 @@ def test_embedded_airflow_is_healthy_and_loopback_only(services):
         import time
 
         deadline = time.monotonic() + 120
-        while not (api.dag_exists("lepton_ingest") and api.dag_exists("lepton_train")):
+        while not (api.dag_exists("lepton_ingest") and all(api.dag_exists(f"lepton_train_{d}") for d in ("banks", "hospitals", "ecommerce"))):
             assert time.monotonic() < deadline, "DAGs not registered by the dag-processor within 120 s"
             time.sleep(3)
         with urllib.request.urlopen(f"{af.url}/api/v2/monitor/health", timeout=30) as resp:
@@ -53,7 +53,7 @@ def test_embedded_airflow_is_healthy_and_loopback_only(services):
         from lepton_tasks.airflow_api import AirflowAPIError
 
         with pytest.raises(AirflowAPIError, match="400"):
-            api.trigger("lepton_train", {"rounds": 0})
+            api.trigger("lepton_train_banks", {"rounds": 0})
     finally:
         stopped = af.stop()
     assert sorted(stopped) == sorted(af.procs())
