@@ -37,10 +37,14 @@ def test_services_bind_loopback_only(services):
         assert addrs <= {"127.0.0.1"}, f"{proc.name} listens on {addrs}"
 
 
-def test_secrets_files_are_private(services):
+def test_secrets_files_are_private(services, onboard):
+    from lepton_tasks.partners import credentials_file
+
     settings = services.settings()
+    onboard("perm-a")
     for f in (settings.env_file, services.openbao.root_token_file, services.operator_token_file,
-              services.seaweedfs.credentials_file, services.openbao.home / "seal.key"):
+              services.seaweedfs.credentials_file, services.openbao.home / "seal.key",
+              services.openbao.home / "recovery-key", credentials_file(settings, "perm-a")):
         assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
 
 
