@@ -50,6 +50,13 @@ def _as_arrays(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
+def _metrics(n: int, positives: int, auc: float | None, pr_auc: float | None, accuracy: float,
+             log_loss_: float, notes: list[str]) -> dict[str, Any]:
+    """The one shape of a metrics dict (``n > 0``)."""
+    return {"n": n, "positives": positives, "positive_rate": positives / n, "auc": auc, "pr_auc": pr_auc,
+            "accuracy": accuracy, "log_loss": log_loss_, "notes": notes}
+
+
 def _empty(notes: list[str]) -> dict[str, Any]:
     return {
         "n": 0,
@@ -92,16 +99,8 @@ def binary_metrics(y_true, y_prob, *, threshold: float = THRESHOLD, eps: float =
         pr_auc = float(average_precision_score(y, p))
     else:
         notes.append(f"only one class present ({positives} positives of {n}): AUC and PR-AUC are undefined")
-    return {
-        "n": n,
-        "positives": positives,
-        "positive_rate": positives / n,
-        "auc": auc,
-        "pr_auc": pr_auc,
-        "accuracy": float(np.mean((p >= threshold) == (y == 1.0))),
-        "log_loss": log_loss(y, p, eps),
-        "notes": notes,
-    }
+    return _metrics(n, positives, auc, pr_auc, float(np.mean((p >= threshold) == (y == 1.0))),
+                    log_loss(y, p, eps), notes)
 
 
 def pooled_metrics(
@@ -240,15 +239,5 @@ def merge_score_summaries(summaries: Iterable[Mapping[str, Any]]) -> dict[str, A
         pr_auc = float(np.sum(precision * pos[::-1][take]) / positives)
     else:
         notes.append(f"only one class present ({positives} positives of {n}): AUC and PR-AUC are undefined")
-    return {
-        "n": n,
-        "positives": positives,
-        "positive_rate": positives / n,
-        "auc": auc,
-        "pr_auc": pr_auc,
-        "accuracy": correct / n,
-        "log_loss": ll / n,
-        "notes": notes,
-        "method": "score-histogram",
-        "partners": count,
-    }
+    return {**_metrics(n, positives, auc, pr_auc, correct / n, ll / n, notes), "method": "score-histogram",
+            "partners": count}
