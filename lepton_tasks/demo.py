@@ -132,7 +132,8 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
         raise SystemExit(f"training run {run_id} ended {state}: see {af.url}/dags/{train_dag}/runs/{run_id}")
     plan = storage.get_json(settings.models_bucket, run_prefix(run_id) + "plan.json")
     ref = centralized_reference(scenario, seed=seed, hparams=plan["hparams"])
-    out = publish_run(settings, storage, run_id=run_id, runtime="docker" if _docker_ok() else "local",
+    runtime = storage.get_json(settings.models_bucket, run_prefix(run_id) + "metrics.json")["runtime"]
+    out = publish_run(settings, storage, run_id=run_id, runtime=runtime,
                       extra={"centralized": ref})
     m = out["metrics"]
     fed_auc = m["final"]["overall"].get("auc")
@@ -143,10 +144,3 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
     yield f"REPORT: {out['report_path']}"
     yield f"model version {out['version']}: {out['model_url']}"
     yield f"Airflow UI: {af.url}  (user admin; password in {af.password_file()})"
-
-
-def _docker_ok() -> bool:
-    from lepton_tasks.embedded.docker import docker_status
-
-    s = docker_status()
-    return bool(s.available and s.trainer_image)

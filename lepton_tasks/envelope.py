@@ -97,18 +97,23 @@ def encrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad
     return sink.sha256.hexdigest()
 
 
+def _read_header(f: BinaryIO, object_name: str) -> str:
+    """The wrapped keyset at the start of an envelope; the file is left at the start of the ciphertext."""
+    head = f.read(len(MAGIC) + 4)
+    if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
+        raise EnvelopeError(f"{object_name}: not a Lepton envelope (bad header) — was it modified or moved?")
+    (n,) = struct.unpack(">I", head[len(MAGIC):])
+    if n > 64 * 1024:
+        raise EnvelopeError(f"{object_name}: corrupt envelope header (keyset length {n})")
+    return f.read(n).decode("utf-8", errors="replace")
+
+
 def decrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad: bytes, object_name: str,
                  transit_mount: str = "transit") -> Path:
     """Decrypt ``src`` into ``dst``; ``dst`` appears only if the whole ciphertext authenticated."""
     _register()
     with open(src, "rb") as f:
-        head = f.read(len(MAGIC) + 4)
-        if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
-            raise EnvelopeError(f"{object_name}: not a Lepton envelope (bad header) — was it modified or moved?")
-        (n,) = struct.unpack(">I", head[len(MAGIC):])
-        if n > 64 * 1024:
-            raise EnvelopeError(f"{object_name}: corrupt envelope header (keyset length {n})")
-        wrapped = f.read(n).decode("utf-8", errors="replace")
+        wrapped = _read_header(f, object_name)
         try:
             handle = json_proto_keyset_format.parse_encrypted(wrapped, _kek(client, transit_mount, key_name), ad)
         except tink.TinkError as exc:
@@ -153,11 +158,7 @@ def rewrap_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad:
     _register()
     kek = _kek(client, transit_mount, key_name)
     with open(src, "rb") as f:
-        head = f.read(len(MAGIC) + 4)
-        if len(head) < len(MAGIC) + 4 or not head.startswith(MAGIC):
-            raise EnvelopeError(f"{object_name}: not a Lepton envelope (bad header)")
-        (n,) = struct.unpack(">I", head[len(MAGIC):])
-        wrapped = f.read(n).decode("utf-8", errors="replace")
+        wrapped = _read_header(f, object_name)
         try:
             handle = json_proto_keyset_format.parse_encrypted(wrapped, kek, ad)
             rewrapped = json_proto_keyset_format.serialize_encrypted(handle, kek, ad).encode()

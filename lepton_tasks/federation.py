@@ -14,7 +14,6 @@ round (or clearing one partner's task) overwrites the same objects: idempotent.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -280,7 +279,3 @@ def collect_metrics(settings: Settings, storage: Storage, *, run_id: str, runtim
                     "drops": {p: [d["drop_sha256"] for d in ds] for p, ds in plan["drops"].items()}},
         "warnings": warnings,
     }
-
-
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,19 +74,26 @@ def already_ingested(storage: Storage, settings: Settings, partner: str, object_
     return seen["drop_id"] if seen.get("etag") == etag else None
 
 
-def list_new_drops(storage: Storage, settings: Settings, partners: list[str]) -> list[dict[str, str]]:
-    """Sweep: every inbox object of ``partners`` not yet handled (quarantine folder excluded)."""
-    out = []
+def inbox_objects(storage: Storage, settings: Settings, partners: list[str] | None = None
+                  ) -> Iterator[dict[str, str]]:
+    """``{"partner", "key", "etag"}`` of every candidate drop in the inboxes of ``partners`` (default: every
+    ``inbox-*`` bucket); a partner's ``quarantine/`` folder is never a drop."""
+    if partners is None:
+        prefix = settings.inbox_bucket_prefix
+        partners = [b.name[len(prefix):] for b in storage.client.list_buckets() if b.name.startswith(prefix)]
     for partner in partners:
         bucket = settings.inbox_bucket(partner)
         if not storage.client.bucket_exists(bucket):
             continue
         for obj in storage.list(bucket):
-            if obj.key.startswith(QUARANTINE_PREFIX):
-                continue
-            if already_ingested(storage, settings, partner, obj.key, obj.etag) is None:
-                out.append({"partner": partner, "key": obj.key, "etag": obj.etag})
-    return out
+            if not obj.key.startswith(QUARANTINE_PREFIX):
+                yield {"partner": partner, "key": obj.key, "etag": obj.etag}
+
+
+def list_new_drops(storage: Storage, settings: Settings, partners: list[str]) -> list[dict[str, str]]:
+    """Sweep: every inbox object of ``partners`` not yet handled."""
+    return [d for d in inbox_objects(storage, settings, partners)
+            if already_ingested(storage, settings, d["partner"], d["key"], d["etag"]) is None]
 
 
 def _quarantine(storage: Storage, settings: Settings, partner: str, object_key: str, drop_id: str,

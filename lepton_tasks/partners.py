@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel
 
 from lepton_tasks.contracts import available
+from lepton_tasks.embedded.process import write_secret
 from lepton_tasks.settings import Settings
 from lepton_tasks.storage import Storage
 from lepton_tasks.vault import Vault, partner_policy, partner_policy_name
@@ -95,7 +96,7 @@ class IdentityBackend(Protocol):
 class SeaweedIdentities:
     """SeaweedFS identities through ``weed shell s3.configure`` (bucket-scoped actions)."""
 
-    def __init__(self, shell: Callable[[str], str]) -> None:
+    def __init__(self, shell: Callable[[str], None]) -> None:
         self.shell = shell
 
     def grant_bucket(self, user: str, access_key: str, secret_key: str, bucket: str) -> None:
@@ -170,12 +171,10 @@ def add_partner(settings: Settings, name: str, datasets: list[str], *, storage: 
     secret_key = secrets.token_urlsafe(30)
     identities.grant_bucket(f"partner-{name}", access_key, secret_key, bucket)
 
-    cred_path = credentials_file(settings, name)
-    cred_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(cred_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"access_key": access_key, "secret_key": secret_key, "endpoint": settings.s3_endpoint,
-                   "bucket": bucket}, f)
+    credentials_file(settings, name).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_secret(credentials_file(settings, name),
+                 json.dumps({"access_key": access_key, "secret_key": secret_key, "endpoint": settings.s3_endpoint,
+                             "bucket": bucket}).encode())
     partner = Partner(name=name, datasets=sorted(set(datasets)), inbox_bucket=bucket, transit_key=key_name,
                       vault_policy=policy, s3_access_key=access_key,
                       created_at=datetime.now(UTC).isoformat(timespec="seconds"))

@@ -52,9 +52,11 @@ class Settings(BaseSettings):
     # training
     trainer_image: str = "lepton-trainer:latest"
     trainer_runtime: Literal["auto", "docker", "local"] = "auto"
+    #: GPUs requested per trainer container (``device_requests``); 0 = CPU
     trainer_gpus: int = 0
-    trainer_token_ttl: str = "1h"
-    docker_host: str = "unix://var/run/docker.sock"
+    #: the trainer containers' network: ``host`` in the embedded stack (services bind 127.0.0.1), the compose
+    #: network's name in compose mode. The Docker daemon itself is found through the standard ``DOCKER_HOST``.
+    trainer_network: str = "host"
 
     @property
     def env_file(self) -> Path:

@@ -167,10 +167,3 @@ class Storage:
 
     def presigned_put(self, bucket: str, key: str, expires: timedelta = timedelta(hours=1)) -> str:
         return self.client.presigned_put_object(bucket, key, expires=expires)
-
-
-def admin_storage(settings: Settings) -> Storage:
-    """The operator's storage client (from settings / ``lepton.env``)."""
-    if not settings.s3_access_key:
-        raise StorageError("no S3 credentials configured: run `lepton up` or set LEPTON_S3_ACCESS_KEY/SECRET_KEY")
-    return Storage.from_settings(settings)

@@ -8,7 +8,6 @@ server on every restart. Initialized once; the root token and recovery key are s
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import urllib.error
@@ -16,15 +15,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_tasks.embedded.process import ManagedProcess, ServiceError, require_ports_free, wait_until
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
+from lepton_tasks.embedded.process import (
+    ManagedProcess,
+    ServiceError,
+    require_ports_free,
+    wait_until,
+    write_secret,
+)
 
 
 @dataclass
@@ -34,6 +31,9 @@ class OpenBao:
     data_dir: Path
     host: str = "127.0.0.1"
     port: int = 8200
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()
 
     @property
     def home(self) -> Path:
@@ -102,7 +102,7 @@ ui = false
         (self.home / "raft").mkdir(parents=True, exist_ok=True)
         seal_key = self.home / "seal.key"
         if not seal_key.exists():
-            _write_secret(seal_key, secrets.token_bytes(32))
+            write_secret(seal_key, secrets.token_bytes(32))
         config = self.home / "bao.hcl"
         config.write_text(self._config())
         self.proc.start([binary, "server", f"-config={config}"], env={"BAO_ADDR": self.addr})
@@ -126,8 +126,8 @@ ui = false
         )
         with urllib.request.urlopen(req, timeout=30) as resp:
             out = json.loads(resp.read())
-        _write_secret(self.root_token_file, out["root_token"].encode())
-        _write_secret(self.home / "recovery-key", out["recovery_keys_base64"][0].encode())
+        write_secret(self.root_token_file, out["root_token"].encode())
+        write_secret(self.home / "recovery-key", out["recovery_keys_base64"][0].encode())
 
     def _enable_engines(self) -> None:
         import hvac

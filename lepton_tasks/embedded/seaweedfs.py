@@ -17,8 +17,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton_tasks.embedded.openbao import _write_secret
-from lepton_tasks.embedded.process import ManagedProcess, ServiceError, require_ports_free, wait_until
+from lepton_tasks.embedded.process import (
+    ManagedProcess,
+    ServiceError,
+    require_ports_free,
+    wait_until,
+    write_secret,
+)
 
 #: gRPC ports are the HTTP port + 10000 in SeaweedFS
 GRPC_OFFSET = 10000
@@ -36,6 +41,9 @@ class SeaweedFS:
     filer_port: int = 8888
     admin_port: int = 23646
     memory_limit: str = "512MiB"
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()  # the server runs with its home as cwd
 
     @property
     def home(self) -> Path:
@@ -65,7 +73,7 @@ class SeaweedFS:
         if self.credentials_file.exists():
             return
         creds = {"access_key": "LEPTONADMIN" + secrets.token_hex(6).upper(), "secret_key": secrets.token_urlsafe(30)}
-        _write_secret(self.credentials_file, json.dumps(creds).encode())
+        write_secret(self.credentials_file, json.dumps(creds).encode())
 
     def _s3_config(self) -> Path:
         access, secret = self.admin_credentials()
@@ -79,7 +87,7 @@ class SeaweedFS:
             ]
         }
         path = self.home / "s3.json"
-        _write_secret(path, json.dumps(cfg).encode())
+        write_secret(path, json.dumps(cfg).encode())
         return path
 
     def healthy(self) -> bool:
@@ -115,8 +123,12 @@ class SeaweedFS:
         wait_until(self.healthy, service="seaweedfs", timeout=timeout, proc=self.proc)
         return True
 
-    def shell(self, command: str, timeout: float = 60.0) -> str:
-        """Run one ``weed shell`` command against the master; raise with its output on failure."""
+    def shell(self, command: str, timeout: float = 60.0) -> None:
+        """Run one ``weed shell`` command against the master; raise :class:`ServiceError` if it fails.
+
+        ``weed shell`` echoes identities, secret keys included, so its output is never returned or logged:
+        an error reports only its ``error``/``unknown command`` lines.
+        """
         binary = shutil.which("weed") or "weed"
         out = subprocess.run(
             [binary, "shell", f"-master={self.host}:{self.master_port}"],
@@ -126,10 +138,11 @@ class SeaweedFS:
             timeout=timeout,
             check=False,
         )
-        text = out.stdout + out.stderr
-        if out.returncode != 0 or "error" in text.lower().split("\n")[-3:][0:1]:
-            raise ServiceError(f"seaweedfs: `{command.split()[0]}` failed: {text[-500:]}")
-        return text
+        markers = ("error", "unknown command", "flag provided but not defined")
+        errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.lower().startswith(markers)]
+        if out.returncode != 0 or errors:  # a bad flag prints usage and still exits 0
+            raise ServiceError(f"seaweedfs: `{command.split()[0]}` failed (exit {out.returncode}): "
+                               f"{'; '.join(errors) or 'no error line'}")
 
     def stop(self) -> bool:
         return self.proc.stop()

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lepton_tasks.embedded.airflow import EmbeddedAirflow
-from lepton_tasks.embedded.openbao import OpenBao, _write_secret
+from lepton_tasks.embedded.openbao import OpenBao
+from lepton_tasks.embedded.process import write_secret
 from lepton_tasks.embedded.seaweedfs import SeaweedFS
 from lepton_tasks.settings import Settings, load_settings
 from lepton_tasks.storage import Storage
@@ -118,8 +119,8 @@ class Stack:
             (self.data_dir / "ports.json").write_text(json.dumps(asdict(self.ports), indent=1))
         started = {"openbao": self.openbao.start()}
         if not self.operator_token_file.exists():
-            token = self.root_vault().setup_operator("lepton-")
-            _write_secret(self.operator_token_file, token.encode())
+            token = self.root_vault().setup_operator(self.settings().key_prefix)
+            write_secret(self.operator_token_file, token.encode())
         started["seaweedfs"] = self.seaweedfs.start()
         settings = self.settings()
         storage = Storage.from_settings(settings)
@@ -143,7 +144,7 @@ class Stack:
             "LEPTON_AIRFLOW_PORT": str(settings.airflow_port),
         }
         body = "".join(f"{k}={v}\n" for k, v in lines.items())
-        _write_secret(settings.env_file, body.encode())
+        write_secret(settings.env_file, body.encode())
         return settings.env_file
 
     def down(self) -> list[str]:

@@ -36,14 +36,18 @@ class SecurityError(RuntimeError):
     """A manifest signature, a ciphertext hash or a decryption failed."""
 
 
-def _get(url: str, dest: Path | None = None) -> bytes | Path:
+def _fetch(url: str) -> bytes:
+    """GET a (small) object through its presigned URL."""
     with urllib.request.urlopen(url, timeout=300) as resp:
-        if dest is None:
-            return resp.read()
-        with open(dest, "wb") as f:
-            while block := resp.read(1024 * 1024):
-                f.write(block)
-        return dest
+        return resp.read()
+
+
+def _download(url: str, dest: Path) -> Path:
+    """GET an object through its presigned URL, streamed to ``dest``."""
+    with urllib.request.urlopen(url, timeout=300) as resp, open(dest, "wb") as f:
+        while block := resp.read(1024 * 1024):
+            f.write(block)
+    return dest
 
 
 def _put(url: str, data: bytes, content_type: str) -> None:
@@ -75,7 +79,7 @@ def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list
     frames: dict[str, list[pd.DataFrame]] = {"train": [], "holdout": []}
     hashes = []
     for i, drop in enumerate(job["drops"]):
-        body = json.loads(_get(drop["manifest_url"]))  # type: ignore[arg-type]
+        body = json.loads(_fetch(drop["manifest_url"]))
         manifest = body.get("manifest")
         if not isinstance(manifest, dict):
             raise SecurityError(f"{drop['manifest_key']}: not a signed Lepton manifest")
@@ -94,18 +98,18 @@ def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list
             obj = drop[split]
             if manifest["objects"][split]["key"] != obj["key"]:
                 raise SecurityError(f"{obj['key']}: not the object the manifest commits to")
-            enc = _get(obj["url"], work / f"{i}-{split}.enc")
-            digest = _sha256(enc)  # type: ignore[arg-type]
+            enc = _download(obj["url"], work / f"{i}-{split}.enc")
+            digest = _sha256(enc)
             if digest != manifest["objects"][split]["sha256"]:
                 raise SecurityError(f"{obj['key']}: ciphertext SHA-256 {digest[:12]}… does not match the manifest")
             plain = work / f"{i}-{split}.parquet"
             try:
-                decrypt_file(enc, plain, client=vault.client, key_name=key_name,  # type: ignore[arg-type]
+                decrypt_file(enc, plain, client=vault.client, key_name=key_name,
                              ad=associated_data(partner, job["staging_bucket"], obj["key"]), object_name=obj["key"],
                              transit_mount=job["transit_mount"])
             except EnvelopeError as exc:
                 raise SecurityError(str(exc)) from exc
-            Path(enc).unlink()  # type: ignore[arg-type]
+            enc.unlink()
             frames[split].append(pd.read_parquet(plain))
             plain.unlink()
     train = pd.concat(frames["train"], ignore_index=True)
@@ -134,11 +138,11 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
     contract = load_contract(job["dataset"])
     hp = job["hparams"]
-    gstats = GlobalStats.from_stats(SufficientStats.model_validate_json(_get(job["stats_url"])), contract)  # type: ignore[arg-type]
+    gstats = GlobalStats.from_stats(SufficientStats.model_validate_json(_fetch(job["stats_url"])), contract)
     names = feature_names(contract, gstats)
     global_w = None
     if job.get("global_weights_url"):
-        global_w, _ = wio.loads(_get(job["global_weights_url"]))  # type: ignore[arg-type]
+        global_w, _ = wio.loads(_fetch(job["global_weights_url"]))
     with tempfile.TemporaryDirectory(prefix="lepton-trainer-") as tmp:
         train_df, holdout_df, hashes = load_partner_frames(job, Path(tmp))
     train_m = transform(train_df, contract, gstats)
@@ -167,7 +171,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
     local_models = {}
     for owner, url in sorted(job.get("local_models", {}).items()):
-        weights_l, _ = wio.loads(_get(url))  # type: ignore[arg-type]
+        weights_l, _ = wio.loads(_fetch(url))
         local_models[owner] = evaluate_weights(eval_frame, contract.model, names, weights_l, with_summary=True,
                                                **eval_kw)
     out = {"partner": job["partner"], "run_id": job["run_id"], "global": g, "local_models": local_models,

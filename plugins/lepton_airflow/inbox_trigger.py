@@ -23,20 +23,11 @@ STATE_KEY = "announced"
 def scan_inboxes() -> dict[str, dict[str, str]]:
     """``{"partner/key": {"partner", "key", "etag"}}`` for every object in every partner inbox."""
     from lepton_airflow.connections import settings_from_env
-    from lepton_tasks.ingest import QUARANTINE_PREFIX
+    from lepton_tasks.ingest import inbox_objects
     from lepton_tasks.storage import Storage
 
     settings = settings_from_env()
-    storage = Storage.from_settings(settings)
-    found: dict[str, dict[str, str]] = {}
-    for bucket in storage.client.list_buckets():
-        if not bucket.name.startswith(settings.inbox_bucket_prefix):
-            continue
-        partner = bucket.name[len(settings.inbox_bucket_prefix):]
-        for obj in storage.list(bucket.name):
-            if not obj.key.startswith(QUARANTINE_PREFIX):
-                found[f"{partner}/{obj.key}"] = {"partner": partner, "key": obj.key, "etag": obj.etag}
-    return found
+    return {f"{d['partner']}/{d['key']}": d for d in inbox_objects(Storage.from_settings(settings), settings)}
 
 
 def new_drops(found: dict[str, dict[str, str]], announced: dict[str, str]) -> list[dict[str, str]]:

@@ -30,7 +30,7 @@ def choose_runtime(settings) -> tuple[str, str]:
 
     if settings.trainer_runtime == "local":
         return "local", "LEPTON_TRAINER_RUNTIME=local"
-    status = docker_status()
+    status = docker_status(settings.trainer_image)
     if status.available and status.trainer_image:
         return "docker", status.reason
     if settings.trainer_runtime == "docker":
@@ -39,27 +39,22 @@ def choose_runtime(settings) -> tuple[str, str]:
 
 
 class LeptonTrainerOperator(DockerOperator):
-    """Train (or evaluate) one partner's model in its own container."""
+    """Train (or evaluate) one partner's model in its own container.
+
+    Image, network and GPUs come from Lepton's settings (``LEPTON_TRAINER_IMAGE``, ``LEPTON_TRAINER_NETWORK``,
+    ``LEPTON_TRAINER_GPUS``), resolved in :meth:`execute`, like the connections — never at parse time.
+    """
 
     template_fields = (*DockerOperator.template_fields, "run_id_", "partner")
 
     def __init__(self, *, partner: str, mode: str, round_number: int = 0, run_id_: str = "{{ run_id }}",
-                 image: str | None = None, **kwargs: Any) -> None:
-        gpus = int(os.environ.get("LEPTON_TRAINER_GPUS", "0") or 0)
-        device_requests = None
-        if gpus:
-            from docker.types import DeviceRequest
-
-            device_requests = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
+                 **kwargs: Any) -> None:
         super().__init__(
-            image=image or os.environ.get("LEPTON_TRAINER_IMAGE", "lepton-trainer:latest"),
+            image="lepton-trainer",  # replaced by settings.trainer_image in execute()
             command=None,
-            network_mode=os.environ.get("LEPTON_TRAINER_NETWORK", "host"),
             auto_remove="success",
             mount_tmp_dir=False,
-            device_requests=device_requests,
             do_xcom_push=False,
-            docker_url=os.environ.get("DOCKER_HOST", "unix://var/run/docker.sock"),
             **kwargs,
         )
         self.partner = partner
@@ -84,6 +79,12 @@ class LeptonTrainerOperator(DockerOperator):
         log.info("trainer for %s (%s, round %s) runtime=%s (%s)", self.partner, self.mode, self.round_number,
                  runtime, why)
         if runtime == "docker":
+            self.image = settings.trainer_image
+            self.network_mode = settings.trainer_network
+            if settings.trainer_gpus:
+                from docker.types import DeviceRequest
+
+                self.device_requests = [DeviceRequest(count=settings.trainer_gpus, capabilities=[["gpu"]])]
             self.command = args
             self._private_environment = {"LEPTON_JOB": json.dumps(job)}
             super().execute(context)

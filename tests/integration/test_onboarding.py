@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import time
 
 import hvac.exceptions
@@ -128,4 +127,16 @@ def test_remove_partner_revokes_access(settings, services, admin_storage, root_v
         time.sleep(0.5)
     else:
         pytest.fail("revoked partner credentials still work after 15 s")
-    _ = io
+
+
+def test_seaweed_shell_errors_never_echo_secret_keys(services):
+    """`weed shell` echoes identities with their secret keys; a failure message must carry none of it."""
+    from lepton_tasks.embedded.process import ServiceError
+
+    with pytest.raises(ServiceError) as err:  # the identity is echoed (with its secret), then a command fails
+        services.seaweedfs.shell("s3.configure -user=ghost-user -access_key=AKGHOST1 "
+                                 "-secret_key=TOPSECRET0123456789 -actions=Read:nowhere -apply\nnosuchcommand")
+    assert "unknown command: nosuchcommand" in str(err.value)
+    assert "TOPSECRET0123456789" not in str(err.value)
+    with pytest.raises(ServiceError, match="flag provided but not defined"):  # exit 0, but it did nothing
+        services.seaweedfs.shell("s3.configure -user=ghost-user -badflag")
