@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field
 
 from lepton_tasks.contracts import ColumnSpec, Contract
 from lepton_tasks.drops import MAX_SAMPLES, DropError
+from lepton_tasks.hashing import ChunkHashes, SeenHashes
+from lepton_tasks.hashing import row_hashes as _row_hashes
 
 __all__ = ["Cleaner", "CleaningReport", "SeenHashes", "coerce_types", "row_hashes", "row_numbers"]
 
@@ -152,39 +154,7 @@ def coerce_types(
 
 def row_hashes(df: pd.DataFrame, columns: list[str] | None = None) -> np.ndarray:
     """Stable uint64 hash per row of ``df[columns]`` (siphash of the values; index ignored)."""
-    frame = df if columns is None else df[columns]
-    return pd.util.hash_pandas_object(frame, index=False, hash_key=_HASH_KEY).to_numpy(dtype=np.uint64)
-
-
-class SeenHashes:
-    """A growing set of uint64 hashes kept as one sorted numpy array (8 bytes per distinct value).
-
-    ``contains`` is a binary search; ``add`` merges two sorted runs (timsort: linear time). 64-bit hashes make a
-    false "seen" possible but negligible (≈ n²/2⁶⁵: 3·10⁻⁶ for 10 million rows).
-    """
-
-    def __init__(self) -> None:
-        self._sorted = np.empty(0, dtype=np.uint64)
-
-    def __len__(self) -> int:
-        return len(self._sorted)
-
-    def contains(self, hashes: np.ndarray) -> np.ndarray:
-        if len(self._sorted) == 0:
-            return np.zeros(len(hashes), dtype=bool)
-        pos = np.searchsorted(self._sorted, hashes)
-        pos[pos == len(self._sorted)] = 0
-        return self._sorted[pos] == hashes
-
-    def add(self, hashes: np.ndarray) -> None:
-        new = np.sort(np.asarray(hashes, dtype=np.uint64))
-        if len(new) > 1:
-            new = new[np.concatenate(([True], new[1:] != new[:-1]))]
-        new = new[~self.contains(new)]
-        if len(new):
-            merged = np.concatenate([self._sorted, new])
-            merged.sort(kind="stable")  # in place: two sorted runs, merged in linear time
-            self._sorted = merged
+    return _row_hashes(df, columns, hash_key=_HASH_KEY)
 
 
 # ---------------------------------------------------------------------------------------------- cleaning
@@ -221,17 +191,18 @@ class Cleaner:
     clips values outside ``clip`` bounds. Row order and index labels are preserved.
     """
 
-    def __init__(self, contract: Contract, *, object_key: str = "") -> None:
+    def __init__(self, contract: Contract, *, object_key: str = "", spill_dir: str | None = None) -> None:
         self.contract = contract
         self.report = CleaningReport(object_key=object_key)
-        self._seen = SeenHashes()
+        self._seen = SeenHashes(tmp_dir=spill_dir)
         self._columns = list(contract.columns)
 
-    def drop_duplicates(self, df: pd.DataFrame) -> pd.DataFrame:
+    def drop_duplicates(self, df: pd.DataFrame, hashes: ChunkHashes | None = None) -> pd.DataFrame:
+        """Remove rows equal to an earlier row of the drop. ``hashes``: the chunk's, to reuse column hashes."""
         self.report.rows_in += len(df)
         if df.empty:
             return df
-        h = row_hashes(df, self._columns)
+        h = row_hashes(df, self._columns) if hashes is None else hashes.rows(self._columns, df.index)
         dup = pd.Series(h).duplicated().to_numpy() | self._seen.contains(h)
         self._seen.add(h[~dup])
         self.report.duplicates_removed += int(dup.sum())
@@ -287,6 +258,10 @@ class Cleaner:
             df = df.assign(**changed)
         self.report.rows_out += len(df)
         return df
+
+    def close(self) -> None:
+        """Free the duplicate-detection state (and its spill file on disk)."""
+        self._seen.close()
 
     def process(self, df: pd.DataFrame) -> pd.DataFrame:
         """Deduplicate, apply the missing-value policies and clip one chunk (returns the cleaned chunk)."""

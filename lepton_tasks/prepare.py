@@ -22,6 +22,7 @@ Top-level imports are standard library only (safe for DAG files); the heavy modu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,9 @@ if TYPE_CHECKING:
     from lepton_tasks.normalize import SufficientStats
     from lepton_tasks.validate import ChunkValidation, Failure
 
-__all__ = ["PreparedDrop", "arrow_schema", "prepare_drop", "process_file"]
+__all__ = ["CHUNK_ROWS", "PreparedDrop", "arrow_schema", "prepare_drop", "process_file"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,24 +78,55 @@ def arrow_schema(contract: Contract) -> pa.Schema:
     )
 
 
+#: rows per chunk: big enough to amortize GX's per-validation overhead, small enough to bound memory
+CHUNK_ROWS = 500_000
+
+
 def prepare_drop(
     path: Path,
     contract: Contract,
     *,
     object_key: str,
     out_dir: Path,
-    chunk_rows: int = 200_000,
+    chunk_rows: int = CHUNK_ROWS,
     salt: str = "",
 ) -> PreparedDrop:
     """Validate, clean and split the drop at ``path``; write ``train.parquet``/``holdout.parquet`` to ``out_dir``.
 
     Raises :class:`DropError` for the first critical problem (bad file, bad type, failed critical expectation,
     row count out of bounds).
+
+    A CSV is first read in *typed* mode (Arrow converts the cells while parsing, on all cores). If Arrow
+    cannot convert some cell, the file is processed again from the start in string mode, where
+    :func:`~lepton_tasks.clean.coerce_types` either accepts the value (string mode is more lenient: spaces
+    around numbers, ``1.0`` for an int, naive timestamps) or names its row, column and value. Both modes give
+    the same output for the same file (``tests/unit/test_prepare.py``).
     """
+    from lepton_tasks.readers import TypedParseFallback
+
+    kw = {"object_key": object_key, "out_dir": out_dir, "chunk_rows": chunk_rows, "salt": salt}
+    try:
+        return _prepare(path, contract, typed=True, **kw)
+    except TypedParseFallback as why:
+        log.info("%s: typed read stopped (%s); reading it again as text to name the value", object_key, why)
+        return _prepare(path, contract, typed=False, **kw)
+
+
+def _prepare(
+    path: Path,
+    contract: Contract,
+    *,
+    object_key: str,
+    out_dir: Path,
+    chunk_rows: int,
+    salt: str,
+    typed: bool,
+) -> PreparedDrop:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from lepton_tasks.clean import Cleaner, coerce_types
+    from lepton_tasks.hashing import ChunkHashes
     from lepton_tasks.normalize import SufficientStats
     from lepton_tasks.readers import iter_chunks
     from lepton_tasks.split import holdout_mask
@@ -103,7 +137,7 @@ def prepare_drop(
     train_path, holdout_path = out_dir / "train.parquet", out_dir / "holdout.parquet"
     schema = arrow_schema(contract)
     validator: Validator | None = None
-    cleaner = Cleaner(contract, object_key=object_key)
+    cleaner = Cleaner(contract, object_key=object_key, spill_dir=str(out_dir))
     stats = SufficientStats.empty(contract)
     rows_in = rows_train = rows_holdout = 0
     writers = {
@@ -117,19 +151,21 @@ def prepare_drop(
 
     try:
         try:
-            for chunk in iter_chunks(path, contract, object_key=object_key, chunk_rows=chunk_rows):
+            chunks = iter_chunks(path, contract, object_key=object_key, chunk_rows=chunk_rows, typed=typed)
+            for chunk in chunks:
                 offset = chunk.attrs.get("row_offset", rows_in)
                 rows_in += len(chunk)
-                typed = coerce_types(chunk, contract, object_key=object_key, row_offset=offset)
-                typed = cleaner.drop_duplicates(typed)
+                frame = coerce_types(chunk, contract, object_key=object_key, row_offset=offset)
+                hashes = ChunkHashes(frame, salt=salt)
+                frame = cleaner.drop_duplicates(frame, hashes)
                 if validator is None:
-                    validator = Validator(contract, object_key=object_key)
-                result = validator.validate_chunk(typed, row_offset=offset)
+                    validator = Validator(contract, object_key=object_key, spill_dir=str(out_dir))
+                result = validator.validate_chunk(frame, row_offset=offset, hashes=hashes)
                 raise_for_critical(result, object_key=object_key)
-                cleaned = cleaner.apply(typed)
+                cleaned = cleaner.apply(frame)
                 if cleaned.empty:
                     continue
-                mask = holdout_mask(cleaned, contract, salt=salt)
+                mask = holdout_mask(cleaned, contract, salt=salt, hashes=hashes)
                 train, holdout = cleaned[~mask], cleaned[mask]
                 if len(train):
                     write("train", train)
@@ -147,11 +183,15 @@ def prepare_drop(
             )
             raise
     except BaseException:
+        cleaner.close()
+        if validator is not None:
+            validator.close()
         for w in writers.values():
             w.close()
         train_path.unlink(missing_ok=True)
         holdout_path.unlink(missing_ok=True)
         raise
+    cleaner.close()
     for w in writers.values():
         w.close()
     warnings = [w for v in validator.validations for w in v.warnings]
@@ -171,7 +211,7 @@ def prepare_drop(
     )
 
 
-def process_file(path: Path, contract: Contract, object_key: str, *, chunk_rows: int = 200_000):
+def process_file(path: Path, contract: Contract, object_key: str, *, chunk_rows: int = CHUNK_ROWS):
     """Convenience for tests and notebooks: :func:`prepare_drop` into a temporary folder, frames read back.
 
     Returns ``(train_df, holdout_df, report, stats, validations)``. Holds both splits in memory: use

@@ -8,9 +8,12 @@
    the extension of the object key (``format_mismatch``);
 2. for CSV: checks the header line (``wrong_delimiter``, ``bad_header``, ``duplicate_column``,
    ``missing_column``, ``unexpected_column``), then scans the raw bytes once in 8 MiB blocks
-   (``nul_bytes``, ``not_utf8``, ``line_too_long``), then parses with ``pyarrow.csv.open_csv`` reading **every
-   column as a string** so that type coercion can name the exact row, column and value later. A row with the
-   wrong number of fields is ``ragged_row`` (``truncated_last_row`` when it is the unterminated last line);
+   (``nul_bytes``, ``not_utf8``, ``line_too_long``), then parses with ``pyarrow.csv.open_csv``. In the
+   default string mode **every column is read as a string** so that type coercion can name the exact row,
+   column and value; in typed mode (``typed=True``, the fast path of :func:`lepton_tasks.prepare.prepare_drop`)
+   Arrow converts cells to the contract's types on all cores and any conversion problem raises
+   :class:`TypedParseFallback` so the caller re-reads in string mode. A row with the wrong number of fields
+   is ``ragged_row`` (``truncated_last_row`` when it is the unterminated last line);
 3. for Parquet: checks the schema (``missing_column``, ``unexpected_column``, ``duplicate_column``,
    ``wrong_schema`` for incompatible types) and streams ``ParquetFile.iter_batches``;
 4. yields DataFrames of at most ``chunk_rows`` rows, each with a fresh ``RangeIndex`` and
@@ -41,7 +44,7 @@ import pyarrow as pa
 from lepton_tasks.contracts import Contract
 from lepton_tasks.drops import ALLOWED_EXTENSIONS, DropError
 
-__all__ = ["MAX_LINE_BYTES", "iter_chunks", "sniff_format"]
+__all__ = ["MAX_LINE_BYTES", "TypedParseFallback", "iter_chunks", "sniff_format"]
 
 #: a physical line longer than this is rejected (``line_too_long``); also bounds the parser's memory
 MAX_LINE_BYTES = 1 << 20
@@ -384,7 +387,36 @@ def _ragged(key: str, row: int, line: int, n_fields: int, record: list[str], fh,
     )
 
 
-def _iter_csv_tables(path: Path, contract: Contract, key: str, max_line_bytes: int) -> Iterator[pa.Table]:
+class TypedParseFallback(Exception):
+    """Typed mode only: Arrow could not convert some cell to the contract's type (or the file is malformed).
+
+    Not an error about the drop: :func:`lepton_tasks.prepare.prepare_drop` catches it and processes the file
+    again in string mode, where :func:`lepton_tasks.clean.coerce_types` names the exact row, column and value
+    (or accepts it: string mode is more lenient, e.g. ``" 12 "``, ``1.0`` for an int, naive timestamps).
+    """
+
+
+#: what typed mode reads as a boolean; anything else falls back to string mode (see ``clean._TRUE``/``_FALSE``)
+_TYPED_TRUE = ["true", "True", "TRUE", "t", "T", "yes", "Yes", "YES", "y", "Y", "1"]
+_TYPED_FALSE = ["false", "False", "FALSE", "f", "F", "no", "No", "NO", "n", "N", "0"]
+
+
+def _typed_column_types(contract: Contract, names: list[str]) -> dict[str, pa.DataType]:
+    types = {
+        "int": pa.int64(),
+        "float": pa.float64(),
+        "bool": pa.bool_(),
+        "timestamp": pa.timestamp("us", tz="UTC"),
+    }
+    return {
+        n: types.get(contract.columns[n].dtype, pa.string()) if n in contract.columns else pa.string()
+        for n in names
+    }
+
+
+def _iter_csv_tables(
+    path: Path, contract: Contract, key: str, max_line_bytes: int, typed: bool = False
+) -> Iterator[pa.Table]:
     import pyarrow.csv as pacsv
 
     names, has_more = _read_header(path, key, max_line_bytes)
@@ -396,15 +428,17 @@ def _iter_csv_tables(path: Path, contract: Contract, key: str, max_line_bytes: i
         column_names=names,
         skip_rows=1,
         block_size=max(8 << 20, 2 * max_line_bytes),
-        use_threads=False,
+        use_threads=typed,
     )
     parse_options = pacsv.ParseOptions(delimiter=",", newlines_in_values=True, ignore_empty_lines=True)
     convert_options = pacsv.ConvertOptions(
-        column_types={n: pa.string() for n in names},
+        column_types=_typed_column_types(contract, names) if typed else {n: pa.string() for n in names},
         include_columns=present,
         strings_can_be_null=True,
         null_values=list(contract.null_values),
         quoted_strings_can_be_null=True,
+        true_values=_TYPED_TRUE,
+        false_values=_TYPED_FALSE,
     )
     try:
         reader = pacsv.open_csv(
@@ -413,6 +447,8 @@ def _iter_csv_tables(path: Path, contract: Contract, key: str, max_line_bytes: i
         for batch in reader:
             yield pa.Table.from_batches([batch])
     except pa.ArrowInvalid as exc:
+        if typed:
+            raise TypedParseFallback(str(exc)) from None
         raise _locate_bad_record(path, key, len(names), str(exc)) from None
 
 
@@ -490,8 +526,11 @@ def _iter_parquet_tables(path: Path, contract: Contract, key: str, chunk_rows: i
 # ---------------------------------------------------------------------------------------------- chunking
 
 
+_PANDAS_TYPES = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
 def _to_frame(table: pa.Table, contract: Contract, row_offset: int) -> pd.DataFrame:
-    df = table.to_pandas()
+    df = table.to_pandas(types_mapper=_PANDAS_TYPES.get)
     for name in contract.columns:
         if name not in df.columns:  # an optional column the file does not have: all missing
             df[name] = pd.Series([None] * len(df), dtype="str")
@@ -508,19 +547,26 @@ def iter_chunks(
     object_key: str,
     chunk_rows: int = 200_000,
     max_line_bytes: int = MAX_LINE_BYTES,
+    typed: bool = False,
 ) -> Iterator[pd.DataFrame]:
     """Yield the drop at ``path`` as DataFrames of at most ``chunk_rows`` rows (contract columns, in order).
 
     CSV cells are strings (missing = NaN, per ``contract.null_values``); Parquet columns keep their stored
     types (strings for string/category columns). Feed each chunk to :func:`lepton_tasks.clean.coerce_types`
     with ``row_offset=df.attrs["row_offset"]``. Raises :class:`DropError` (see the module docstring for codes).
+
+    ``typed=True`` (CSV only; the fast path): Arrow converts the cells to the contract's types while parsing,
+    on all cores, and the chunks arrive with their canonical dtypes (``Int64``, ``float64``, ``boolean``,
+    ``str``, ``datetime64[us, UTC]``). The first cell Arrow cannot convert — or any parse problem — raises
+    :class:`TypedParseFallback` instead of a :class:`DropError`: read the file again with ``typed=False``,
+    which names the exact row, column and value. The byte scan and header checks are identical in both modes.
     """
     if chunk_rows < 1:
         raise ValueError("chunk_rows must be ≥ 1")
     path = Path(path)
     fmt = sniff_format(path, object_key=object_key)
     tables = (
-        _iter_csv_tables(path, contract, object_key, max_line_bytes)
+        _iter_csv_tables(path, contract, object_key, max_line_bytes, typed=typed)
         if fmt == "csv"
         else _iter_parquet_tables(path, contract, object_key, chunk_rows)
     )

@@ -41,6 +41,8 @@ from lepton_tasks.drops import MAX_SAMPLES, DropError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lepton_tasks.hashing import ChunkHashes
+
 __all__ = [
     "ChunkValidation",
     "Failure",
@@ -51,6 +53,8 @@ __all__ = [
     "validate_chunk",
 ]
 
+_QUICK_FORMAT = {"result_format": "BOOLEAN_ONLY"}
+_UNIQUE_KEY = "lepton-unique-v1"  # 16 bytes: siphash key when no ChunkHashes is given
 _RESULT_FORMAT = {
     "result_format": "SUMMARY",
     "partial_unexpected_count": 20,
@@ -127,7 +131,7 @@ def _describe(spec_min: float | None, spec_max: float | None) -> str:
 class Validator:
     """Holds one ephemeral GX context and the contract's suite for ONE drop; validate its chunks in order."""
 
-    def __init__(self, contract: Contract, *, object_key: str) -> None:
+    def __init__(self, contract: Contract, *, object_key: str, spill_dir: str | None = None) -> None:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -138,13 +142,15 @@ class Validator:
         # cProfile on 1M rows). The fingerprint is only a batch marker; Lepton's batches are transient chunks.
         pandas_execution_engine.HASH_THRESHOLD = 0
 
-        from lepton_tasks.clean import SeenHashes
+        from lepton_tasks.hashing import SeenHashes, column_hash
+
+        self._column_hash = column_hash
 
         self.contract = contract
         self.object_key = object_key
         self.validations: list[ChunkValidation] = []
         self._rows_seen = 0
-        self._seen = {c: SeenHashes() for c, s in contract.columns.items() if s.unique}
+        self._seen = {c: SeenHashes(tmp_dir=spill_dir) for c, s in contract.columns.items() if s.unique}
         self._context = gx.get_context(mode="ephemeral")
         self._context.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = self._context.data_sources.add_pandas(name="lepton")
@@ -177,15 +183,25 @@ class Validator:
 
     # ------------------------------------------------------------------------------------------- chunks
 
-    def validate_chunk(self, df: pd.DataFrame, *, row_offset: int = 0) -> ChunkValidation:
-        """Validate one (type-coerced) chunk; rows are numbered ``row_offset + index + 1``."""
+    def validate_chunk(
+        self, df: pd.DataFrame, *, row_offset: int = 0, hashes: ChunkHashes | None = None
+    ) -> ChunkValidation:
+        """Validate one (type-coerced) chunk; rows are numbered ``row_offset + index + 1``.
+
+        GX runs with ``BOOLEAN_ONLY`` results first (pass/fail per expectation: the cheap common case); only
+        a chunk that fails is validated again with ``SUMMARY`` results, for counts and failing rows.
+        ``hashes`` (the chunk's :class:`~lepton_tasks.hashing.ChunkHashes`) reuses column hashes for the
+        cross-chunk uniqueness check.
+        """
         import numpy as np
 
         started = time.perf_counter()
         rows = np.asarray(df.index, dtype=np.int64) + int(row_offset) + 1
         frame = df.reset_index(drop=True)  # GX 1.24 misaligns results on a non-default index
         batch = self._batch_definition.get_batch(batch_parameters={"dataframe": frame})
-        result = batch.validate(self._suite, result_format=_RESULT_FORMAT)
+        result = batch.validate(self._suite, result_format=_QUICK_FORMAT)
+        if not result.success:
+            result = batch.validate(self._suite, result_format=_RESULT_FORMAT)
         out = ChunkValidation(
             object_key=self.object_key,
             row_offset=row_offset,
@@ -198,7 +214,11 @@ class Validator:
             if failure is not None:
                 (out.failures if failure.critical else out.warnings).append(failure)
         for column, seen in self._seen.items():
-            failure = self._cross_chunk_unique(column, frame, rows, seen)
+            if hashes is not None:
+                h = hashes.column(column, df.index)
+            else:  # every chunk of a drop must take the same branch: the two keys give different hashes
+                h = self._column_hash(frame[column], _UNIQUE_KEY)
+            failure = self._cross_chunk_unique(column, frame, rows, seen, h)
             if failure is not None:
                 (out.failures if failure.critical else out.warnings).append(failure)
         self._rows_seen += len(df)
@@ -310,14 +330,12 @@ class Validator:
             message=f"{etype} failed on {column!r}",
         )
 
-    def _cross_chunk_unique(self, column: str, frame: pd.DataFrame, rows: Any, seen: Any) -> Failure | None:
+    def _cross_chunk_unique(
+        self, column: str, frame: pd.DataFrame, rows: Any, seen: Any, h: Any
+    ) -> Failure | None:
         import numpy as np
 
-        from lepton_tasks.clean import row_hashes
-
-        s = frame[[column]]
         present = frame[column].notna().to_numpy()
-        h = row_hashes(s)
         dup = present & seen.contains(h)
         seen.add(h[present])
         if not dup.any():
@@ -347,7 +365,13 @@ class Validator:
         total = self._rows_seen if total_rows is None else total_rows
         out = check_row_count(total, self.contract, object_key=self.object_key)
         self.validations.append(out)
+        self.close()
         return out
+
+    def close(self) -> None:
+        """Free the cross-chunk uniqueness state (and its spill files on disk)."""
+        for seen in self._seen.values():
+            seen.close()
 
 
 def check_row_count(total_rows: int, contract: Contract, *, object_key: str) -> ChunkValidation:

@@ -1,0 +1,95 @@
+"""hashing: column/row hashes equal pandas' hash_pandas_object; SeenHashes is an exact set that spills to disk."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lepton_tasks.hashing import ChunkHashes, SeenHashes, column_hash, row_hashes, split_hash_key
+
+KEY = split_hash_key("")
+
+
+def _pandas(obj) -> list[int]:
+    return pd.util.hash_pandas_object(obj, index=False, hash_key=KEY).to_numpy(dtype=np.uint64).tolist()
+
+
+@pytest.mark.parametrize(
+    "series",
+    [
+        pd.Series([f"id-{i}" for i in range(20_000)], dtype="str"),  # distinct: hashed directly
+        pd.Series([f"cat-{i % 7}" for i in range(20_000)], dtype="str"),  # repetitive: via the dictionary
+        pd.Series(["a", None, "b", None] * 5_000, dtype="str"),  # missing values, both paths
+        pd.Series([f"u{i}" if i % 3 else None for i in range(20_000)], dtype="str"),
+        pd.Series(["x", "é", "=cmd|' /C calc'!A0", ""], dtype=object),
+        pd.Series(["1", 2, None], dtype=object),  # mixed objects: pandas does it
+        pd.Series([], dtype="str"),
+        pd.Series([1.5, np.nan, -0.0, 1e300]),
+        pd.Series([1, None, 3], dtype="Int64"),
+        pd.Series([True, None, False], dtype="boolean"),
+        pd.Series(pd.to_datetime(["2024-01-01T00:00:00Z", None], utc=True)),
+    ],
+)
+def test_column_hash_equals_pandas(series):
+    assert column_hash(series, KEY).tolist() == _pandas(series)
+
+
+def test_row_hashes_equal_pandas_dataframe_hash():
+    df = pd.DataFrame(
+        {
+            "id": pd.Series([f"e{i}" for i in range(10_000)], dtype="str"),
+            "cat": pd.Series([["a", "b", None][i % 3] for i in range(10_000)], dtype="str"),
+            "x": np.arange(10_000) / 7,
+        }
+    )
+    assert row_hashes(df, hash_key=KEY).tolist() == _pandas(df)
+    assert row_hashes(df, ["cat", "x"], hash_key=KEY).tolist() == _pandas(df[["cat", "x"]])
+
+
+def test_chunk_hashes_follow_index_labels_after_filtering():
+    df = pd.DataFrame({"id": pd.Series([f"e{i}" for i in range(100)], dtype="str"), "x": np.arange(100.0)})
+    h = ChunkHashes(df)
+    kept = df[df["x"] % 3 == 0]
+    assert h.column("id", kept.index).tolist() == column_hash(kept["id"], KEY).tolist()
+    assert h.rows(["id", "x"], kept.index).tolist() == _pandas(kept)
+    with pytest.raises(KeyError):
+        h.column("id", pd.Index([1000]))
+
+
+def test_seen_hashes_is_exact_across_spills(tmp_path):
+    rng = np.random.default_rng(7)
+    seen = SeenHashes(memory_items=1_000, bloom_bytes=4096, tmp_dir=str(tmp_path))  # tiny: many spills,
+    truth: set[int] = set()  # and a Bloom filter so small that most probes reach the disk
+    for _ in range(40):
+        batch = rng.integers(0, 5_000, size=300).astype(np.uint64)  # small range: many repeats
+        expected = np.array([int(v) in truth for v in batch])
+        assert (seen.contains(batch) == expected).all()
+        seen.add(batch)
+        truth.update(int(v) for v in batch)
+        assert len(seen) == len(truth)
+    assert seen.spilled > 0  # the run file was used
+    extremes = np.array([0, 2**64 - 1, 4_999, 5_000], dtype=np.uint64)
+    assert seen.contains(extremes).tolist() == [int(v) in truth for v in extremes]
+    files = list(tmp_path.glob("lepton-seen-*/*.u64"))
+    assert len(files) == 1 and os.path.getsize(files[0]) == seen.spilled * 8
+    seen.close()
+    assert not list(tmp_path.glob("lepton-seen-*"))
+    assert len(seen) == 0 and not seen.contains(extremes).any()
+
+
+def test_seen_hashes_memory_is_bounded(tmp_path):
+    """Past ``memory_items`` the hashes live on disk, not in RAM (the flat-memory property of the ingest)."""
+    seen = SeenHashes(memory_items=50_000, bloom_bytes=1 << 20, tmp_dir=str(tmp_path))
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        seen.add(rng.integers(0, 2**64 - 1, size=20_000, dtype=np.uint64))
+    assert len(seen) == 400_000
+    assert len(seen._mem) < 50_000 and seen.spilled >= 350_000
+    # the Bloom filter keeps most never-seen probes off the disk (3 hashes per 64-bit word here)
+    fresh = rng.integers(0, 2**64 - 1, size=100_000, dtype=np.uint64)
+    assert seen._bloom_maybe(fresh).mean() < 0.01
+    assert not seen.contains(fresh).any()
+    seen.close()
