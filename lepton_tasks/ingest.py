@@ -120,7 +120,7 @@ def _quarantine(storage: Storage, settings: Settings, partner: str, object_key: 
 
 
 def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str, object_key: str,
-                *, work_root: Path | None = None, chunk_rows: int = 200_000) -> IngestResult:
+                *, work_root: Path | None = None, chunk_rows: int | None = None) -> IngestResult:
     """Process one inbox object of ``partner``. Raises :class:`DropError` after quarantining a bad drop."""
     from lepton_tasks.prepare import prepare_drop
 
@@ -147,7 +147,7 @@ def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str
             return IngestResult(partner, object_key, "skipped", drop_id, dk.dataset, prefix + MANIFEST)
         try:
             prepared = prepare_drop(raw, contract, object_key=object_key, out_dir=work / "prepared",
-                                    chunk_rows=chunk_rows)
+                                    **({} if chunk_rows is None else {"chunk_rows": chunk_rows}))
         except DropError as err:
             html = getattr(err, "validation_html", None)
             reason = _quarantine(storage, settings, partner, object_key, drop_id, err, html)
