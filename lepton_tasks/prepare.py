@@ -8,8 +8,10 @@ This is what the Airflow ingest task calls between downloading a drop and encryp
 
 Memory stays bounded: each chunk of ``chunk_rows`` rows is processed and appended to two Parquet files with
 ``pyarrow.parquet.ParquetWriter``; the per-drop hash sets (exact duplicates, ``unique`` columns) keep at most
-2 M hashes in RAM and spill the rest to a sorted run file in ``out_dir`` (:class:`lepton_tasks.hashing.SeenHashes`). On a critical problem it raises :class:`~lepton_tasks.drops.DropError` (with
-``validation_html`` attached for the quarantine) and leaves no partial output behind.
+2 M hashes in RAM and spill the rest to a sorted run file in ``out_dir``
+(:class:`lepton_tasks.hashing.SeenHashes`). On a critical problem it raises
+:class:`~lepton_tasks.drops.DropError` (with ``validation_html`` attached for the quarantine) and leaves no
+partial output behind.
 
 Order of steps per chunk, and why: types are coerced first so every later message can name a typed value;
 exact duplicate rows are removed *before* validation so a re-sent identical row is cleaned, not rejected by the

@@ -93,3 +93,19 @@ def test_seen_hashes_memory_is_bounded(tmp_path):
     assert seen._bloom_maybe(fresh).mean() < 0.01
     assert not seen.contains(fresh).any()
     seen.close()
+
+
+def test_split_from_chunk_hashes_equals_the_plain_split():
+    from lepton_tasks.contracts import load_contract
+    from lepton_tasks.split import holdout_mask
+
+    ecommerce = load_contract("ecommerce")
+    df = pd.DataFrame({"event_id": pd.Series([f"e{i}" for i in range(5_000)], dtype="str")})
+    kept = df.iloc[::3]
+    for salt in ("", "exp-2"):
+        plain = holdout_mask(kept, ecommerce, salt=salt)
+        shared = holdout_mask(kept, ecommerce, salt=salt, hashes=ChunkHashes(df, salt=salt))
+        assert (plain == shared).all() and 0.1 < plain.mean() < 0.3
+    # hashes built for another salt are not used for this one
+    other = holdout_mask(kept, ecommerce, salt="exp-2", hashes=ChunkHashes(df, salt=""))
+    assert (other == holdout_mask(kept, ecommerce, salt="exp-2")).all()
