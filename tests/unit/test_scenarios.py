@@ -12,7 +12,9 @@ from lepton_tasks.contracts import load_contract
 from lepton_tasks.normalize import SufficientStats, merge
 from lepton_tasks.prepare import prepare_drop, process_file
 from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+from lepton_tasks.scenarios.banks import CARD_LIMIT, PRIME_INCOME, load_default
 from lepton_tasks.scenarios.ecommerce import retailer_frame, write_csv
+from lepton_tasks.split import holdout_mask
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +43,60 @@ def test_deterministic_per_seed(banks):
     again = SCENARIOS["banks"].generate(0)
     assert all(again[p].equals(banks[p]) for p in banks)
     other = SCENARIOS["banks"].generate(1)
-    assert not other["bank_a"]["customer_id"].equals(banks["bank_a"]["customer_id"])
+    for p in ("bank_a", "bank_b", "bank_c"):  # the seed drives the draws within every segment
+        assert not other[p]["customer_id"].equals(banks[p]["customer_id"])
     e1 = SCENARIOS["ecommerce"].generate(3, rows_per_partner=300)
     e2 = SCENARIOS["ecommerce"].generate(3, rows_per_partner=300)
     assert all(e1[p].equals(e2[p]) for p in e1)
 
 
 def test_banks_is_the_real_default_data_split_non_iid(banks):
+    everyone = load_default()
+    assert len(everyone) == 10_000 and (everyone["default"] == "Yes").sum() == 333  # the ISLR Default data
+    pooled = pd.concat(banks.values(), ignore_index=True)
+    assert len(pooled) == 10_000 and pooled["customer_id"].is_unique  # every customer in exactly one bank
+    assert set(pooled["customer_id"]) == set(everyone["customer_id"])
+    assert pooled["customer_id"].str.fullmatch(r"c\d{5}").all()
+    assert all(list(d.columns) == list(load_contract("banks").columns) for d in banks.values())
+    # rows are unchanged, only distributed
+    back = pooled.set_index("customer_id").loc[everyone["customer_id"]].reset_index()
+    pd.testing.assert_frame_equal(back, everyone)
+
     sizes = {p: len(d) for p, d in banks.items()}
-    assert sum(sizes.values()) == 10_000
-    ids = pd.concat([d["customer_id"] for d in banks.values()])
-    assert ids.is_unique and ids.str.fullmatch(r"c\d{5}").all()
-    assert sizes["bank_b"] > sizes["bank_a"] > sizes["bank_c"]
-    student = {p: (d["student"] == "Yes").mean() for p, d in banks.items()}
-    default = {p: (d["default"] == "Yes").mean() for p, d in banks.items()}
-    assert student["bank_a"] > 0.6
-    assert student["bank_b"] < 0.2
-    assert default["bank_c"] < 0.6 * min(default["bank_a"], default["bank_b"])
-    pooled = pd.concat(banks.values())
-    assert (pooled["default"] == "Yes").sum() == 333  # the ISLR Default data: 333 defaults in 10,000
+    assert sizes["bank_b"] > 2 * sizes["bank_a"] and sizes["bank_a"] > 1.2 * sizes["bank_c"]  # uneven
+    student = {p: d["student"] == "Yes" for p, d in banks.items()}
+    under_limit = {p: d["balance"] < CARD_LIMIT for p, d in banks.items()}
+    # the student bank: students only, all under the student-card limit
+    assert student["bank_a"].all() and under_limit["bank_a"].all()
+    # the conservative bank: prime (high-income) non-students only, all under its limit
+    assert not student["bank_c"].any() and under_limit["bank_c"].all()
+    assert (banks["bank_c"]["income"] >= PRIME_INCOME).all()
+    # the retail bank: everyone over the limit (students too) and every non-prime non-student
+    over = pooled[pooled["balance"] >= CARD_LIMIT]
+    assert set(over["customer_id"]) <= set(banks["bank_b"]["customer_id"])
+    assert (over["student"] == "Yes").any()
+    non_prime = pooled[(pooled["student"] == "No") & (pooled["income"] < PRIME_INCOME)]
+    assert set(non_prime["customer_id"]) <= set(banks["bank_b"]["customer_id"])
+    assert 0.03 < student["bank_b"].mean() < 0.2
+
+    defaults = {p: int((d["default"] == "Yes").sum()) for p, d in banks.items()}
+    rate = {p: defaults[p] / sizes[p] for p in banks}
+    assert max(rate["bank_a"], rate["bank_c"]) < 0.02  # the niche banks: few defaults
+    assert rate["bank_b"] > 0.04
+    assert defaults["bank_b"] > 0.8 * 333  # the retail bank holds most of the defaulters
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 7, 11])
+def test_every_bank_has_defaults_to_train_on_and_to_evaluate(seed):
+    contract = load_contract("banks")
+    for partner, df in SCENARIOS["banks"].generate(seed).items():
+        assert contract.rows.min <= len(df) <= contract.rows.max
+        held_out = holdout_mask(df, contract)  # the split prepare_drop makes (a per-customer hash)
+        y = (df["default"] == "Yes").to_numpy()
+        # defaults in both splits: the local model learns from some, and its own-holdout AUC is defined
+        assert y[~held_out].sum() >= 10, (partner, seed)
+        assert y[held_out].sum() >= 3, (partner, seed)
+        assert (~y[held_out]).sum() >= 100, (partner, seed)
 
 
 def test_hospitals_is_the_real_wdbc_data_split_non_iid(hospitals):
