@@ -206,8 +206,9 @@ class SeenHashes:
             words, masks = words[lost], masks[lost]
 
     def _bloom_maybe(self, hashes: np.ndarray) -> np.ndarray:
+        assert self._bloom is not None
         words, masks = self._word_and_mask(hashes)
-        return (self._bloom[words] & masks) == masks  # type: ignore[index]
+        return (self._bloom[words] & masks) == masks
 
     # ------------------------------------------------------------------------------------------- disk
 
@@ -218,7 +219,8 @@ class SeenHashes:
             return out
         block = np.searchsorted(self._fences, hashes, side="right") - 1
         ok = block >= 0  # below the smallest hash of the run: not there
-        with open(self._run_path, "rb") as f:  # type: ignore[arg-type]
+        assert self._run_path is not None
+        with open(self._run_path, "rb") as f:
             fd = f.fileno()
             for b in np.unique(block[ok]):
                 start = int(b) * self.BLOCK
