@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import queue
 import struct
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,22 +60,83 @@ def _kek(client: hvac.Client, transit_mount: str, key_name: str) -> aead.Aead:
 
 
 class _HashingWriter(io.RawIOBase):
-    """Writes through to a file, hashing what passes (no second read of the ciphertext); Tink's ``close()``
-    of the encrypting stream leaves the file open."""
+    """The ciphertext sink: writes through to a file and hashes what passes, on two background threads.
 
-    def __init__(self, f: BinaryIO) -> None:
+    Tink hands over ciphertext in 128 KiB pieces while holding the GIL; SHA-256 and the file write both release
+    it, so hashing and writing on their own threads overlap them with the encryption (one pass over the
+    ciphertext, no second read). Pieces are batched to ``batch`` bytes and at most ``depth`` batches wait per
+    thread, which bounds the memory in flight (the threads share the batches: ~depth × batch). An error in either
+    thread (e.g. disk full) is raised by the next ``write`` or by :meth:`finish`. Tink's ``close()`` of the encrypting stream leaves this sink
+    open; call :meth:`finish` for the digest.
+    """
+
+    def __init__(self, f: BinaryIO, *, batch: int = 1024 * 1024, depth: int = 8) -> None:
         self._f = f
-        self.sha256 = hashlib.sha256()
+        self._sha256 = hashlib.sha256()
+        self._batch: list[bytes] = []
+        self._batch_len = 0
+        self._batch_max = batch
+        self._error: BaseException | None = None
+        self._queues: list[queue.Queue[list[bytes] | None]] = [queue.Queue(depth), queue.Queue(depth)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(self._queues[0], self._sha256.update), daemon=True,
+                             name="lepton-envelope-sha256"),
+            threading.Thread(target=self._run, args=(self._queues[1], self._f.write), daemon=True,
+                             name="lepton-envelope-write"),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, q: "queue.Queue[list[bytes] | None]", consume) -> None:  # type: ignore[no-untyped-def]
+        while (pieces := q.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so the producer never blocks on a dead consumer
+            try:
+                for piece in pieces:
+                    consume(piece)
+            except BaseException as exc:  # handed to the producer thread, which raises it
+                self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise EnvelopeError(f"cannot write the ciphertext: {self._error}") from self._error
+
+    def _flush_batch(self) -> None:
+        if self._batch:
+            for q in self._queues:
+                q.put(self._batch)
+            self._batch, self._batch_len = [], 0
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
-        self.sha256.update(b)
-        return self._f.write(b)
+        self._check()
+        piece = bytes(b)  # Tink may reuse its buffer; the threads need an immutable copy
+        self._batch.append(piece)
+        self._batch_len += len(piece)
+        if self._batch_len >= self._batch_max:
+            self._flush_batch()
+        return len(piece)
+
+    def _stop(self) -> None:
+        self._flush_batch()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
+
+    def finish(self) -> str:
+        """Drain both threads, flush the file and return the SHA-256 (hex) of everything written."""
+        self._stop()
+        self._check()
+        self._f.flush()
+        return self._sha256.hexdigest()
 
     def close(self) -> None:
-        self._f.flush()
+        """Stop the threads without raising (an error is reported by :meth:`finish`, not on cleanup)."""
+        if any(t.is_alive() for t in self._threads):
+            self._stop()
         super().close()
 
 
@@ -90,11 +153,14 @@ def encrypt_file(src: Path, dst: Path, *, client: hvac.Client, key_name: str, ad
     wrapped_b = wrapped.encode()
     with open(dst, "wb") as out:
         sink = _HashingWriter(out)
-        sink.write(MAGIC + struct.pack(">I", len(wrapped_b)) + wrapped_b)
-        with open(src, "rb") as f, primitive.new_encrypting_stream(sink, ad) as enc:  # type: ignore[arg-type]
-            while block := f.read(_CHUNK):
-                enc.write(block)
-    return sink.sha256.hexdigest()
+        try:
+            sink.write(MAGIC + struct.pack(">I", len(wrapped_b)) + wrapped_b)
+            with open(src, "rb") as f, primitive.new_encrypting_stream(sink, ad) as enc:  # type: ignore[arg-type]
+                while block := f.read(_CHUNK):
+                    enc.write(block)
+            return sink.finish()
+        finally:
+            sink.close()
 
 
 def _read_header(f: BinaryIO, object_name: str) -> str:
