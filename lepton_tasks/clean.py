@@ -203,8 +203,7 @@ class Cleaner:
         if df.empty:
             return df
         h = row_hashes(df, self._columns) if hashes is None else hashes.rows(self._columns, df.index)
-        dup = pd.Series(h).duplicated().to_numpy() | self._seen.contains(h)
-        self._seen.add(h[~dup])
+        dup = self._seen.add_new(h)
         self.report.duplicates_removed += int(dup.sum())
         return df[~dup] if dup.any() else df
 

@@ -87,14 +87,14 @@ class _HashingWriter(io.RawIOBase):
         for t in self._threads:
             t.start()
 
-    def _run(self, q: "queue.Queue[list[bytes] | None]", consume) -> None:  # type: ignore[no-untyped-def]
+    def _run(self, q: queue.Queue[list[bytes] | None], consume) -> None:  # type: ignore[no-untyped-def]
         while (pieces := q.get()) is not None:
             if self._error is not None:
                 continue  # drain, so the producer never blocks on a dead consumer
             try:
                 for piece in pieces:
                     consume(piece)
-            except BaseException as exc:  # handed to the producer thread, which raises it
+            except BaseException as exc:  # noqa: BLE001 - handed to the producer thread, which raises it
                 self._error = exc
 
     def _check(self) -> None:

@@ -43,6 +43,18 @@ def _is_string(s: pd.Series) -> bool:
     return isinstance(s.dtype, pd.StringDtype) or s.dtype == object
 
 
+def _repetitive(arr: pa.Array) -> bool:
+    """Whether ``arr`` likely holds fewer than ``len(arr) / 2`` distinct values (then hashing its dictionary
+    pays off). Estimated from an evenly spaced sample of ``_SAMPLE`` values by the birthday bound: ``n``
+    draws from ``D`` equally likely values repeat about ``n² / 2D`` times, so ``D ≈ n² / (2 · repeats)``.
+    (Counting the sample's distinct values alone cannot tell 90 k distinct ids in 500 k rows from all-unique.)
+    """
+    n = min(len(arr), _SAMPLE)
+    sample = arr.take(np.linspace(0, len(arr) - 1, n).astype(np.int64)) if len(arr) > n else arr
+    repeats = n - pc.count_distinct(sample, mode="all").as_py()
+    return repeats > 0 and n * n / (2 * repeats) < len(arr) / 2
+
+
 def _string_hash(s: pd.Series, hash_key: str) -> np.ndarray | None:
     """Hash a string column through Arrow; ``None`` when it is not plain strings (then pandas does it)."""
     try:
@@ -54,8 +66,7 @@ def _string_hash(s: pd.Series, hash_key: str) -> np.ndarray | None:
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) or len(arr) == 0:
         return None
     nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
-    sample = arr.slice(0, _SAMPLE)
-    if pc.count_distinct(sample).as_py() * 2 < len(sample):  # repetitive: hash each distinct value once
+    if _repetitive(arr):  # hash each distinct value once
         enc = pc.dictionary_encode(arr)
         words = enc.dictionary.to_numpy(zero_copy_only=False)
         hashed = pd.util.hash_array(words, hash_key=hash_key, categorize=False)
@@ -150,6 +161,7 @@ class SeenHashes:
         self._mem = np.empty(0, dtype=np.uint64)
         self._memory_items = memory_items
         self._bloom_bytes = bloom_bytes
+        self._bloom_bits = 0
         self._bloom: np.ndarray | None = (
             None  # uint64 words, allocated at the first spill (small drops: never)
         )
@@ -185,25 +197,30 @@ class SeenHashes:
         return self._run_len
 
     # ------------------------------------------------------------------------------------------ bloom
-    # A blocked Bloom filter: each hash picks one 64-bit word (low bits) and sets PROBES bits in it (6-bit
-    # fields of the high bits). One word per hash keeps inserts vectorized without ufunc.at.
+    # A blocked Bloom filter: each hash picks one 64-bit word (its HIGH bits) and sets PROBES bits in it (6-bit
+    # fields of the low bits). Word = high bits means ascending hashes touch the filter in ascending order
+    # (cache- and prefetch-friendly), and hashes sharing a word are adjacent, so an insert ORs their masks
+    # together (``reduceat``) and writes each word once, vectorized, without ``ufunc.at``.
 
     def _word_and_mask(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self._bloom is not None
-        words = hashes % np.uint64(len(self._bloom))
+        words = hashes >> np.uint64(64 - self._bloom_bits)  # the word count is 2**_bloom_bits
         masks = np.zeros(len(hashes), dtype=np.uint64)
-        for k in range(self.PROBES):
-            masks |= np.uint64(1) << ((hashes >> np.uint64(28 + 6 * k)) & np.uint64(63))
+        bit = np.empty(len(hashes), dtype=np.uint64)
+        for k in range(self.PROBES):  # in place: no temporaries per probe
+            np.right_shift(hashes, np.uint64(6 * k), out=bit)
+            np.bitwise_and(bit, np.uint64(63), out=bit)
+            np.left_shift(np.uint64(1), bit, out=bit)
+            np.bitwise_or(masks, bit, out=masks)
         return words, masks
 
     def _bloom_add(self, hashes: np.ndarray) -> None:
+        """Add ``hashes`` (ascending) to the filter."""
         if self._bloom is None or not len(hashes):
             return
         words, masks = self._word_and_mask(hashes)
-        while len(words):  # hashes sharing a word: the last write wins, so repeat for the ones it lost
-            self._bloom[words] |= masks
-            lost = (self._bloom[words] & masks) != masks
-            words, masks = words[lost], masks[lost]
+        starts = np.flatnonzero(np.concatenate(([True], words[1:] != words[:-1])))
+        self._bloom[words[starts]] |= np.bitwise_or.reduceat(masks, starts)
 
     def _bloom_maybe(self, hashes: np.ndarray) -> np.ndarray:
         assert self._bloom is not None
@@ -236,7 +253,8 @@ class SeenHashes:
         if self._dir is None:
             self._dir = tempfile.TemporaryDirectory(prefix="lepton-seen-", dir=self._tmp_dir)
         if self._bloom is None:  # first spill: from now on the filter covers every hash of the set
-            self._bloom = np.zeros(self._bloom_bytes // 8, dtype=np.uint64)
+            self._bloom_bits = min(28, max(1, (self._bloom_bytes // 8).bit_length() - 1))  # 2**bits words
+            self._bloom = np.zeros(1 << self._bloom_bits, dtype=np.uint64)
             self._bloom_add(self._mem)
         new_path = os.path.join(self._dir.name, f"run-{self._run_len + len(self._mem)}.u64")
         fences: list[np.ndarray] = []
@@ -298,16 +316,39 @@ class SeenHashes:
 
     def add(self, hashes: np.ndarray) -> None:
         """Add ``hashes`` (duplicates and already-present values are ignored)."""
-        new = np.sort(np.asarray(hashes, dtype=np.uint64))
-        if len(new) > 1:
-            new = new[np.concatenate(([True], new[1:] != new[:-1]))]
-        new = new[~self._contains_sorted(new)]
-        if not len(new):
-            return
-        self._bloom_add(new)
-        merged = np.concatenate([self._mem, new])
-        merged.sort(kind="stable")  # two sorted runs: linear
-        self._mem = merged
-        self._count += len(new)
-        if len(self._mem) >= self._memory_items:
-            self._spill()
+        self.add_new(hashes)
+
+    def add_new(self, hashes: np.ndarray, *, within: bool = True) -> np.ndarray:
+        """Add ``hashes``; return which of them were already there — added before, or (``within``) equal to
+        an earlier element of ``hashes`` itself (like ``pandas.Series.duplicated(keep="first")`` over the whole
+        history). With ``within=False`` only hashes added by earlier calls count.
+
+        One membership test per distinct hash: the cheap way to ask ``contains`` and then ``add``.
+        """
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        dup = np.zeros(len(hashes), dtype=bool)
+        if not len(hashes):
+            return dup
+        order = np.argsort(hashes)  # not stable (SIMD sort): the first of equal hashes is found below
+        ordered = hashes[order]
+        first = np.ones(len(ordered), dtype=bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        starts = np.flatnonzero(first)
+        distinct = ordered[starts]
+        seen = self._contains_sorted(distinct)
+        if within:  # all repeats are duplicates, and the earliest of each group is one iff it was seen
+            dup[:] = True
+            earliest = np.minimum.reduceat(order, starts)
+            dup[earliest[~seen]] = False
+        else:  # every element of a group of equal hashes gets its group's answer
+            dup[order] = seen[np.cumsum(first) - 1]
+        new = distinct[~seen]
+        if len(new):
+            self._bloom_add(new)
+            merged = np.concatenate([self._mem, new])
+            merged.sort(kind="stable")  # two sorted runs: linear
+            self._mem = merged
+            self._count += len(new)
+            if len(self._mem) >= self._memory_items:
+                self._spill()
+        return dup

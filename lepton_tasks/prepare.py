@@ -25,9 +25,12 @@ Top-level imports are standard library only (safe for DAG files); the heavy modu
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lepton_tasks.drops import DropError
 
@@ -42,6 +45,106 @@ if TYPE_CHECKING:
 __all__ = ["CHUNK_ROWS", "PreparedDrop", "arrow_schema", "prepare_drop", "process_file"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class _Prefetch(Iterator[T]):
+    """Run an iterator on a background thread, ``depth`` items ahead (Arrow's CSV parse releases the GIL,
+    so the next chunk is read while this one is validated). Items and the iterator's exception arrive in
+    order; at most ``depth`` items exist beyond the one the consumer holds. :meth:`close` stops the thread,
+    which closes the iterator."""
+
+    _DONE = object()
+
+    def __init__(self, make: Callable[[], Iterator[T]], depth: int = 1) -> None:
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._slots = threading.Semaphore(depth)
+        self._stop = threading.Event()
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, args=(make,), daemon=True, name="lepton-prefetch")
+        self._thread.start()
+
+    def _slot(self) -> bool:
+        while not self._stop.is_set():
+            if self._slots.acquire(timeout=0.1):
+                return True
+        return False
+
+    def _run(self, make: Callable[[], Iterator[T]]) -> None:
+        it = iter(())  # type: Iterator[T]
+        try:
+            it = make()
+            while self._slot():
+                try:
+                    item = next(it)
+                except StopIteration:
+                    self._q.put((self._DONE, None))
+                    return
+                self._q.put((item, None))
+        except BaseException as exc:  # noqa: BLE001 - delivered to the consumer, in order, raised there
+            self._q.put((self._DONE, exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        item, exc = self._q.get()
+        if item is self._DONE:
+            self._finished = True
+            self._thread.join()
+            if exc is not None:
+                raise exc
+            raise StopIteration
+        self._slots.release()  # the producer may start on the next item while this one is processed
+        return item  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _BackgroundWriter:
+    """Append tables to Parquet writers on one background thread (Parquet encoding and zstd release the GIL),
+    in submission order, at most ``depth`` tables waiting. A write error is raised by the next
+    :meth:`submit` or by :meth:`close`."""
+
+    def __init__(self, writers: dict[str, Any], depth: int = 2) -> None:
+        self._writers = writers
+        self._q: queue.Queue[tuple[str, Any] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lepton-parquet-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the producer must never block on a dead consumer
+            kind, table = job
+            try:
+                self._writers[kind].write_table(table)
+            except BaseException as exc:  # noqa: BLE001 - raised on the producer's thread
+                self._error = exc
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, kind: str, table: Any) -> None:
+        self._check()
+        self._q.put((kind, table))
+
+    def close(self, *, check: bool = True) -> None:
+        """Finish pending writes, close the Parquet writers; raise a write error unless ``check`` is false."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        for w in self._writers.values():
+            w.close()
+        if check:
+            self._check()
 
 
 @dataclass
@@ -142,18 +245,19 @@ def _prepare(
     cleaner = Cleaner(contract, object_key=object_key, spill_dir=str(out_dir))
     stats = SufficientStats.empty(contract)
     rows_in = rows_train = rows_holdout = 0
-    writers = {
+    writer = _BackgroundWriter({
         "train": pq.ParquetWriter(train_path, schema, compression="zstd"),
         "holdout": pq.ParquetWriter(holdout_path, schema, compression="zstd"),
-    }
+    })
 
     def write(kind: str, frame) -> None:
-        table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-        writers[kind].write_table(table)
+        writer.submit(kind, pa.Table.from_pandas(frame, schema=schema, preserve_index=False))
 
+    chunks: _Prefetch[Any] = _Prefetch(
+        lambda: iter_chunks(path, contract, object_key=object_key, chunk_rows=chunk_rows, typed=typed)
+    )
     try:
         try:
-            chunks = iter_chunks(path, contract, object_key=object_key, chunk_rows=chunk_rows, typed=typed)
             for chunk in chunks:
                 offset = chunk.attrs.get("row_offset", rows_in)
                 rows_in += len(chunk)
@@ -185,17 +289,22 @@ def _prepare(
             )
             raise
     except BaseException:
+        chunks.close()
         cleaner.close()
         if validator is not None:
             validator.close()
-        for w in writers.values():
-            w.close()
+        writer.close(check=False)  # the error being raised is the one to report
         train_path.unlink(missing_ok=True)
         holdout_path.unlink(missing_ok=True)
         raise
+    chunks.close()
     cleaner.close()
-    for w in writers.values():
-        w.close()
+    try:
+        writer.close()
+    except BaseException:
+        train_path.unlink(missing_ok=True)
+        holdout_path.unlink(missing_ok=True)
+        raise
     warnings = [w for v in validator.validations for w in v.warnings]
     return PreparedDrop(
         object_key=object_key,

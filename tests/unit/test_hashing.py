@@ -80,6 +80,27 @@ def test_seen_hashes_is_exact_across_spills(tmp_path):
     assert len(seen) == 0 and not seen.contains(extremes).any()
 
 
+def test_add_new_flags_repeats_like_pandas_duplicated_over_the_whole_history(tmp_path):
+    rng = np.random.default_rng(3)
+    seen = SeenHashes(memory_items=700, bloom_bytes=4096, tmp_dir=str(tmp_path))  # spills along the way
+    history: list[int] = []
+    for _ in range(30):
+        batch = rng.integers(0, 4_000, size=250).astype(np.uint64)  # repeats within and across batches
+        before = set(history)
+        if rng.random() < 0.5:
+            got = seen.add_new(batch)
+            expected = pd.Series(history + batch.tolist()).duplicated(keep="first").to_numpy()[len(history):]
+        else:
+            got = seen.add_new(batch, within=False)
+            expected = np.array([int(v) in before for v in batch])
+        assert got.tolist() == expected.tolist()
+        history += batch.tolist()
+        assert len(seen) == len(set(history))
+    assert seen.spilled > 0
+    assert not seen.add_new(np.empty(0, dtype=np.uint64)).size
+    seen.close()
+
+
 def test_seen_hashes_memory_is_bounded(tmp_path):
     """Past ``memory_items`` the hashes live on disk, not in RAM (the flat-memory property of the ingest)."""
     seen = SeenHashes(memory_items=50_000, bloom_bytes=1 << 20, tmp_dir=str(tmp_path))
