@@ -111,7 +111,7 @@ class _BackgroundWriter:
     in submission order, at most ``depth`` tables waiting. A write error is raised by the next
     :meth:`submit` or by :meth:`close`."""
 
-    def __init__(self, writers: dict[str, Any], depth: int = 2) -> None:
+    def __init__(self, writers: dict[str, Any], depth: int = 1) -> None:
         self._writers = writers
         self._q: queue.Queue[tuple[str, Any] | None] = queue.Queue(depth)
         self._error: BaseException | None = None

@@ -427,7 +427,9 @@ def _iter_csv_tables(
     read_options = pacsv.ReadOptions(
         column_names=names,
         skip_rows=1,
-        block_size=max(8 << 20, 2 * max_line_bytes),
+        # Arrow's streaming reader reads up to 32 blocks ahead on its I/O thread: 8 MiB blocks held ~300 MiB
+        # of raw CSV in RAM, 2 MiB blocks ~75 MiB, for the same read speed (measured on a 1 GB drop)
+        block_size=max(2 << 20, 2 * max_line_bytes),
         use_threads=typed,
     )
     parse_options = pacsv.ParseOptions(delimiter=",", newlines_in_values=True, ignore_empty_lines=True)

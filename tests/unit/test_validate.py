@@ -90,6 +90,13 @@ def test_null_and_unique_within_chunk():
     by_code = {f.code: f for f in v.failures}
     assert by_code["null_value"].rows == [4]
     assert by_code["duplicate_value"].rows == [1, 3]
+    assert by_code["duplicate_value"].column == "id" and by_code["duplicate_value"].samples[0]["id"] == "r1"
+    assert "r1" in by_code["duplicate_value"].message  # the value, not its hash
+
+
+def test_missing_values_are_not_duplicates_of_each_other():
+    v = validate_chunk(typed(id=["r1", None, None, "r2"]), CONTRACT, object_key=KEY, row_offset=0)
+    assert [f.code for f in v.failures] == ["null_value"]
 
 
 def test_unique_across_chunks():
