@@ -415,7 +415,7 @@ class _RunWriter:
 
     def emit(self, arr: np.ndarray) -> None:
         first = (-self._written) % self.block  # index in arr of the next fence
-        self._fences.append(arr[first :: self.block])
+        self._fences.append(arr[first :: self.block].copy())  # a copy: a view would keep all of arr alive
         arr.tofile(self._f)
         self._written += len(arr)
 

@@ -133,3 +133,27 @@ def test_split_from_chunk_hashes_equals_the_plain_split():
     # hashes built for another salt are not used for this one
     other = holdout_mask(kept, ecommerce, salt="exp-2", hashes=ChunkHashes(df, salt=""))
     assert (other == holdout_mask(kept, ecommerce, salt="exp-2")).all()
+
+
+def test_merging_runs_streams_instead_of_holding_the_run_in_ram(tmp_path):
+    """A merge keeps O(step) hashes in RAM: the fence index must not keep views of every emitted block."""
+    import tracemalloc
+
+    from lepton_tasks.hashing import _merge_runs, _RunWriter
+
+    rng = np.random.default_rng(5)
+    values = np.unique(rng.integers(0, 2**64 - 1, size=2_000_000, dtype=np.uint64))
+    runs = []
+    for name, part in (("a", values[0::2]), ("b", values[1::2])):
+        with _RunWriter(str(tmp_path / name), 512) as w:
+            w.emit(part)
+        runs.append(w.run())
+    del values, part
+    tracemalloc.start()
+    merged = _merge_runs(runs[0], runs[1], str(tmp_path / "m"), 512, step=1 << 14)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert merged.length == runs[0].length + runs[1].length
+    data = np.fromfile(tmp_path / "m", dtype=np.uint64)
+    assert (np.diff(data) > 0).all() and (merged.fences == data[::512]).all()
+    assert peak < 2 << 20  # 16 MB of hashes merged with ~1 MB in flight (a view per block held ~16 MB)
