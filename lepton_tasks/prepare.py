@@ -8,8 +8,10 @@ This is what the Airflow ingest task calls between downloading a drop and encryp
 
 Memory stays bounded: each chunk of ``chunk_rows`` rows is processed and appended to two Parquet files with
 ``pyarrow.parquet.ParquetWriter``; the per-drop hash sets (exact duplicates, ``unique`` columns) keep at most
-2 M hashes in RAM and spill the rest to a sorted run file in ``out_dir``
-(:class:`lepton_tasks.hashing.SeenHashes`). On a critical problem it raises
+2 M hashes in RAM and spill the rest to sorted run files in ``out_dir``
+(:class:`lepton_tasks.hashing.SeenHashes`). Three threads overlap the work: the next chunk is parsed while
+this one is validated (:class:`_Prefetch`), Parquet encoding runs behind (:class:`_BackgroundWriter`), and the
+hash sets merge their runs in the background. On a critical problem it raises
 :class:`~lepton_tasks.drops.DropError` (with ``validation_html`` attached for the quarantine) and leaves no
 partial output behind.
 
@@ -184,7 +186,7 @@ def arrow_schema(contract: Contract) -> pa.Schema:
 
 
 #: rows per chunk: big enough to amortize GX's per-validation overhead, small enough to bound memory
-CHUNK_ROWS = 500_000
+CHUNK_ROWS = 750_000
 
 
 def prepare_drop(
