@@ -5,6 +5,7 @@ of the partners' data — something a real federation would not have) and print 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,8 +30,12 @@ def _scenario(name: str):
     return SCENARIOS[name]
 
 
-def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:
-    """Onboard missing partners and upload each partner's file with that partner's own credentials."""
+def drop_scenario(stack, scenario: str, *, seed: int = 7, dropped: dict[str, str] | None = None) -> Iterator[str]:
+    """Onboard missing partners and upload each partner's file with that partner's own credentials.
+
+    ``dropped``, when given, receives ``{partner: drop id}`` of the files uploaded (what ingest will stage).
+    """
+    from lepton_tasks.ingest import drop_id_of
     from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner, drop_as_partner
     from lepton_tasks.storage import Storage
 
@@ -48,8 +53,50 @@ def drop_scenario(stack, scenario: str, *, seed: int = 7) -> Iterator[str]:
     for raw, df in frames.items():
         name = partner_name(raw)
         key = f"{sc.dataset}/{scenario}-seed{seed}.csv"
-        drop_as_partner(settings, name, key, to_csv_bytes(df))
+        data = to_csv_bytes(df)
+        drop_as_partner(settings, name, key, data)
+        if dropped is not None:
+            dropped[name] = drop_id_of(hashlib.sha256(data).hexdigest())
         yield f"{name} dropped s3://{settings.inbox_bucket(name)}/{key} ({len(df)} rows) with its own credentials"
+
+
+def _training_run(api, storage, settings, train_dag: str, before: set[str], expected: set[str],
+                  rounds: int, wait_for_asset_run: float = 120.0) -> Iterator[str]:
+    """Find the training run that trains on all of ``expected`` (manifest keys); yield ``"run:<id>"`` last.
+
+    The staged-asset events start runs as partners' drops land, so the first new run may have been planned
+    with only some of them: a run counts once its ``plan.json`` lists every expected manifest. If none has
+    started ``wait_for_asset_run`` seconds after staging, one is started from the API (at once when the drops
+    were staged before, e.g. by an earlier demo with the same seed: no new asset event will come).
+    """
+    from lepton_tasks.federation import run_prefix
+
+    rejected: set[str] = set()
+    t0 = time.monotonic()
+    while True:
+        pending = False
+        for r in reversed(api.runs(train_dag)):  # oldest first
+            rid = r["dag_run_id"]
+            if rid in before or rid in rejected:
+                continue
+            plan_key = run_prefix(rid) + "plan.json"
+            if not storage.exists(settings.models_bucket, plan_key):
+                if r["state"] == "failed":
+                    rejected.add(rid)
+                else:
+                    pending = True  # queued, or not planned yet
+                continue
+            planned = {d["manifest"] for ds in storage.get_json(settings.models_bucket, plan_key)["drops"].values()
+                       for d in ds}
+            if expected <= planned:
+                yield f"run:{rid}"
+                return
+            rejected.add(rid)
+            yield f"run {rid} started before all drops were staged; waiting for the next one"
+        if not pending and time.monotonic() - t0 >= wait_for_asset_run:  # no asset-triggered run covers them
+            yield f"run:{api.trigger(train_dag, {'rounds': rounds})}"
+            return
+        time.sleep(3)
 
 
 def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +136,7 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
     """The whole mission on the embedded stack; yields progress lines."""
     from lepton_tasks.airflow_api import AirflowAPI
     from lepton_tasks.federation import run_prefix
-    from lepton_tasks.ingest import staged_manifests
+    from lepton_tasks.ingest import MANIFEST, drop_prefix
     from lepton_tasks.publish import publish_run
     from lepton_tasks.storage import Storage
 
@@ -106,26 +153,27 @@ def run_demo(stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: f
     for dag_id in ("lepton_ingest", train_dag):
         api.unpause(dag_id)
     before = {r["dag_run_id"] for r in api.runs(train_dag)}
-    yield from drop_scenario(stack, scenario, seed=seed)
+    dropped: dict[str, str] = {}
+    yield from drop_scenario(stack, scenario, seed=seed, dropped=dropped)
     storage = Storage.from_settings(settings)
-    partners = [partner_name(p) for p in sc.partners]
+    # these drops' manifests, not just any staged data (a second demo finds the first one's drops staged)
+    expected = {f"{drop_prefix(p, sc.dataset, d)}{MANIFEST}" for p, d in dropped.items()}
     yield f"waiting for the inbox watcher to ingest the drops (event-driven; see {af.url}/dags/lepton_ingest)"
     t0 = time.monotonic()
-    while set(staged_manifests(storage, settings, sc.dataset, partners)) != set(partners):
+    known = all(storage.exists(settings.staging_bucket, k) for k in expected)  # the same files, staged before
+    while not all(storage.exists(settings.staging_bucket, k) for k in expected):
         if time.monotonic() - t0 > 600:
             raise SystemExit("drops were not staged within 10 min: see the lepton_ingest runs in the UI")
         time.sleep(3)
-    yield f"all {len(partners)} partners staged in {time.monotonic() - t0:.0f}s; waiting for the training run"
+    yield ("these files were staged before (same content): starting a training run" if known else
+           f"all {len(dropped)} partners staged in {time.monotonic() - t0:.0f}s; waiting for the training run")
     run_id = None
-    t0 = time.monotonic()
-    while run_id is None:
-        new = [r for r in api.runs(train_dag) if r["dag_run_id"] not in before]
-        if new:
-            run_id = new[-1]["dag_run_id"]
-        elif time.monotonic() - t0 > 120:  # the asset event did not start one: start it from the API
-            run_id = api.trigger(train_dag, {"rounds": rounds})
+    for line in _training_run(api, storage, settings, train_dag, before, expected, rounds,
+                              wait_for_asset_run=0.0 if known else 120.0):
+        if line.startswith("run:"):
+            run_id = line[4:]
         else:
-            time.sleep(3)
+            yield line
     yield f"training run {run_id}: {af.url}/dags/{train_dag}/runs/{run_id}"
     state = api.wait_run(train_dag, run_id, timeout)
     if state != "success":

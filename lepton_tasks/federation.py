@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lepton_tasks.contracts import load_contract
@@ -58,6 +58,33 @@ def run_prefix(run_id: str) -> str:
     return f"{safe}/"
 
 
+def _staged_at(manifest: dict[str, Any]) -> datetime:
+    raw = manifest.get("staged_at")
+    return datetime.fromisoformat(raw) if raw else datetime.min.replace(tzinfo=UTC)
+
+
+def latest_per_source(manifests: dict[str, dict[str, Any]]) -> tuple[list[str], dict[str, str]]:
+    """Of one partner's committed drops, those that count: the latest per inbox file.
+
+    A partner that uploads a file again under the same inbox key (a corrected export, next month's refresh
+    of the same file) replaces its earlier content, as an S3 overwrite does; different keys add up. Returns
+    ``(current manifest keys, {superseded manifest key: manifest key that replaced it})``. "Latest" is the
+    manifest's ``staged_at`` (ties: the manifest key, so the choice is deterministic); a manifest without a
+    ``source`` key stands alone.
+    """
+    groups: dict[str, list[str]] = {}
+    for key, m in manifests.items():
+        source = (m.get("source") or {}).get("key") or f"manifest:{key}"
+        groups.setdefault(source, []).append(key)
+    current: list[str] = []
+    old: dict[str, str] = {}
+    for keys in groups.values():
+        keys.sort(key=lambda k: (_staged_at(manifests[k]), k))
+        current.append(keys[-1])
+        old.update({k: keys[-1] for k in keys[:-1]})
+    return sorted(current), old
+
+
 def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str, dataset: str,
              partners: list[str] | None, hparams: HParams) -> dict[str, Any]:
     """Verify every committed drop's manifest, merge the partners' train statistics, write plan + stats."""
@@ -71,10 +98,17 @@ def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str,
             log.warning("no staged data for %s: excluded from this run", ", ".join(missing))
     stats: list[SufficientStats] = []
     plan_partners: dict[str, list[dict[str, Any]]] = {}
+    superseded: dict[str, list[str]] = {}
     for partner, keys in found.items():
+        manifests = {key: read_manifest(storage, settings, vault, partner, key) for key in keys}
+        current, old = latest_per_source(manifests)
+        for key, by in old.items():
+            log.info("%s: %s is superseded by %s (the same inbox file uploaded again)", partner, key, by)
+        if old:
+            superseded[partner] = sorted(old)
         drops = []
-        for key in keys:
-            m = read_manifest(storage, settings, vault, partner, key)
+        for key in current:
+            m = manifests[key]
             if m["contract"] != contract.version_tag:
                 log.warning("skipping %s: contract %s, run uses %s", key, m["contract"], contract.version_tag)
                 continue
@@ -90,7 +124,8 @@ def plan_run(settings: Settings, storage: Storage, vault: Vault, *, run_id: str,
     prefix = run_prefix(run_id)
     storage.put_json(settings.models_bucket, prefix + "stats.json", merged.model_dump(mode="json"))
     plan = {"run_id": run_id, "dataset": dataset, "contract": contract.version_tag,
-            "partners": sorted(plan_partners), "drops": plan_partners, "hparams": hparams.__dict__,
+            "partners": sorted(plan_partners), "drops": plan_partners, "superseded": superseded,
+            "hparams": hparams.__dict__,
             "feature_names": feature_names(contract, GlobalStats.from_stats(merged, contract))}
     storage.put_json(settings.models_bucket, prefix + "plan.json", plan)
     return plan

@@ -53,6 +53,11 @@ class IngestResult:
     rows: dict[str, int] = field(default_factory=dict)
 
 
+def drop_id_of(sha256_hex: str) -> str:
+    """A drop's id: the first 16 hex digits of the SHA-256 of its bytes (the same file, the same id)."""
+    return sha256_hex[:16]
+
+
 def drop_prefix(partner: str, dataset: str, drop_id: str) -> str:
     return f"{partner}/{dataset}/{drop_id}/"
 
@@ -130,7 +135,7 @@ def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str
         info = storage.stat(bucket, object_key)
         raw = storage.download(bucket, object_key, work / "raw")
         drop_hash = sha256_file(raw)
-        drop_id = drop_hash[:16]
+        drop_id = drop_id_of(drop_hash)
         try:
             dk = parse_drop_key(object_key, available())
         except DropError as err:
@@ -183,7 +188,7 @@ def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str
             "encryption": {"scheme": "tink-streaming-aead/AES256_GCM_HKDF_1MB+vault-transit",
                            "key_name": key_name, "key_version": key_version},
             "objects": objects,
-            "staged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "staged_at": datetime.now(UTC).isoformat(timespec="microseconds"),  # orders re-uploads of a key
         }
         body = {"manifest": manifest, "hmac": vault.sign(key_name, canonical(manifest))}
         storage.put_json(settings.staging_bucket, prefix + MANIFEST, body)  # last: the commit marker

@@ -221,3 +221,22 @@ def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised
                      object_name="v1")
     decrypt_file(tmp_path / "v2.enc", tmp_path / "v2b.out", client=reader.client, key_name=key, ad=ad,
                  object_name="v2")
+
+
+def test_a_file_uploaded_again_replaces_its_earlier_version_in_the_next_run(staged, settings, admin_storage,
+                                                                           operator_vault):
+    """The same inbox key uploaded again with new content is a new drop; the plan uses only the latest."""
+    from lepton_tasks.federation import HParams, plan_run
+
+    name = PARTNERS[0]
+    df = SCENARIOS[SCENARIO].generate(7)[SCENARIOS[SCENARIO].partners[0]]
+    drop_as_partner(settings, name, "banks/drop-1.csv", to_csv_bytes(df.iloc[:-50]))  # a corrected export
+    res = ingest_drop(settings, admin_storage, operator_vault, name, "banks/drop-1.csv")
+    assert res.status == "staged" and res.drop_id != staged[name].drop_id
+    plan = plan_run(settings, admin_storage, operator_vault, run_id="test-run-reupload", dataset="banks",
+                    partners=PARTNERS, hparams=HParams(rounds=1, min_partners=3))
+    assert [d["manifest"] for d in plan["drops"][name]] == [res.manifest_key]
+    assert plan["superseded"][name] == [staged[name].manifest_key]
+    assert sum(plan["drops"][name][0]["rows"].values()) == sum(staged[name].rows.values()) - 50
+    for other in PARTNERS[1:]:  # the other partners' drops are untouched
+        assert [d["manifest"] for d in plan["drops"][other]] == [staged[other].manifest_key]
