@@ -40,13 +40,27 @@ class _FailingFile(io.RawIOBase):
         return len(b)
 
 
-def test_a_write_error_on_the_thread_is_raised_not_lost():
+def test_a_write_error_is_raised_not_lost():
     sink = _HashingWriter(_FailingFile(fail_after=1_000_000), batch=100_000, depth=2)
-    with pytest.raises(EnvelopeError, match="No space left on device"):
-        for _ in range(200):  # 20 MB: far past the failure, so write() or finish() must notice it
+    with pytest.raises(OSError, match="No space left on device"):
+        for _ in range(200):  # 20 MB: far past the failure
             sink.write(b"x" * 100_000)
-        sink.finish()
     sink.close()  # no hang, no second error
+
+
+def test_a_hashing_error_on_the_thread_is_raised_not_lost(tmp_path):
+    class Broken:
+        def update(self, b: bytes) -> None:
+            raise MemoryError("hasher failed")
+
+    with open(tmp_path / "o", "wb") as f:
+        sink = _HashingWriter(f, batch=10, depth=1)
+        sink._sha256 = Broken()  # type: ignore[assignment]
+        with pytest.raises(EnvelopeError, match="hasher failed"):
+            for _ in range(100):
+                sink.write(b"y" * 100)
+            sink.finish()
+        sink.close()
 
 
 def test_close_without_finish_stops_the_threads(tmp_path):
@@ -54,4 +68,4 @@ def test_close_without_finish_stops_the_threads(tmp_path):
         sink = _HashingWriter(f)
         sink.write(b"abc")
         sink.close()
-    assert not any(t.is_alive() for t in sink._threads)
+    assert not sink._thread.is_alive()
