@@ -148,8 +148,8 @@ class SeenHashes:
     Exact-duplicate removal and ``unique`` columns need every earlier row's hash, which grows with the file
     (8 bytes per row). To keep the ingest's peak memory flat, this set holds at most ``memory_items`` hashes
     in RAM (a sorted array) and the rest in sorted run files on local disk (``tmp_dir``): each time RAM fills
-    it becomes a new run, and runs of similar size are merged (streaming), so there are O(log n) runs and
-    each hash is rewritten O(log n) times. In front of the runs stand
+    it becomes a new run, and runs of similar size are merged (streaming, on a background thread), so there
+    are O(log n) runs and each hash is rewritten O(log n) times. In front of the runs stand
 
     * a fixed-size blocked Bloom filter (``bloom_bytes``; 6 bits in one 64-bit word per hash): a hash that
       was never added is rejected without touching disk, except for a small false-positive rate (measured
@@ -157,7 +157,7 @@ class SeenHashes:
     * a fence index (every ``BLOCK``-th hash of the run, 8 bytes per 512 hashes): a hash that passed the filter
       costs one 4 KiB ``pread`` per run until found.
 
-    ``contains`` and ``add`` take whole arrays (vectorized). 64-bit hashes make a false "seen" possible but
+    ``contains``, ``add`` and ``add_new`` take whole arrays (vectorized). 64-bit hashes make a false "seen" possible but
     negligible (≈ n²/2⁶⁵: 3·10⁻⁶ for 10 million rows). Call :meth:`close` (or use ``with``) to delete the runs.
     """
 
