@@ -27,7 +27,7 @@ from lepton_tasks.drops import MAX_SAMPLES, DropError
 from lepton_tasks.hashing import ChunkHashes, SeenHashes
 from lepton_tasks.hashing import row_hashes as _row_hashes
 
-__all__ = ["Cleaner", "CleaningReport", "SeenHashes", "coerce_types", "row_hashes", "row_numbers"]
+__all__ = ["Cleaner", "CleaningReport", "coerce_types", "row_hashes", "row_numbers"]
 
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}

@@ -7,8 +7,8 @@ the process or the chunking (``tests/unit/test_hashing.py`` checks the equality;
 
 Why not just call pandas: for an Arrow-backed string column pandas factorizes a Python-object copy of it
 before hashing (~0.39 s per million 12-character ids on this machine). :func:`column_hash` instead hashes
-Arrow's dictionary of a low-cardinality column (categories, item ids: ~0.01–0.04 s per million) and the values
-directly otherwise (~0.15 s per million) — same result, measured in ``bench/ingest``.
+Arrow's dictionary when a sample says the column repeats (categories, item ids, user ids: ~0.01–0.04 s per
+million) and the values otherwise, fed to SipHash as UTF-8 ``bytes`` (~0.06 s per million) — same result.
 
 :class:`ChunkHashes` computes each column's hash once per chunk and serves the row hash (exact-duplicate
 removal), a column's hash (``unique`` across the drop) and the row-key hash (the train/holdout split) from it.
@@ -220,8 +220,8 @@ class SeenHashes:
 
     def _word_and_mask(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self._bloom is not None
-        words = (hashes >> np.uint64(64 - self._bloom_bits)).astype(np.intp)  # 2**_bloom_bits words; intp
-        # indices: numpy's fancy indexing converts uint64 indices first (measured ~1.7x slower)
+        # 2**_bloom_bits words; intp indices, because fancy indexing converts uint64 ones first (~1.7x slower)
+        words = (hashes >> np.uint64(64 - self._bloom_bits)).astype(np.intp)
         masks = np.zeros(len(hashes), dtype=np.uint64)
         bit = np.empty(len(hashes), dtype=np.uint64)
         for k in range(self.PROBES):  # in place: no temporaries per probe

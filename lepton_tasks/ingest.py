@@ -127,7 +127,7 @@ def _quarantine(storage: Storage, settings: Settings, partner: str, object_key: 
 def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str, object_key: str,
                 *, work_root: Path | None = None, chunk_rows: int | None = None) -> IngestResult:
     """Process one inbox object of ``partner``. Raises :class:`DropError` after quarantining a bad drop."""
-    from lepton_tasks.prepare import prepare_drop
+    from lepton_tasks.prepare import CHUNK_ROWS, prepare_drop
 
     bucket = settings.inbox_bucket(partner)
     work = Path(tempfile.mkdtemp(prefix=f"lepton-ingest-{partner}-", dir=work_root))
@@ -152,7 +152,7 @@ def ingest_drop(settings: Settings, storage: Storage, vault: Vault, partner: str
             return IngestResult(partner, object_key, "skipped", drop_id, dk.dataset, prefix + MANIFEST)
         try:
             prepared = prepare_drop(raw, contract, object_key=object_key, out_dir=work / "prepared",
-                                    **({} if chunk_rows is None else {"chunk_rows": chunk_rows}))
+                                    chunk_rows=CHUNK_ROWS if chunk_rows is None else chunk_rows)
         except DropError as err:
             html = getattr(err, "validation_html", None)
             reason = _quarantine(storage, settings, partner, object_key, drop_id, err, html)

@@ -63,6 +63,8 @@ _HASH_ALIAS = "__lepton_value_hash__"  # + column name: the column GX checks uni
 
 def _unalias(column: str | None) -> str | None:
     return column[len(_HASH_ALIAS):] if column and column.startswith(_HASH_ALIAS) else column
+
+
 _RESULT_FORMAT = {
     "result_format": "SUMMARY",
     "partial_unexpected_count": 20,

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.clean import Cleaner, SeenHashes, coerce_types, row_hashes, row_numbers
+from lepton_tasks.clean import Cleaner, coerce_types, row_hashes, row_numbers
 from lepton_tasks.contracts import Contract
 from lepton_tasks.drops import DropError
+from lepton_tasks.hashing import SeenHashes
 
 CONTRACT = Contract.model_validate(
     {
