@@ -19,6 +19,7 @@ from datetime import timedelta
 from airflow.sdk import Asset, AssetWatcher, Param, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
+
 from lepton_airflow.assets import DATASETS, staged_asset
 from lepton_airflow.inbox_trigger import InboxTrigger
 
@@ -38,10 +39,18 @@ INBOXES = Asset(
     tags=["lepton", "ingest"],
     default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "lepton"},
     params={
-        "partner": Param(None, type=["null", "string"], pattern="^[a-z][a-z0-9-]{1,30}[a-z0-9]$",
-                         description="Ingest only this partner's inbox (UI runs). Empty: every partner."),
-        "object_key": Param(None, type=["null", "string"], maxLength=512,
-                            description="One object key in that inbox, e.g. banks/2026-11.csv. Empty: all new."),
+        "partner": Param(
+            None,
+            type=["null", "string"],
+            pattern="^[a-z][a-z0-9-]{1,30}[a-z0-9]$",
+            description="Ingest only this partner's inbox (UI runs). Empty: every partner.",
+        ),
+        "object_key": Param(
+            None,
+            type=["null", "string"],
+            maxLength=512,
+            description="One object key in that inbox, e.g. banks/2026-11.csv. Empty: all new.",
+        ),
     },
 )
 def lepton_ingest():
@@ -49,10 +58,9 @@ def lepton_ingest():
     def discover() -> list[dict[str, str]]:
         """Which drops this run handles: the watcher's payload, the UI's Params, or a sweep."""
         from lepton_airflow.connections import lepton_settings
-
-        from lepton_tasks.ingest import list_new_drops
-        from lepton_tasks.partners import Registry
-        from lepton_tasks.storage import Storage
+        from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.ingest.stage import list_new_drops
+        from lepton_tasks.ops.partners import Registry
 
         ctx = get_current_context()
         params = ctx["params"]
@@ -64,7 +72,11 @@ def lepton_ingest():
         if params.get("partner") and params.get("object_key"):
             drops = [{"partner": params["partner"], "key": params["object_key"]}]
         elif not drops:
-            partners = [params["partner"]] if params.get("partner") else sorted(Registry(settings.registry_file).load())
+            partners = (
+                [params["partner"]]
+                if params.get("partner")
+                else sorted(Registry(settings.registry_file).load())
+            )
             drops = list_new_drops(Storage.from_settings(settings), settings, partners)
         unique = {(d["partner"], d["key"]): {"partner": d["partner"], "key": d["key"]} for d in drops}
         print(f"{len(unique)} drop(s) to ingest: {sorted(unique)}")
@@ -72,23 +84,27 @@ def lepton_ingest():
 
     @task(max_active_tis_per_dagrun=2, execution_timeout=timedelta(hours=2))
     def ingest(drop: dict[str, str]) -> dict:
-        """One drop, end to end (see lepton_tasks.ingest.ingest_drop)."""
+        """One drop, end to end (see lepton_tasks.ingest.stage.ingest_drop)."""
         from dataclasses import asdict
 
         from airflow.sdk.exceptions import AirflowFailException
-        from lepton_airflow.connections import lepton_settings
 
-        from lepton_tasks.drops import DropError
-        from lepton_tasks.ingest import ingest_drop
-        from lepton_tasks.storage import Storage
-        from lepton_tasks.vault import Vault
+        from lepton_airflow.connections import lepton_settings
+        from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.adapters.vault import Vault
+        from lepton_tasks.core.drops import DropError
+        from lepton_tasks.ingest.stage import ingest_drop
 
         settings = lepton_settings()
         storage = Storage.from_settings(settings)
         if not storage.exists(settings.inbox_bucket(drop["partner"]), drop["key"]):
-            print(f"{drop['partner']}/{drop['key']} is no longer in the inbox (already handled): nothing to do")
+            print(
+                f"{drop['partner']}/{drop['key']} is no longer in the inbox (already handled): nothing to do"
+            )
             return {"partner": drop["partner"], "object_key": drop["key"], "status": "gone"}
-        vault = Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount)
+        vault = Vault.connect(
+            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
+        )
         try:
             result = ingest_drop(settings, storage, vault, drop["partner"], drop["key"])
         except DropError as err:  # bad data: quarantined; retrying cannot help, so fail now and loudly
@@ -109,7 +125,9 @@ def lepton_ingest():
                 raise AirflowSkipException(f"no new staged data for {dataset}")
             ctx = get_current_context()
             ctx["outlet_events"][staged_asset(dataset)].extra = {
-                "dataset": dataset, "drops": [f"{r['partner']}/{r['drop_id']}" for r in staged]}
+                "dataset": dataset,
+                "drops": [f"{r['partner']}/{r['drop_id']}" for r in staged],
+            }
             print(f"announced {len(staged)} new staged drop(s) for {dataset}")
 
         announce(results)

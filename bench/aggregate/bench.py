@@ -84,7 +84,7 @@ from pathlib import Path
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
 
-from lepton_tasks.aggregate import fedavg
+from lepton_tasks.federation.aggregate import fedavg
 
 MB = 1024 * 1024
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FedAvg benchmark: flwr's aggregate() vs lepton_tasks.aggregate.fedavg (see bench/README.md).
+# FedAvg benchmark: flwr's aggregate() vs lepton_tasks.federation.aggregate.fedavg (see bench/README.md).
 # Usage: bench/aggregate/run.sh [bench.py options]   e.g. --partners 20 --params 10000000 --json out.json
 # Creates bench/.venv-flwr (gitignored) from requirements.txt when missing or when requirements.txt changed.
 set -euo pipefail

@@ -28,12 +28,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _child(code: str, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh Python; it prints one JSON line; add its peak RSS."""
-    wrapper = code + "\nimport resource, json as _j\n" \
+    wrapper = (
+        code + "\nimport resource, json as _j\n"
         "print('RESULT ' + _j.dumps({**RESULT, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    out = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})}, cwd=REPO)
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+    )
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 BASELINE = """
@@ -47,9 +55,9 @@ RESULT = {{'seconds': time.perf_counter() - t, 'rows': table.num_rows}}
 FULL = """
 import time, hvac
 from pathlib import Path
-from lepton_tasks.contracts import load_contract
-from lepton_tasks.prepare import prepare_drop
-from lepton_tasks.envelope import encrypt_file, associated_data
+from lepton_tasks.core.contracts import load_contract
+from lepton_tasks.ingest.prepare import prepare_drop
+from lepton_tasks.adapters.envelope import encrypt_file, associated_data
 client = hvac.Client(url={addr!r}, token={token!r})
 t = time.perf_counter()
 p = prepare_drop(Path({src!r}), load_contract('ecommerce'), object_key='ecommerce/bench.csv', out_dir=Path({out!r}))
@@ -63,7 +71,7 @@ CRYPTO = """
 import hashlib, os, time, hvac
 from pathlib import Path
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from lepton_tasks.envelope import encrypt_file
+from lepton_tasks.adapters.envelope import encrypt_file
 src = Path({src!r}); dst = Path({dst!r})
 client = hvac.Client(url={addr!r}, token={token!r})
 data_mb = src.stat().st_size / 2**20
@@ -113,10 +121,10 @@ def main() -> int:
     ap.add_argument("--crypto-only", action="store_true", help="only the encryption comparison (256 MiB)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from lepton_tasks.embedded.openbao import OpenBao
-    from lepton_tasks.embedded.process import free_port
-    from lepton_tasks.scenarios.ecommerce import write_csv
-    from lepton_tasks.vault import Vault
+    from lepton_tasks.adapters.vault import Vault
+    from lepton_tasks.ops.embedded.openbao import OpenBao
+    from lepton_tasks.ops.embedded.process import free_port
+    from lepton_tasks.ops.scenarios.ecommerce import write_csv
 
     with tempfile.TemporaryDirectory(prefix="lepton-bench-") as tmp:
         tmpd = Path(tmp)
@@ -135,17 +143,24 @@ def main() -> int:
                 rows = int(size * 2**20 / 68)  # ≈ 68 bytes per event row
                 t = time.perf_counter()
                 written = write_csv(src, rows, seed=1)
-                print(f"generated {written / 2**20:.0f} MiB ({rows} rows) in {time.perf_counter() - t:.0f}s", flush=True)
+                print(
+                    f"generated {written / 2**20:.0f} MiB ({rows} rows) in {time.perf_counter() - t:.0f}s",
+                    flush=True,
+                )
                 if size == args.size_mb:
                     base = _child(BASELINE.format(src=str(src), dst=str(tmpd / "base.parquet")))
-                    print(f"baseline pyarrow read+parquet: {base['seconds']:.1f}s, peak {base['peak_rss_mb']:.0f} MiB",
-                          flush=True)
+                    print(
+                        f"baseline pyarrow read+parquet: {base['seconds']:.1f}s, peak {base['peak_rss_mb']:.0f} MiB",
+                        flush=True,
+                    )
                     results["baseline"] = base
                 out = tmpd / f"out-{size}"
                 out.mkdir()
                 full = _child(FULL.format(src=str(src), out=str(out), addr=bao.addr, token=token))
-                print(f"full ingest path @ {size} MiB: {full['seconds']:.1f}s, peak {full['peak_rss_mb']:.0f} MiB",
-                      flush=True)
+                print(
+                    f"full ingest path @ {size} MiB: {full['seconds']:.1f}s, peak {full['peak_rss_mb']:.0f} MiB",
+                    flush=True,
+                )
                 results[f"full_{size}"] = full
                 if size == args.size_mb:
                     results["crypto"] = _crypto(tmpd, bao.addr, token)
@@ -177,17 +192,25 @@ def _print_ingest(results: dict, args: argparse.Namespace) -> None:
     print(f"peak RSS full path @ {args.size_mb} MiB    : {full['peak_rss_mb']:.0f} MiB (target <= 1536)")
     if not args.no_3x:
         big = results[f"full_{3 * args.size_mb}"]
-        print(f"peak RSS full path @ {3 * args.size_mb} MiB   : {big['peak_rss_mb']:.0f} MiB "
-              f"(ratio {big['peak_rss_mb'] / full['peak_rss_mb']:.2f}x for 3x the data; flat = ~1.0)")
+        print(
+            f"peak RSS full path @ {3 * args.size_mb} MiB   : {big['peak_rss_mb']:.0f} MiB "
+            f"(ratio {big['peak_rss_mb'] / full['peak_rss_mb']:.2f}x for 3x the data; flat = ~1.0)"
+        )
 
 
 def _print_crypto(c: dict) -> None:
-    print(f"envelope encryption vs raw AES-GCM  : {c['envelope_mb_s'] / c['raw_mb_s']:.2f}x "
-          f"({c['envelope_mb_s']:.0f} vs {c['raw_mb_s']:.0f} MB/s; target >= 0.8)")
-    print(f"  vs raw AES-GCM + SHA-256 of output: {c['envelope_mb_s'] / c['raw_sha256_mb_s']:.2f}x "
-          f"({c['raw_sha256_mb_s']:.0f} MB/s; the envelope also hashes its ciphertext for the manifest)")
-    print(f"  its Tink streaming AEAD alone     : {c['tink_stream_mb_s'] / c['raw_mb_s']:.2f}x of raw AES-GCM "
-          f"({c['tink_stream_mb_s']:.0f} MB/s; no Vault wrap, no SHA-256)")
+    print(
+        f"envelope encryption vs raw AES-GCM  : {c['envelope_mb_s'] / c['raw_mb_s']:.2f}x "
+        f"({c['envelope_mb_s']:.0f} vs {c['raw_mb_s']:.0f} MB/s; target >= 0.8)"
+    )
+    print(
+        f"  vs raw AES-GCM + SHA-256 of output: {c['envelope_mb_s'] / c['raw_sha256_mb_s']:.2f}x "
+        f"({c['raw_sha256_mb_s']:.0f} MB/s; the envelope also hashes its ciphertext for the manifest)"
+    )
+    print(
+        f"  its Tink streaming AEAD alone     : {c['tink_stream_mb_s'] / c['raw_mb_s']:.2f}x of raw AES-GCM "
+        f"({c['tink_stream_mb_s']:.0f} MB/s; no Vault wrap, no SHA-256)"
+    )
 
 
 if __name__ == "__main__":

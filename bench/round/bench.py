@@ -31,13 +31,13 @@ def main() -> int:
     args = ap.parse_args()
 
     import docker
-    from lepton_tasks.embedded.stack import Ports, Stack
-    from lepton_tasks.federation import HParams, aggregate_round, plan_run, trainer_job
-    from lepton_tasks.ingest import ingest_drop
-    from lepton_tasks.partners import SeaweedIdentities, add_partner, drop_as_partner
-    from lepton_tasks.scenarios import banks, to_csv_bytes
-    from lepton_tasks.storage import Storage
-    from lepton_tasks.vault import Vault
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.adapters.vault import Vault
+    from lepton_tasks.federation.plan import HParams, aggregate_round, plan_run, trainer_job
+    from lepton_tasks.ingest.stage import ingest_drop
+    from lepton_tasks.ops.embedded.stack import Ports, Stack
+    from lepton_tasks.ops.partners import SeaweedIdentities, add_partner, drop_as_partner
+    from lepton_tasks.ops.scenarios import banks, to_csv_bytes
 
     client = docker.from_env()
     client.images.get(args.image)  # fail early with a clear docker error if the image is missing
@@ -54,21 +54,42 @@ def main() -> int:
             for n in args.partners:
                 names = [f"n{n}-p{i:02d}" for i in range(n)]
                 for i, name in enumerate(names):
-                    add_partner(settings, name, ["banks"], storage=storage, root_vault=stack.root_vault(),
-                                identities=SeaweedIdentities(stack.seaweedfs.shell))
+                    add_partner(
+                        settings,
+                        name,
+                        ["banks"],
+                        storage=storage,
+                        root_vault=stack.root_vault(),
+                        identities=SeaweedIdentities(stack.seaweedfs.shell),
+                    )
                     shard = data.sample(n=shard_rows, random_state=i)
                     drop_as_partner(settings, name, "banks/shard.csv", to_csv_bytes(shard))
                     ingest_drop(settings, storage, op, name, "banks/shard.csv")
                 run_id = f"round-bench-{n}"
-                plan_run(settings, storage, op, run_id=run_id, dataset="banks", partners=names,
-                         hparams=HParams(rounds=1, local_epochs=1, min_partners=n))
+                plan_run(
+                    settings,
+                    storage,
+                    op,
+                    run_id=run_id,
+                    dataset="banks",
+                    partners=names,
+                    hparams=HParams(rounds=1, local_epochs=1, min_partners=n),
+                )
 
                 def one(p: str, run_id: str = run_id) -> float:
-                    job = trainer_job(settings, storage, op, run_id=run_id, partner=p, mode="train", round_number=1)
+                    job = trainer_job(
+                        settings, storage, op, run_id=run_id, partner=p, mode="train", round_number=1
+                    )
                     t = time.perf_counter()
-                    client.containers.run(args.image, ["--partner", p, "--mode", "train", "--round", "1"],
-                                                environment={"LEPTON_JOB": json.dumps(job)}, network_mode="host",
-                                                remove=True, stdout=True, stderr=True)
+                    client.containers.run(
+                        args.image,
+                        ["--partner", p, "--mode", "train", "--round", "1"],
+                        environment={"LEPTON_JOB": json.dumps(job)},
+                        network_mode="host",
+                        remove=True,
+                        stdout=True,
+                        stderr=True,
+                    )
                     return time.perf_counter() - t
 
                 t0 = time.perf_counter()
@@ -77,9 +98,14 @@ def main() -> int:
                 t_agg = time.perf_counter()
                 aggregate_round(settings, storage, run_id=run_id, round_number=1)
                 wall = time.perf_counter() - t0
-                results.append({"partners": n, "round_seconds": round(wall, 2),
-                                "aggregate_seconds": round(time.perf_counter() - t_agg, 3),
-                                "container_seconds_median": round(sorted(per)[len(per) // 2], 2)})
+                results.append(
+                    {
+                        "partners": n,
+                        "round_seconds": round(wall, 2),
+                        "aggregate_seconds": round(time.perf_counter() - t_agg, 3),
+                        "container_seconds_median": round(sorted(per)[len(per) // 2], 2),
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
         finally:
             stack.down()
@@ -87,9 +113,11 @@ def main() -> int:
     print(f"\n== bench/round (Docker, parallel={args.parallel}, {shard_rows} rows/partner, 1 local epoch) ==")
     print("partners  round_s  per_partner_s  vs_first  container_median_s  aggregate_s")
     for r in results:
-        print(f"{r['partners']:>8}  {r['round_seconds']:>7.1f}  {r['round_seconds'] / r['partners']:>13.2f}  "
-              f"{r['round_seconds'] / base['round_seconds']:>7.2f}x  {r['container_seconds_median']:>18.2f}  "
-              f"{r['aggregate_seconds']:>11.3f}")
+        print(
+            f"{r['partners']:>8}  {r['round_seconds']:>7.1f}  {r['round_seconds'] / r['partners']:>13.2f}  "
+            f"{r['round_seconds'] / base['round_seconds']:>7.2f}x  {r['container_seconds_median']:>18.2f}  "
+            f"{r['aggregate_seconds']:>11.3f}"
+        )
     return 0
 
 

@@ -13,7 +13,7 @@ Idempotent; safe to re-run. In order:
    by hand (``docker-compose exec vault vault operator unseal``), then re-run it;
 4. with the root token (from ``VAULT_INIT_FILE``, else asked for on the terminal): enables the transit engine
    and AppRole, a file audit device (``/vault/logs/audit.log`` on the server), writes Lepton's operator
-   policy and trainer token role (``lepton_tasks.vault.Vault.setup_operator``: the same code as the
+   policy and trainer token role (``lepton_tasks.adapters.vault.Vault.setup_operator``: the same code as the
    embedded stack), and installs the operator token whose id is ``LEPTON_VAULT_TOKEN`` from ``.env`` (so
    Airflow's ``AIRFLOW_CONN_LEPTON_VAULT`` and Vault agree without copying tokens around). A re-run renews
    it.
@@ -36,8 +36,8 @@ import hvac
 import hvac.exceptions
 import requests
 
-from lepton_tasks.settings import Settings
-from lepton_tasks.vault import OPERATOR_POLICY, Vault
+from lepton_tasks.adapters.settings import Settings
+from lepton_tasks.adapters.vault import OPERATOR_POLICY, Vault
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 OPERATOR_PERIOD = "768h"

@@ -40,14 +40,14 @@ def _conn_dict(conn_id: str) -> dict[str, Any]:
 
 def lepton_settings():
     """Settings for a task: the stack's defaults overlaid with the two connections."""
-    from lepton_tasks.settings import load_settings
+    from lepton_tasks.adapters.settings import load_settings
 
     return load_settings(**_overrides(_conn_dict(S3_CONN_ID), _conn_dict(VAULT_CONN_ID)))
 
 
 def settings_from_env():
     """Settings in the triggerer (no task context): parse ``AIRFLOW_CONN_*`` JSON directly."""
-    from lepton_tasks.settings import load_settings
+    from lepton_tasks.adapters.settings import load_settings
 
     raw_s3, raw_vault = os.environ.get("AIRFLOW_CONN_LEPTON_S3"), os.environ.get("AIRFLOW_CONN_LEPTON_VAULT")
     if raw_s3 and raw_vault:

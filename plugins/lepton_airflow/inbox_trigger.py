@@ -23,8 +23,8 @@ STATE_KEY = "announced"
 def scan_inboxes() -> dict[str, dict[str, str]]:
     """``{"partner/key": {"partner", "key", "etag"}}`` for every object in every partner inbox."""
     from lepton_airflow.connections import settings_from_env
-    from lepton_tasks.ingest import inbox_objects
-    from lepton_tasks.storage import Storage
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.ingest.stage import inbox_objects
 
     settings = settings_from_env()
     return {f"{d['partner']}/{d['key']}": d for d in inbox_objects(Storage.from_settings(settings), settings)}

@@ -5,7 +5,7 @@ builds the partner's job — presigned URLs for that partner's objects only and 
 that can decrypt only that partner's key — and passes it in the container's *private* environment.
 
 Runtime: ``docker`` when a daemon answers and the trainer image exists; otherwise the explicit ``local``
-runtime runs the same entrypoint (``python -m lepton_tasks.train``) as a subprocess, with a loud warning in
+runtime runs the same entrypoint (``python -m lepton_tasks.trainer``) as a subprocess, with a loud warning in
 the task log (and in the run's report). ``LEPTON_TRAINER_RUNTIME=docker`` makes a missing daemon an error.
 """
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def choose_runtime(settings) -> tuple[str, str]:
     """``(runtime, why)`` for this task: docker | local."""
-    from lepton_tasks.embedded.docker import docker_status
+    from lepton_tasks.ops.embedded.docker import docker_status
 
     if settings.trainer_runtime == "local":
         return "local", "LEPTON_TRAINER_RUNTIME=local"
@@ -47,8 +47,9 @@ class LeptonTrainerOperator(DockerOperator):
 
     template_fields = (*DockerOperator.template_fields, "run_id_", "partner")
 
-    def __init__(self, *, partner: str, mode: str, round_number: int = 0, run_id_: str = "{{ run_id }}",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, partner: str, mode: str, round_number: int = 0, run_id_: str = "{{ run_id }}", **kwargs: Any
+    ) -> None:
         super().__init__(
             image="lepton-trainer",  # replaced by settings.trainer_image in execute()
             command=None,
@@ -64,20 +65,36 @@ class LeptonTrainerOperator(DockerOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from lepton_airflow.connections import lepton_settings
-        from lepton_tasks.federation import trainer_job
-        from lepton_tasks.storage import Storage
-        from lepton_tasks.vault import Vault
+        from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.adapters.vault import Vault
+        from lepton_tasks.federation.plan import trainer_job
 
         settings = lepton_settings()
         runtime, why = choose_runtime(settings)
         storage = Storage.from_settings(settings)
-        vault = Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount)
+        vault = Vault.connect(
+            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
+        )
         ttl = self.execution_timeout or timedelta(hours=1)
-        job = trainer_job(settings, storage, vault, run_id=self.run_id_, partner=self.partner, mode=self.mode,
-                          round_number=self.round_number, ttl=ttl)
+        job = trainer_job(
+            settings,
+            storage,
+            vault,
+            run_id=self.run_id_,
+            partner=self.partner,
+            mode=self.mode,
+            round_number=self.round_number,
+            ttl=ttl,
+        )
         args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
-        log.info("trainer for %s (%s, round %s) runtime=%s (%s)", self.partner, self.mode, self.round_number,
-                 runtime, why)
+        log.info(
+            "trainer for %s (%s, round %s) runtime=%s (%s)",
+            self.partner,
+            self.mode,
+            self.round_number,
+            runtime,
+            why,
+        )
         if runtime == "docker":
             self.image = settings.trainer_image
             self.network_mode = settings.trainer_network
@@ -89,14 +106,22 @@ class LeptonTrainerOperator(DockerOperator):
             self._private_environment = {"LEPTON_JOB": json.dumps(job)}
             super().execute(context)
         else:
-            log.warning("!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
-                        "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!", why)
+            log.warning(
+                "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
+                "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
+                why,
+            )
             env = {**os.environ, "LEPTON_JOB": json.dumps(job), "TF_CPP_MIN_LOG_LEVEL": "2"}
             for k in [k for k in env if k.startswith(("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_"))]:
                 env.pop(k)  # the trainer gets nothing but its job, like in a container
-            proc = subprocess.run([sys.executable, "-m", "lepton_tasks.train", *args], env=env,
-                                  capture_output=True, text=True, check=False,
-                                  timeout=ttl.total_seconds())
+            proc = subprocess.run(
+                [sys.executable, "-m", "lepton_tasks.trainer", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=ttl.total_seconds(),
+            )
             for line in (proc.stdout + proc.stderr).splitlines():
                 log.info("trainer: %s", line)
             if proc.returncode != 0:

@@ -29,7 +29,7 @@ def test_no_import_errors(dagbag):
 
 
 def test_one_training_dag_per_dataset_each_on_its_own_asset(dagbag):
-    from lepton_tasks.contracts import available
+    from lepton_tasks.core.contracts import available
 
     assert {f"lepton_train_{d}" for d in available()} | {"lepton_ingest"} == set(dagbag.dags)
     for d in available():
@@ -51,7 +51,7 @@ def test_every_dag_is_documented_tagged_and_retried(dagbag):
 def test_dag_file_parses_fast_without_heavy_imports(path):
     code = f"""
 import sys, time
-sys.path.insert(0, {str(REPO / 'plugins')!r})
+sys.path.insert(0, {str(REPO / "plugins")!r})
 import airflow.sdk  # the SDK itself is not what we measure
 t = time.perf_counter()
 import runpy
@@ -60,7 +60,9 @@ elapsed = time.perf_counter() - t
 heavy = [m for m in {HEAVY!r} if m in sys.modules]
 print(f"{{elapsed:.3f}} {{','.join(heavy)}}")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     elapsed_s, _, heavy = out.stdout.strip().splitlines()[-1].partition(" ")
     assert heavy == "", f"{path.name} imports {heavy} at parse time"
     assert float(elapsed_s) < 1.0, f"{path.name} took {elapsed_s}s to parse"

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from lepton_tasks.demo import partner_name
-from lepton_tasks.ingest import read_manifest, staged_manifests
-from lepton_tasks.partners import drop_as_partner
+from lepton_tasks.ingest.stage import read_manifest, staged_manifests
+from lepton_tasks.ops.demo import partner_name
+from lepton_tasks.ops.partners import drop_as_partner
 from tests.conftest import REPO, need
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def airflow_db(settings):
-    from lepton_tasks.embedded.airflow import airflow_connections
+    from lepton_tasks.ops.embedded.airflow import airflow_connections
 
     os.environ.update(airflow_connections(settings))
     os.environ["LEPTON_DATA_DIR"] = str(settings.data_dir)
@@ -34,8 +34,10 @@ def airflow_db(settings):
 
 
 @pytest.mark.parametrize("scenario", ["hospitals", "ecommerce", "banks"])
-def test_ingest_dag_stages_each_scenario(scenario, airflow_db, settings, onboard, admin_storage, operator_vault):
-    from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+def test_ingest_dag_stages_each_scenario(
+    scenario, airflow_db, settings, onboard, admin_storage, operator_vault
+):
+    from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
 
     sc = SCENARIOS[scenario]
     frames = sc.generate(11, **({"rows_per_partner": 400} if scenario == "ecommerce" else {}))
@@ -55,13 +57,16 @@ def test_ingest_dag_stages_each_scenario(scenario, airflow_db, settings, onboard
         assert set(m["objects"]) == {"train", "holdout"}
 
 
-def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, root_vault, operator_vault, onboard,
-                                         services, capfd):
-    from lepton_tasks.embedded.docker import docker_status
-    from lepton_tasks.ingest import ingest_drop
-    from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+def test_train_dag_in_docker_with_quorum(
+    airflow_db, settings, admin_storage, root_vault, operator_vault, onboard, services, capfd
+):
+    from lepton_tasks.ingest.stage import ingest_drop
+    from lepton_tasks.ops.embedded.docker import docker_status
+    from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
 
-    for raw, df in SCENARIOS["hospitals"].generate(11).items():  # staged by the ingest test, or here if run alone
+    for raw, df in (
+        SCENARIOS["hospitals"].generate(11).items()
+    ):  # staged by the ingest test, or here if run alone
         name = partner_name(raw)
         if not staged_manifests(admin_storage, settings, "hospitals", [name]):
             onboard(name, ["hospitals"])
@@ -77,16 +82,27 @@ def test_train_dag_in_docker_with_quorum(airflow_db, settings, admin_storage, ro
     root_vault.delete_policy(f"lepton-partner-{failing}")  # its trainer can no longer decrypt: it must fail
     try:
         dag = airflow_db.get_dag("lepton_train_hospitals")
-        run = dag.test(run_conf={"partners": partners, "rounds": 2, "local_epochs": 2,
-                                 "min_partners": 2, "learning_rate": 0.01, "batch_size": 32})
+        run = dag.test(
+            run_conf={
+                "partners": partners,
+                "rounds": 2,
+                "local_epochs": 2,
+                "min_partners": 2,
+                "learning_rate": 0.01,
+                "batch_size": 32,
+            }
+        )
     finally:
         root_vault.write_policy(f"lepton-partner-{failing}", policy)
         os.environ.pop("LEPTON_TRAINER_RUNTIME", None)
     assert run.state == "success"
     logs = "".join(capfd.readouterr())
     assert "round_1" in logs and "trainer" in logs  # the task logs were captured
-    secrets = [settings.vault_token.get_secret_value(), settings.s3_secret_key.get_secret_value(),
-               services.openbao.root_token()]
+    secrets = [
+        settings.vault_token.get_secret_value(),
+        settings.s3_secret_key.get_secret_value(),
+        services.openbao.root_token(),
+    ]
     for secret in secrets:
         assert secret not in logs, "a secret leaked into the task logs"
     assert "X-Amz-Signature" not in logs, "a presigned URL leaked into the task logs"

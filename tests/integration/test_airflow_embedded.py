@@ -37,20 +37,23 @@ def test_embedded_airflow_is_healthy_and_loopback_only(services):
         assert ("127.0.0.1", settings.airflow_port) in _listen_addrs(af.procs()["api-server"].pid())
         assert af.admin_password()
         assert af.password_file().stat().st_mode & 0o077 == 0
-        from lepton_tasks.airflow_api import AirflowAPI
+        from lepton_tasks.ops.airflow_api import AirflowAPI
 
         api = AirflowAPI(af.url, "admin", af.admin_password())
         import time
 
         deadline = time.monotonic() + 120
-        while not (api.dag_exists("lepton_ingest") and all(api.dag_exists(f"lepton_train_{d}") for d in ("banks", "hospitals", "ecommerce"))):
+        while not (
+            api.dag_exists("lepton_ingest")
+            and all(api.dag_exists(f"lepton_train_{d}") for d in ("banks", "hospitals", "ecommerce"))
+        ):
             assert time.monotonic() < deadline, "DAGs not registered by the dag-processor within 120 s"
             time.sleep(3)
         with urllib.request.urlopen(f"{af.url}/api/v2/monitor/health", timeout=30) as resp:
             health = json.loads(resp.read())
         assert health["metadatabase"]["status"] == "healthy"
         # invalid Params are refused with a clear message
-        from lepton_tasks.airflow_api import AirflowAPIError
+        from lepton_tasks.ops.airflow_api import AirflowAPIError
 
         with pytest.raises(AirflowAPIError, match="400"):
             api.trigger("lepton_train_banks", {"rounds": 0})

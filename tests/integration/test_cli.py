@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from lepton_tasks.cli import app
+from lepton_tasks.ops.cli import app
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from lepton_tasks.partners import drop_as_partner
+from lepton_tasks.ops.partners import drop_as_partner
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def _next_event(trigger, timeout: float):
 
 @pytest.fixture
 def trigger_env(settings, monkeypatch):
-    from lepton_tasks.embedded.airflow import airflow_connections
+    from lepton_tasks.ops.embedded.airflow import airflow_connections
 
     for k, v in airflow_connections(settings).items():
         monkeypatch.setenv(k, v)

@@ -8,8 +8,8 @@ import hvac.exceptions
 import pytest
 from minio.error import S3Error
 
-from lepton_tasks.partners import PartnerError, Registry, SeaweedIdentities, add_partner, partner_storage
-from lepton_tasks.vault import Vault
+from lepton_tasks.adapters.vault import Vault
+from lepton_tasks.ops.partners import PartnerError, Registry, SeaweedIdentities, add_partner, partner_storage
 
 pytestmark = pytest.mark.integration
 
@@ -85,23 +85,35 @@ def test_operator_cannot_escalate(operator_vault):
         operator_vault.client.auth.token.create(policies=["root"])
 
 
-@pytest.mark.parametrize("bad", ["Acme", "a", "ab_c", "-abc", "abc-", "a--b", "x" * 40, "staging", "ac me", "../x"])
+@pytest.mark.parametrize(
+    "bad", ["Acme", "a", "ab_c", "-abc", "abc-", "a--b", "x" * 40, "staging", "ac me", "../x"]
+)
 def test_bad_partner_names_change_nothing(settings, services, admin_storage, root_vault, bad):
     before_buckets = {b.name for b in admin_storage.client.list_buckets()}
     before_registry = Registry(settings.registry_file).load()
     with pytest.raises(PartnerError, match="partner name"):
-        add_partner(settings, bad, ["banks"], storage=admin_storage, root_vault=root_vault,
-                    identities=SeaweedIdentities(services.seaweedfs.shell))
+        add_partner(
+            settings,
+            bad,
+            ["banks"],
+            storage=admin_storage,
+            root_vault=root_vault,
+            identities=SeaweedIdentities(services.seaweedfs.shell),
+        )
     assert {b.name for b in admin_storage.client.list_buckets()} == before_buckets
     assert Registry(settings.registry_file).load() == before_registry
 
 
-def test_duplicate_partner_and_unknown_dataset_change_nothing(settings, services, admin_storage, root_vault, onboard):
+def test_duplicate_partner_and_unknown_dataset_change_nothing(
+    settings, services, admin_storage, root_vault, onboard
+):
     onboard("dup-a")
     before = Registry(settings.registry_file).load()
     ids = SeaweedIdentities(services.seaweedfs.shell)
     with pytest.raises(PartnerError, match="already exists"):
-        add_partner(settings, "dup-a", ["banks"], storage=admin_storage, root_vault=root_vault, identities=ids)
+        add_partner(
+            settings, "dup-a", ["banks"], storage=admin_storage, root_vault=root_vault, identities=ids
+        )
     with pytest.raises(PartnerError, match="unknown dataset"):
         add_partner(settings, "dup-b", ["nope"], storage=admin_storage, root_vault=root_vault, identities=ids)
     assert Registry(settings.registry_file).load() == before
@@ -109,13 +121,18 @@ def test_duplicate_partner_and_unknown_dataset_change_nothing(settings, services
 
 
 def test_remove_partner_revokes_access(settings, services, admin_storage, root_vault, onboard):
-    from lepton_tasks.partners import remove_partner
+    from lepton_tasks.ops.partners import remove_partner
 
     onboard("gone-a")
     s = partner_storage(settings, "gone-a")
     _retry(lambda: s.put_bytes("inbox-gone-a", "banks/x.csv", b"a"))
-    remove_partner(settings, "gone-a", storage=admin_storage, root_vault=root_vault,
-                   identities=SeaweedIdentities(services.seaweedfs.shell))
+    remove_partner(
+        settings,
+        "gone-a",
+        storage=admin_storage,
+        root_vault=root_vault,
+        identities=SeaweedIdentities(services.seaweedfs.shell),
+    )
     assert "gone-a" not in Registry(settings.registry_file).load()
     assert not root_vault.policy_exists("lepton-partner-gone-a")
     deadline = time.monotonic() + 15
@@ -131,11 +148,13 @@ def test_remove_partner_revokes_access(settings, services, admin_storage, root_v
 
 def test_seaweed_shell_errors_never_echo_secret_keys(services):
     """`weed shell` echoes identities with their secret keys; a failure message must carry none of it."""
-    from lepton_tasks.embedded.process import ServiceError
+    from lepton_tasks.ops.embedded.process import ServiceError
 
     with pytest.raises(ServiceError) as err:  # the identity is echoed (with its secret), then a command fails
-        services.seaweedfs.shell("s3.configure -user=ghost-user -access_key=AKGHOST1 "
-                                 "-secret_key=TOPSECRET0123456789 -actions=Read:nowhere -apply\nnosuchcommand")
+        services.seaweedfs.shell(
+            "s3.configure -user=ghost-user -access_key=AKGHOST1 "
+            "-secret_key=TOPSECRET0123456789 -actions=Read:nowhere -apply\nnosuchcommand"
+        )
     assert "unknown command: nosuchcommand" in str(err.value)
     assert "TOPSECRET0123456789" not in str(err.value)
     with pytest.raises(ServiceError, match="flag provided but not defined"):  # exit 0, but it did nothing

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from lepton_tasks.demo import partner_name
-from lepton_tasks.ingest import MANIFEST, ingest_drop, read_manifest, staged_manifests
-from lepton_tasks.partners import drop_as_partner, partner_storage
-from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
+from lepton_tasks.ingest.stage import MANIFEST, ingest_drop, read_manifest, staged_manifests
+from lepton_tasks.ops.demo import partner_name
+from lepton_tasks.ops.partners import drop_as_partner, partner_storage
+from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,9 @@ def test_drops_are_staged_encrypted_with_manifest_last(staged, settings, admin_s
         for obj in m["objects"].values():
             blob = admin_storage.get_bytes(settings.staging_bucket, obj["key"])
             assert blob.startswith(b"LEPTON-ENV1\n")
-            assert b"PAR1" not in blob[:64] and b"customer_id" not in blob  # no plaintext parquet in shared bucket
+            assert (
+                b"PAR1" not in blob[:64] and b"customer_id" not in blob
+            )  # no plaintext parquet in shared bucket
 
 
 def test_same_drop_twice_is_skipped(staged, settings, admin_storage, operator_vault):
@@ -57,7 +59,7 @@ def test_same_drop_twice_is_skipped(staged, settings, admin_storage, operator_va
 
 
 def test_bad_drop_is_quarantined_with_reason_and_original(staged, settings, admin_storage, operator_vault):
-    from lepton_tasks.drops import DropError
+    from lepton_tasks.core.drops import DropError
 
     name = PARTNERS[1]
     bad = b"customer_id,student,balance,income,default\nc1,No,12.5,abc,No\n"
@@ -81,7 +83,7 @@ def test_bad_drop_is_quarantined_with_reason_and_original(staged, settings, admi
 
 
 def test_tampered_manifest_is_rejected(staged, settings, admin_storage, operator_vault):
-    from lepton_tasks.ingest import ManifestError
+    from lepton_tasks.ingest.stage import ManifestError
 
     name = PARTNERS[0]
     key = staged_manifests(admin_storage, settings, "banks", [name])[name][0]
@@ -93,66 +95,118 @@ def test_tampered_manifest_is_rejected(staged, settings, admin_storage, operator
         read_manifest(admin_storage, settings, operator_vault, name, tampered_key)
 
 
-def test_staged_object_decrypts_only_with_own_token_and_fails_when_tampered(staged, settings, admin_storage,
-                                                                           operator_vault, tmp_path):
-    from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file
-    from lepton_tasks.vault import Vault
+def test_staged_object_decrypts_only_with_own_token_and_fails_when_tampered(
+    staged, settings, admin_storage, operator_vault, tmp_path
+):
+    from lepton_tasks.adapters.envelope import EnvelopeError, associated_data, decrypt_file
+    from lepton_tasks.adapters.vault import Vault
 
     a, b = PARTNERS[0], PARTNERS[1]
-    m = read_manifest(admin_storage, settings, operator_vault, a,
-                      staged_manifests(admin_storage, settings, "banks", [a])[a][0])
+    m = read_manifest(
+        admin_storage,
+        settings,
+        operator_vault,
+        a,
+        staged_manifests(admin_storage, settings, "banks", [a])[a][0],
+    )
     obj = m["objects"]["train"]["key"]
     enc = admin_storage.download(settings.staging_bucket, obj, tmp_path / "t.enc")
     ad = associated_data(a, settings.staging_bucket, obj)
     own = Vault.connect(settings.vault_addr, operator_vault.trainer_token(a, "2m"))
-    decrypt_file(enc, tmp_path / "ok.parquet", client=own.client, key_name=f"lepton-{a}", ad=ad, object_name=obj)
+    decrypt_file(
+        enc, tmp_path / "ok.parquet", client=own.client, key_name=f"lepton-{a}", ad=ad, object_name=obj
+    )
     assert (tmp_path / "ok.parquet").read_bytes()[:4] == b"PAR1"
     other = Vault.connect(settings.vault_addr, operator_vault.trainer_token(b, "2m"))
     with pytest.raises(EnvelopeError, match="denied"):
-        decrypt_file(enc, tmp_path / "x.parquet", client=other.client, key_name=f"lepton-{a}", ad=ad, object_name=obj)
+        decrypt_file(
+            enc, tmp_path / "x.parquet", client=other.client, key_name=f"lepton-{a}", ad=ad, object_name=obj
+        )
     with pytest.raises(EnvelopeError):  # moved to another key: associated data no longer matches
-        decrypt_file(enc, tmp_path / "y.parquet", client=own.client, key_name=f"lepton-{a}",
-                     ad=associated_data(a, settings.staging_bucket, obj + ".moved"), object_name=obj)
+        decrypt_file(
+            enc,
+            tmp_path / "y.parquet",
+            client=own.client,
+            key_name=f"lepton-{a}",
+            ad=associated_data(a, settings.staging_bucket, obj + ".moved"),
+            object_name=obj,
+        )
     raw = bytearray(enc.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     (tmp_path / "flip.enc").write_bytes(bytes(raw))
     with pytest.raises(EnvelopeError, match="tampered"):
-        decrypt_file(tmp_path / "flip.enc", tmp_path / "z.parquet", client=own.client, key_name=f"lepton-{a}",
-                     ad=ad, object_name=obj)
+        decrypt_file(
+            tmp_path / "flip.enc",
+            tmp_path / "z.parquet",
+            client=own.client,
+            key_name=f"lepton-{a}",
+            ad=ad,
+            object_name=obj,
+        )
     assert not (tmp_path / "z.parquet").exists()  # nothing published from a failed stream
 
 
 def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, operator_vault):
-    from lepton_tasks.federation import HParams, QuorumError, aggregate_round, plan_run, trainer_job
-    from lepton_tasks.publish import publish_run
-    from lepton_tasks.train.__main__ import run_job
+    from lepton_tasks.federation.plan import HParams, QuorumError, aggregate_round, plan_run, trainer_job
+    from lepton_tasks.federation.publish import publish_run
+    from lepton_tasks.trainer.__main__ import run_job
 
     run_id = "test-run-1"
     hp = HParams(rounds=2, local_epochs=2, batch_size=64, learning_rate=0.01, min_partners=3, seed=1)
-    plan = plan_run(settings, admin_storage, operator_vault, run_id=run_id, dataset="banks", partners=PARTNERS,
-                    hparams=hp)
+    plan = plan_run(
+        settings, admin_storage, operator_vault, run_id=run_id, dataset="banks", partners=PARTNERS, hparams=hp
+    )
     assert plan["partners"] == sorted(PARTNERS)
     for k in (1, 2):
         for p in PARTNERS:
             if k == 2 and p == PARTNERS[2]:
                 continue  # this partner "fails" in round 2
-            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode="train",
-                                round_number=k))
+            run_job(
+                trainer_job(
+                    settings,
+                    admin_storage,
+                    operator_vault,
+                    run_id=run_id,
+                    partner=p,
+                    mode="train",
+                    round_number=k,
+                )
+            )
         if k == 2:
             with pytest.raises(QuorumError, match="fewer than min_partners=3"):
                 aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
-            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=PARTNERS[2],
-                                mode="train", round_number=k))  # clearing the task: only that partner re-runs
+            run_job(
+                trainer_job(
+                    settings,
+                    admin_storage,
+                    operator_vault,
+                    run_id=run_id,
+                    partner=PARTNERS[2],
+                    mode="train",
+                    round_number=k,
+                )
+            )  # clearing the task: only that partner re-runs
         summary = aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
         assert summary["excluded"] == []
     for mode in ("local", "evaluate"):
         for p in PARTNERS:
-            run_job(trainer_job(settings, admin_storage, operator_vault, run_id=run_id, partner=p, mode=mode,
-                                round_number=0))
+            run_job(
+                trainer_job(
+                    settings,
+                    admin_storage,
+                    operator_vault,
+                    run_id=run_id,
+                    partner=p,
+                    mode=mode,
+                    round_number=0,
+                )
+            )
     out = publish_run(settings, admin_storage, run_id=run_id, runtime="local")
     m = out["metrics"]
     assert m["final"]["overall"]["auc"] > 0.85
-    assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(PARTNERS)
+    assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(
+        PARTNERS
+    )
     for p, lo in m["local_only"]["per_partner"].items():  # each local model was scored by every partner
         assert lo["union"]["evaluated_by"] == 3
         assert lo["union"]["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
@@ -162,25 +216,35 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
     assert [r["global"]["n"] for r in m["rounds"]] == [m["final"]["overall"]["n"]] * 2
     assert m["rounds"][1]["global"]["auc"] == m["final"]["overall"]["auc"]
     assert m["rounds"][1]["global_prev_holdout"]["round"] == 1 and m["rounds"][0]["global"]["auc"] > 0.8
-    staged_sha = read_manifest(admin_storage, settings, operator_vault, PARTNERS[0],
-                               staged[PARTNERS[0]].manifest_key)["drop_sha256"]
+    staged_sha = read_manifest(
+        admin_storage, settings, operator_vault, PARTNERS[0], staged[PARTNERS[0]].manifest_key
+    )["drop_sha256"]
     assert staged_sha in m["lineage"]["drops"][PARTNERS[0]]
     for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
         assert admin_storage.exists(settings.models_bucket, f"{run_id}/{suffix}")
     assert any("LOCAL runtime" in w for w in m["warnings"])
 
 
-def test_trainer_entrypoint_refuses_another_partners_token(staged, settings, admin_storage, operator_vault,
-                                                           monkeypatch, capsys):
+def test_trainer_entrypoint_refuses_another_partners_token(
+    staged, settings, admin_storage, operator_vault, monkeypatch, capsys
+):
     """The real entrypoint, given partner A's job but partner B's token, cannot decrypt: exit 3, no upload."""
-    from lepton_tasks.federation import HParams, plan_run, trainer_job
-    from lepton_tasks.train.__main__ import main
+    from lepton_tasks.federation.plan import HParams, plan_run, trainer_job
+    from lepton_tasks.trainer.__main__ import main
 
     a, b = PARTNERS[0], PARTNERS[1]
-    plan_run(settings, admin_storage, operator_vault, run_id="deny-run", dataset="banks", partners=PARTNERS,
-             hparams=HParams(rounds=1, min_partners=2))
-    job = trainer_job(settings, admin_storage, operator_vault, run_id="deny-run", partner=a, mode="train",
-                      round_number=1)
+    plan_run(
+        settings,
+        admin_storage,
+        operator_vault,
+        run_id="deny-run",
+        dataset="banks",
+        partners=PARTNERS,
+        hparams=HParams(rounds=1, min_partners=2),
+    )
+    job = trainer_job(
+        settings, admin_storage, operator_vault, run_id="deny-run", partner=a, mode="train", round_number=1
+    )
     job["vault_token"] = operator_vault.trainer_token(b, ttl="2m")
     monkeypatch.setenv("LEPTON_JOB", json.dumps(job))
     assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 3
@@ -191,11 +255,17 @@ def test_trainer_entrypoint_refuses_another_partners_token(staged, settings, adm
     assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 2  # a job for someone else is refused
 
 
-def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised(settings, admin_storage,
-                                                                                 operator_vault, root_vault,
-                                                                                 onboard, tmp_path):
-    from lepton_tasks.envelope import EnvelopeError, associated_data, decrypt_file, encrypt_file, rewrap_file
-    from lepton_tasks.vault import Vault
+def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised(
+    settings, admin_storage, operator_vault, root_vault, onboard, tmp_path
+):
+    from lepton_tasks.adapters.envelope import (
+        EnvelopeError,
+        associated_data,
+        decrypt_file,
+        encrypt_file,
+        rewrap_file,
+    )
+    from lepton_tasks.adapters.vault import Vault
 
     onboard("rot-a")
     key = "lepton-rot-a"
@@ -207,34 +277,67 @@ def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised
     encrypt_file(src, tmp_path / "v2.enc", client=operator_vault.client, key_name=key, ad=ad)
     reader = Vault.connect(settings.vault_addr, operator_vault.trainer_token("rot-a", "2m"))
     for name in ("v1", "v2"):  # no downtime: both versions decrypt after rotation
-        decrypt_file(tmp_path / f"{name}.enc", tmp_path / f"{name}.out", client=reader.client, key_name=key, ad=ad,
-                     object_name=name)
+        decrypt_file(
+            tmp_path / f"{name}.enc",
+            tmp_path / f"{name}.out",
+            client=reader.client,
+            key_name=key,
+            ad=ad,
+            object_name=name,
+        )
         assert (tmp_path / f"{name}.out").read_bytes() == src.read_bytes()
-    rewrap_file(tmp_path / "v1.enc", tmp_path / "v1-rewrapped.enc", client=operator_vault.client, key_name=key,
-                ad=ad, object_name="v1")
+    rewrap_file(
+        tmp_path / "v1.enc",
+        tmp_path / "v1-rewrapped.enc",
+        client=operator_vault.client,
+        key_name=key,
+        ad=ad,
+        object_name="v1",
+    )
     root_vault.set_min_decryption_version(key, 2)
-    decrypt_file(tmp_path / "v1-rewrapped.enc", tmp_path / "v1r.out", client=reader.client, key_name=key, ad=ad,
-                 object_name="v1r")  # rewrapped: readable under the new minimum
+    decrypt_file(
+        tmp_path / "v1-rewrapped.enc",
+        tmp_path / "v1r.out",
+        client=reader.client,
+        key_name=key,
+        ad=ad,
+        object_name="v1r",
+    )  # rewrapped: readable under the new minimum
     assert (tmp_path / "v1r.out").read_bytes() == src.read_bytes()
     with pytest.raises(EnvelopeError):
-        decrypt_file(tmp_path / "v1.enc", tmp_path / "v1b.out", client=reader.client, key_name=key, ad=ad,
-                     object_name="v1")
-    decrypt_file(tmp_path / "v2.enc", tmp_path / "v2b.out", client=reader.client, key_name=key, ad=ad,
-                 object_name="v2")
+        decrypt_file(
+            tmp_path / "v1.enc",
+            tmp_path / "v1b.out",
+            client=reader.client,
+            key_name=key,
+            ad=ad,
+            object_name="v1",
+        )
+    decrypt_file(
+        tmp_path / "v2.enc", tmp_path / "v2b.out", client=reader.client, key_name=key, ad=ad, object_name="v2"
+    )
 
 
-def test_a_file_uploaded_again_replaces_its_earlier_version_in_the_next_run(staged, settings, admin_storage,
-                                                                           operator_vault):
+def test_a_file_uploaded_again_replaces_its_earlier_version_in_the_next_run(
+    staged, settings, admin_storage, operator_vault
+):
     """The same inbox key uploaded again with new content is a new drop; the plan uses only the latest."""
-    from lepton_tasks.federation import HParams, plan_run
+    from lepton_tasks.federation.plan import HParams, plan_run
 
     name = PARTNERS[0]
     df = SCENARIOS[SCENARIO].generate(7)[SCENARIOS[SCENARIO].partners[0]]
     drop_as_partner(settings, name, "banks/drop-1.csv", to_csv_bytes(df.iloc[:-50]))  # a corrected export
     res = ingest_drop(settings, admin_storage, operator_vault, name, "banks/drop-1.csv")
     assert res.status == "staged" and res.drop_id != staged[name].drop_id
-    plan = plan_run(settings, admin_storage, operator_vault, run_id="test-run-reupload", dataset="banks",
-                    partners=PARTNERS, hparams=HParams(rounds=1, min_partners=3))
+    plan = plan_run(
+        settings,
+        admin_storage,
+        operator_vault,
+        run_id="test-run-reupload",
+        dataset="banks",
+        partners=PARTNERS,
+        hparams=HParams(rounds=1, min_partners=3),
+    )
     # other test modules may have staged more files for this partner (other keys): those add up, untouched
     planned = {d["manifest"]: d for d in plan["drops"][name]}
     assert res.manifest_key in planned and staged[name].manifest_key not in planned

@@ -7,7 +7,7 @@ import socket
 import psutil
 import pytest
 
-from lepton_tasks.embedded.process import ServiceError
+from lepton_tasks.ops.embedded.process import ServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -38,18 +38,24 @@ def test_services_bind_loopback_only(services):
 
 
 def test_secrets_files_are_private(services, onboard):
-    from lepton_tasks.partners import credentials_file
+    from lepton_tasks.ops.partners import credentials_file
 
     settings = services.settings()
     onboard("perm-a")
-    for f in (settings.env_file, services.openbao.root_token_file, services.operator_token_file,
-              services.seaweedfs.credentials_file, services.openbao.home / "seal.key",
-              services.openbao.home / "recovery-key", credentials_file(settings, "perm-a")):
+    for f in (
+        settings.env_file,
+        services.openbao.root_token_file,
+        services.operator_token_file,
+        services.seaweedfs.credentials_file,
+        services.openbao.home / "seal.key",
+        services.openbao.home / "recovery-key",
+        credentials_file(settings, "perm-a"),
+    ):
         assert f.stat().st_mode & 0o077 == 0, f"{f} is readable by others"
 
 
 def test_port_taken_gives_clear_error(tmp_path):
-    from lepton_tasks.embedded.openbao import OpenBao
+    from lepton_tasks.ops.embedded.openbao import OpenBao
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,8 +66,8 @@ def test_port_taken_gives_clear_error(tmp_path):
 
 
 def test_failed_start_names_service_and_log(tmp_path, monkeypatch):
-    from lepton_tasks.embedded.openbao import OpenBao
-    from lepton_tasks.embedded.process import free_port
+    from lepton_tasks.ops.embedded.openbao import OpenBao
+    from lepton_tasks.ops.embedded.process import free_port
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -82,8 +88,8 @@ def test_down_stops_only_what_it_started(tmp_path):
     import shutil
     import subprocess
 
-    from lepton_tasks.embedded.process import port_free
-    from lepton_tasks.embedded.stack import Ports, Stack
+    from lepton_tasks.ops.embedded.process import port_free
+    from lepton_tasks.ops.embedded.stack import Ports, Stack
 
     decoy_dir = tmp_path / "decoy"
     decoy_dir.mkdir()

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from lepton_tasks.embedded.docker import docker_status
-from lepton_tasks.images import (
+from lepton_tasks.ops.embedded.docker import docker_status
+from lepton_tasks.ops.images import (
     LABEL_HASH,
     LATEST_TAG,
     BuildResult,
@@ -73,13 +73,15 @@ def trainer_image(require_docker: docker.DockerClient, repo_snapshot: Path) -> B
 
 def _run(client: docker.DockerClient, tag: str, *args: str, entrypoint: str | None = None) -> str:
     """``docker run --rm --network none [--entrypoint E] TAG ARGS…``; returns stdout+stderr, raises on exit != 0."""
-    out = client.containers.run(tag, list(args), entrypoint=entrypoint, network_mode="none", remove=True,
-                                stdout=True, stderr=True)
+    out = client.containers.run(
+        tag, list(args), entrypoint=entrypoint, network_mode="none", remove=True, stdout=True, stderr=True
+    )
     return out.decode() if isinstance(out, bytes) else str(out)
 
 
-def test_second_build_is_a_noop(require_docker: docker.DockerClient, trainer_image: BuildResult,
-                                repo_snapshot: Path) -> None:
+def test_second_build_is_a_noop(
+    require_docker: docker.DockerClient, trainer_image: BuildResult, repo_snapshot: Path
+) -> None:
     again = build_trainer_image(repo_snapshot, cache_dir=default_cache_dir(), client=require_docker)
     assert again.skipped, again
     assert again.tag == trainer_image.tag
@@ -90,19 +92,29 @@ def test_second_build_is_a_noop(require_docker: docker.DockerClient, trainer_ima
 
 
 def test_runtime_dependencies_import(require_docker: docker.DockerClient, trainer_image: BuildResult) -> None:
-    out = _run(require_docker, trainer_image.tag, "-c",
-               "import tensorflow, pandas, pyarrow, minio, hvac, tink, sklearn, pydantic, pydantic_settings, "
-               "yaml, lepton_tasks; print('ok', tensorflow.__version__)", entrypoint="python")
+    out = _run(
+        require_docker,
+        trainer_image.tag,
+        "-c",
+        "import tensorflow, pandas, pyarrow, minio, hvac, tink, sklearn, pydantic, pydantic_settings, "
+        "yaml, lepton_tasks; print('ok', tensorflow.__version__)",
+        entrypoint="python",
+    )
     assert "ok 2." in out, out
 
 
 def test_runs_as_non_root(require_docker: docker.DockerClient, trainer_image: BuildResult) -> None:
-    out = _run(require_docker, trainer_image.tag, "-c", "import os; print(os.getuid(), os.getgid())",
-               entrypoint="python")
+    out = _run(
+        require_docker,
+        trainer_image.tag,
+        "-c",
+        "import os; print(os.getuid(), os.getgid())",
+        entrypoint="python",
+    )
     assert out.split()[-2:] == ["10001", "10001"], out
     config = require_docker.images.get(trainer_image.tag).attrs["Config"]
     assert config["User"] == "10001:10001"
-    assert config["Entrypoint"] == ["python", "-m", "lepton_tasks.train"]
+    assert config["Entrypoint"] == ["python", "-m", "lepton_tasks.trainer"]
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["PYTHONUNBUFFERED"] == "1" and env["TF_CPP_MIN_LOG_LEVEL"] == "2"
     assert env["PATH"].startswith("/opt/venv/bin:")
@@ -110,7 +122,11 @@ def test_runs_as_non_root(require_docker: docker.DockerClient, trainer_image: Bu
 
 def test_image_is_hermetic_and_clean(require_docker: docker.DockerClient, trainer_image: BuildResult) -> None:
     """No wheelhouse left in the image, dependencies consistent, the venv not writable by the trainer user."""
-    out = _run(require_docker, trainer_image.tag, "-c",
-               "set -e; test ! -e /wheels; test ! -e /tmp/project; test ! -w /opt/venv/lib; "
-               "pip check; echo clean", entrypoint="sh")
+    out = _run(
+        require_docker,
+        trainer_image.tag,
+        "-c",
+        "set -e; test ! -e /wheels; test ! -e /tmp/project; test ! -w /opt/venv/lib; pip check; echo clean",
+        entrypoint="sh",
+    )
     assert "No broken requirements found" in out and out.strip().endswith("clean"), out

@@ -1,4 +1,4 @@
-"""Aggregation math (lepton_tasks.aggregate): hand-checkable examples, every refusal, streaming."""
+"""Aggregation math (lepton_tasks.federation.aggregate): hand-checkable examples, every refusal, streaming."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lepton_tasks import aggregate as agg
-from lepton_tasks.aggregate import (
+from lepton_tasks.federation import aggregate as agg
+from lepton_tasks.federation.aggregate import (
     STRATEGIES,
     StreamingFedAvg,
     Update,

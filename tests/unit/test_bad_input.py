@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lepton_tasks.contracts import Contract, load_contract
-from lepton_tasks.drops import DropError, parse_drop_key
-from lepton_tasks.prepare import prepare_drop
-from lepton_tasks.validate import render_html
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.core.drops import DropError, parse_drop_key
+from lepton_tasks.ingest.prepare import prepare_drop
+from lepton_tasks.ingest.validate import render_html
 
 BANKS = load_contract("banks")
 HEADER = "customer_id,student,balance,income,default"
@@ -465,7 +465,7 @@ def test_drop_error_is_structured_serializable_and_picklable():
 
 
 def test_neutralize_formula_for_human_exports():
-    from lepton_tasks.drops import neutralize_formula
+    from lepton_tasks.core.drops import neutralize_formula
 
     assert neutralize_formula("=cmd|' /C calc'!A0") == "'=cmd|' /C calc'!A0"
     assert [neutralize_formula(v) for v in ("+1", "-1", "@x", "plain", "")] == [

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.clean import Cleaner, coerce_types, row_hashes, row_numbers
-from lepton_tasks.contracts import Contract
-from lepton_tasks.drops import DropError
-from lepton_tasks.hashing import SeenHashes
+from lepton_tasks.core.contracts import Contract
+from lepton_tasks.core.drops import DropError
+from lepton_tasks.core.hashing import SeenHashes
+from lepton_tasks.ingest.clean import Cleaner, coerce_types, row_hashes, row_numbers
 
 CONTRACT = Contract.model_validate(
     {

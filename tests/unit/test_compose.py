@@ -232,7 +232,7 @@ def test_required_variables_use_required_syntax(raw):
     # `$${X}` is an escaped dollar (the container's shell expands it), not a compose variable
     refs = [ref for text in strings(raw) for ref in VAR_RE.findall(text.replace("$$", ""))]
     names = {name for name, _, _ in refs}
-    assert REQUIRED <= names, f"not referenced: {REQUIRED - names}"
+    assert names >= REQUIRED, f"not referenced: {REQUIRED - names}"
     for name, op, arg in refs:
         if name in REQUIRED or SECRET_NAME.search(name):
             assert op == ":?" and arg.strip(), (

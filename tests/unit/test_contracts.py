@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from lepton_tasks.contracts import Contract, available, load_contract
+from lepton_tasks.core.contracts import Contract, available, load_contract
 
 
 def test_all_contracts_load():
@@ -55,7 +55,7 @@ def test_ecommerce_contract_is_a_sequence_model():
 
 
 def test_contract_columns_match_scenario_frames():
-    from lepton_tasks.scenarios import SCENARIOS
+    from lepton_tasks.ops.scenarios import SCENARIOS
 
     for name in ("banks", "ecommerce"):
         sc = SCENARIOS[name]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from lepton_tasks import demo
+from lepton_tasks.ops import demo
 
 SETTINGS = SimpleNamespace(models_bucket="models")
 
@@ -54,8 +54,13 @@ def test_a_run_planned_with_only_some_of_the_drops_is_skipped_for_the_next(monke
     expected = {"a/banks/1/manifest.json", "b/banks/2/manifest.json"}
     storage = FakeStorage()
     storage.objects["early/plan.json"] = _plan("a/banks/1/manifest.json", "b/banks/0/manifest.json")
-    api = FakeAPI([{"dag_run_id": "late", "state": "queued"}, {"dag_run_id": "early", "state": "running"},
-                   {"dag_run_id": "old", "state": "success"}])
+    api = FakeAPI(
+        [
+            {"dag_run_id": "late", "state": "queued"},
+            {"dag_run_id": "early", "state": "running"},
+            {"dag_run_id": "old", "state": "success"},
+        ]
+    )
 
     def late_gets_planned(t: float) -> None:
         if t >= 9:
@@ -79,6 +84,16 @@ def test_drops_staged_before_start_a_run_at_once(monkeypatch):
     monkeypatch.setattr(demo.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + s))
     monkeypatch.setattr(demo.time, "monotonic", lambda: clock["t"])
     api = FakeAPI([{"dag_run_id": "old", "state": "success"}])
-    lines = list(demo._training_run(api, FakeStorage(), SETTINGS, "lepton_train_banks", {"old"},
-                                    {"a/banks/1/manifest.json"}, 5, wait_for_asset_run=0.0))
+    lines = list(
+        demo._training_run(
+            api,
+            FakeStorage(),
+            SETTINGS,
+            "lepton_train_banks",
+            {"old"},
+            {"a/banks/1/manifest.json"},
+            5,
+            wait_for_asset_run=0.0,
+        )
+    )
     assert lines == ["run:manual-1"] and clock["t"] == 0.0

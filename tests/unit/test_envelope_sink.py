@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from lepton_tasks.envelope import EnvelopeError, _HashingWriter
+from lepton_tasks.adapters.envelope import EnvelopeError, _HashingWriter
 
 
 def test_sink_writes_and_hashes_every_byte_in_order(tmp_path):

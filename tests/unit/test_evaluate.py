@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 
-from lepton_tasks import evaluate
+from lepton_tasks.core import metrics as evaluate
 
 Y = [0, 0, 1, 1]
 P = [0.1, 0.4, 0.35, 0.8]
@@ -130,7 +130,7 @@ def test_score_summary_single_class_and_inconsistent_input():
 def test_pure_modules_do_not_import_tensorflow():
     code = (
         "import sys\n"
-        "import lepton_tasks.evaluate, lepton_tasks.report, lepton_tasks.weights, lepton_tasks.train.data\n"
+        "import lepton_tasks.core.metrics, lepton_tasks.federation.report, lepton_tasks.core.weights, lepton_tasks.trainer.data\n"
         "bad = [m for m in ('tensorflow', 'keras', 'airflow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.hashing import ChunkHashes, SeenHashes, column_hash, row_hashes, split_hash_key
+from lepton_tasks.core.hashing import ChunkHashes, SeenHashes, column_hash, row_hashes, split_hash_key
 
 KEY = split_hash_key("")
 
@@ -92,7 +92,7 @@ def test_add_new_flags_repeats_like_pandas_duplicated_over_the_whole_history(tmp
         before = set(history)
         if rng.random() < 0.5:
             got = seen.add_new(batch)
-            expected = pd.Series(history + batch.tolist()).duplicated(keep="first").to_numpy()[len(history):]
+            expected = pd.Series(history + batch.tolist()).duplicated(keep="first").to_numpy()[len(history) :]
         else:
             got = seen.add_new(batch, within=False)
             expected = np.array([int(v) in before for v in batch])
@@ -120,8 +120,8 @@ def test_seen_hashes_memory_is_bounded(tmp_path):
 
 
 def test_split_from_chunk_hashes_equals_the_plain_split():
-    from lepton_tasks.contracts import load_contract
-    from lepton_tasks.split import holdout_mask
+    from lepton_tasks.core.contracts import load_contract
+    from lepton_tasks.ingest.split import holdout_mask
 
     ecommerce = load_contract("ecommerce")
     df = pd.DataFrame({"event_id": pd.Series([f"e{i}" for i in range(5_000)], dtype="str")})
@@ -139,7 +139,7 @@ def test_merging_runs_streams_instead_of_holding_the_run_in_ram(tmp_path):
     """A merge keeps O(step) hashes in RAM: the fence index must not keep views of every emitted block."""
     import tracemalloc
 
-    from lepton_tasks.hashing import _merge_runs, _RunWriter
+    from lepton_tasks.core.hashing import _merge_runs, _RunWriter
 
     rng = np.random.default_rng(5)
     values = np.unique(rng.integers(0, 2**64 - 1, size=2_000_000, dtype=np.uint64))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lepton_tasks.images import (
+from lepton_tasks.ops.images import (
     content_hash,
     gpu_requirements,
     trainer_build_inputs,
@@ -24,11 +24,20 @@ def repo(tmp_path: Path) -> Path:
     (root / "docker/trainer/Dockerfile").write_text("FROM scratch\n")
     (root / "requirements-trainer.txt").write_text("numpy==2.4.6\ntensorflow_cpu==2.21.0\n")
     (root / "pyproject.toml").write_text("[project]\nname = 'lepton'\n")
-    (root / "lepton_tasks/train").mkdir(parents=True)
+    (root / "lepton_tasks/trainer").mkdir(parents=True)
     (root / "lepton_tasks/__init__.py").write_text('"""pkg"""\n')
-    (root / "lepton_tasks/train/__main__.py").write_text("print('train')\n")
-    (root / "lepton_tasks/contracts").mkdir()
-    (root / "lepton_tasks/contracts/iris.yaml").write_text("name: iris\n")
+    (root / "lepton_tasks/trainer/__main__.py").write_text("print('train')\n")
+    (root / "lepton_tasks/core/contracts").mkdir(parents=True)
+    (root / "lepton_tasks/core/__init__.py").write_text("")
+    (root / "lepton_tasks/core/contracts/iris.yaml").write_text("name: iris\n")
+    (root / "lepton_tasks/adapters").mkdir()
+    (root / "lepton_tasks/adapters/vault.py").write_text("VAULT = 1\n")
+    # parts the trainer never runs: the coordinator's and the operator's code, the DAGs
+    for part in ("ops", "federation", "ingest"):
+        (root / "lepton_tasks" / part).mkdir()
+        (root / "lepton_tasks" / part / "mod.py").write_text("X = 1\n")
+    (root / "dags").mkdir()
+    (root / "dags/lepton_x.py").write_text("DAG = 1\n")
     # not inputs: bytecode, other suffixes, files outside the package
     (root / "lepton_tasks/__pycache__").mkdir()
     (root / "lepton_tasks/__pycache__/x.cpython-311.pyc").write_bytes(b"\0")
@@ -51,8 +60,9 @@ def test_inputs_are_sorted_and_limited(repo: Path) -> None:
         "requirements-trainer.txt",
         "pyproject.toml",
         "lepton_tasks/__init__.py",
-        "lepton_tasks/train/__main__.py",
-        "lepton_tasks/contracts/iris.yaml",
+        "lepton_tasks/trainer/__main__.py",
+        "lepton_tasks/core/__init__.py",
+        "lepton_tasks/adapters/vault.py",
     }
 
 
@@ -78,15 +88,23 @@ def test_hash_is_stable(repo: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change",
     [
-        lambda r: (r / "lepton_tasks/train/__main__.py").write_text("print('train v2')\n"),
-        lambda r: (r / "lepton_tasks/contracts/iris.yaml").write_text("name: iris2\n"),
-        lambda r: (r / "lepton_tasks/train/new_module.py").write_text(""),
-        lambda r: (r / "lepton_tasks/train/__main__.py").rename(r / "lepton_tasks/train/main.py"),
+        lambda r: (r / "lepton_tasks/trainer/__main__.py").write_text("print('train v2')\n"),
+        lambda r: (r / "lepton_tasks/adapters/vault.py").write_text("VAULT = 2\n"),
+        lambda r: (r / "lepton_tasks/trainer/new_module.py").write_text(""),
+        lambda r: (r / "lepton_tasks/trainer/__main__.py").rename(r / "lepton_tasks/trainer/main.py"),
         lambda r: (r / "requirements-trainer.txt").write_text("numpy==2.4.5\ntensorflow_cpu==2.21.0\n"),
         lambda r: (r / "docker/trainer/Dockerfile").write_text("FROM scratch\nUSER 1\n"),
         lambda r: (r / "pyproject.toml").write_text("[project]\nname = 'lepton'\nversion = '2'\n"),
     ],
-    ids=["module-edit", "yaml-edit", "module-added", "module-renamed", "requirements", "dockerfile", "pyproject"],
+    ids=[
+        "module-edit",
+        "adapter-edit",
+        "module-added",
+        "module-renamed",
+        "requirements",
+        "dockerfile",
+        "pyproject",
+    ],
 )
 def test_hash_changes_with_inputs(repo: Path, change) -> None:  # type: ignore[no-untyped-def]
     before = _hash(repo)
@@ -100,6 +118,23 @@ def test_hash_ignores_non_inputs(repo: Path) -> None:
     (repo / "lepton_tasks/__pycache__/x.cpython-311.pyc").write_bytes(b"\1")
     (repo / "README.md").write_text("edited\n")
     (repo / "tests/test_x.py").write_text("# edited\n")
+    assert _hash(repo) == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "lepton_tasks/ops/mod.py",
+        "lepton_tasks/federation/mod.py",
+        "lepton_tasks/ingest/mod.py",
+        "dags/lepton_x.py",
+        "lepton_tasks/core/contracts/iris.yaml",
+    ],
+)
+def test_tag_ignores_what_the_trainer_never_runs(repo: Path, path: str) -> None:
+    """Editing the CLI, the coordinator, ingest, a DAG or a contract (it travels with each job) keeps the tag."""
+    before = _hash(repo)
+    (repo / path).write_text("# edited\n")
     assert _hash(repo) == before
 
 
@@ -150,7 +185,20 @@ def test_real_repo_requirements_are_pinned() -> None:
         name, version = line.split("==")
         names.add(norm(name))
         if norm(name) in dev:
-            assert dev[norm(name)] == version, f"{name}: {version} here, {dev[norm(name)]} in requirements.txt"
-    assert {"tensorflow-cpu", "pandas", "pyarrow", "numpy", "minio", "hvac", "tink", "pydantic",
-            "pydantic-settings", "pyyaml", "scikit-learn"} <= names
+            assert dev[norm(name)] == version, (
+                f"{name}: {version} here, {dev[norm(name)]} in requirements.txt"
+            )
+    assert {
+        "tensorflow-cpu",
+        "pandas",
+        "pyarrow",
+        "numpy",
+        "minio",
+        "hvac",
+        "tink",
+        "pydantic",
+        "pydantic-settings",
+        "pyyaml",
+        "scikit-learn",
+    } <= names
     assert not names & {"apache-airflow", "great-expectations", "matplotlib"}

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.contracts import ModelSpec
-from lepton_tasks.train import data
-from lepton_tasks.train.model import build_model, configure_devices, sequence_feature_width
+from lepton_tasks.core.contracts import ModelSpec
+from lepton_tasks.trainer import data
+from lepton_tasks.trainer.model import build_model, configure_devices, sequence_feature_width
 
 SEQ = ModelSpec(
     kind="sequence",
@@ -212,12 +212,12 @@ def test_initial_weights_are_identical_in_another_process():
     import subprocess
     import sys
 
-    from lepton_tasks.weights import fingerprint
+    from lepton_tasks.core.weights import fingerprint
 
     code = (
-        "from lepton_tasks.contracts import ModelSpec\n"
-        "from lepton_tasks.train.model import build_model\n"
-        "from lepton_tasks.weights import fingerprint\n"
+        "from lepton_tasks.core.contracts import ModelSpec\n"
+        "from lepton_tasks.trainer.model import build_model\n"
+        "from lepton_tasks.core.weights import fingerprint\n"
         f"spec = ModelSpec.model_validate({SEQ.model_dump()!r})\n"
         "print(fingerprint(build_model(spec, 2, seed=9).get_weights()))\n"
     )

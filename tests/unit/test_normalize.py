@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.clean import coerce_types
-from lepton_tasks.contracts import Contract, load_contract
-from lepton_tasks.normalize import GlobalStats, SufficientStats, feature_names, merge, transform
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.core.features import GlobalStats, SufficientStats, feature_names, merge, transform
+from lepton_tasks.ingest.clean import coerce_types
 
 BANKS = load_contract("banks")
 
 
 @pytest.fixture(scope="module")
 def banks_typed() -> pd.DataFrame:
-    from lepton_tasks.scenarios.banks import load_default
+    from lepton_tasks.ops.scenarios.banks import load_default
 
     df = load_default().head(3000).copy()
     df.loc[df.index % 17 == 0, "income"] = np.nan  # income is nullable (policy: indicator)

@@ -7,9 +7,9 @@ import logging
 import pandas as pd
 import pytest
 
-from lepton_tasks.contracts import Contract
-from lepton_tasks.drops import DropError
-from lepton_tasks.prepare import _prepare, prepare_drop
+from lepton_tasks.core.contracts import Contract
+from lepton_tasks.core.drops import DropError
+from lepton_tasks.ingest.prepare import _prepare, prepare_drop
 
 TYPED = Contract.model_validate(
     {
@@ -54,7 +54,12 @@ def _both(tmp_path, text: str) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
 
 
 def test_typed_and_text_paths_give_identical_output(tmp_path):
-    text = HEADER + _rows(40) + "r1,1,0.25,true,2024-01-01T00:00:01Z,yes\n" + "z1,,NaN,,2024-01-01T00:00:00+01:00,no\n"
+    text = (
+        HEADER
+        + _rows(40)
+        + "r1,1,0.25,true,2024-01-01T00:00:01Z,yes\n"
+        + "z1,,NaN,,2024-01-01T00:00:00+01:00,no\n"
+    )
     typed, plain, rep_typed, rep_plain = _both(tmp_path, text)
     pd.testing.assert_frame_equal(typed, plain)
     assert rep_typed == rep_plain and rep_typed["duplicates_removed"] == 1
@@ -66,13 +71,20 @@ def test_typed_and_text_paths_give_identical_output(tmp_path):
         ("q1, 12 ,1.5,true,2024-01-01T00:00:00Z,no", "n", 12, False),  # Arrow trims spaces, as the text path
         ("q1,3.0,1.5,true,2024-01-01T00:00:00Z,no", "n", 3, True),  # a whole float in an int column
         ("q1,3,1.5,yEs,2024-01-01T00:00:00Z,no", "b", True, True),  # mixed-case boolean
-        ("q1,3,1.5,true,2024-01-01T05:00:00,no", "ts", pd.Timestamp("2024-01-01T05:00:00Z"), True),  # naive: UTC
+        (
+            "q1,3,1.5,true,2024-01-01T05:00:00,no",
+            "ts",
+            pd.Timestamp("2024-01-01T05:00:00Z"),
+            True,
+        ),  # naive: UTC
     ],
 )
-def test_values_arrow_does_not_convert_fall_back_to_the_text_path(tmp_path, caplog, line, column, value, falls_back):
+def test_values_arrow_does_not_convert_fall_back_to_the_text_path(
+    tmp_path, caplog, line, column, value, falls_back
+):
     p = tmp_path / "d.csv"
     p.write_text(HEADER + _rows(5) + line + "\n", encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="lepton_tasks.prepare"):
+    with caplog.at_level(logging.INFO, logger="lepton_tasks.ingest.prepare"):
         r = prepare_drop(p, TYPED, object_key="typed/d.csv", out_dir=tmp_path / "o")
     frame = pd.concat([pd.read_parquet(r.train_path), pd.read_parquet(r.holdout_path)]).set_index("id")
     assert frame.loc["q1", column] == value
@@ -82,7 +94,7 @@ def test_values_arrow_does_not_convert_fall_back_to_the_text_path(tmp_path, capl
 def test_clean_file_stays_on_the_typed_path(tmp_path, caplog):
     p = tmp_path / "d.csv"
     p.write_text(HEADER + _rows(30), encoding="utf-8")
-    with caplog.at_level(logging.INFO, logger="lepton_tasks.prepare"):
+    with caplog.at_level(logging.INFO, logger="lepton_tasks.ingest.prepare"):
         r = prepare_drop(p, TYPED, object_key="typed/d.csv", out_dir=tmp_path / "o")
     assert r.rows_train + r.rows_holdout == 30
     assert "reading it again" not in caplog.text

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lepton_tasks.prepare import _BackgroundWriter, _Prefetch
+from lepton_tasks.ingest.prepare import _BackgroundWriter, _Prefetch
 
 
 def test_prefetch_keeps_order_and_raises_the_error_after_the_items_before_it():

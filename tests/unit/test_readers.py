@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lepton_tasks.contracts import Contract, load_contract
-from lepton_tasks.drops import DropError
-from lepton_tasks.readers import iter_chunks, sniff_format
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.core.drops import DropError
+from lepton_tasks.ingest.readers import iter_chunks, sniff_format
 
 BANKS = load_contract("banks")
 HEADER = "customer_id,student,balance,income,default\n"
@@ -137,7 +137,7 @@ def test_line_limit_is_configurable(tmp_path):
 
 
 def test_scan_finds_problems_beyond_the_first_scan_block(tmp_path, monkeypatch):
-    from lepton_tasks import readers
+    from lepton_tasks.ingest import readers
 
     monkeypatch.setattr(readers, "SCAN_BLOCK", 64)  # many tiny blocks: boundaries inside lines and chars
     body = rows(40).replace("c00031,No", "c00031,N\u00f6")  # valid 2-byte UTF-8 char ...

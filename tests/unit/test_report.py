@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lepton_tasks import report
+from lepton_tasks.federation import report
 
 
 def _full_metrics() -> dict:

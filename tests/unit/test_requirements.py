@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FILES = ["requirements.txt", "requirements-trainer.txt", "bench/aggregate/requirements.txt",
-         "docker/compose/requirements-airflow.txt"]
+FILES = [
+    "requirements.txt",
+    "requirements-trainer.txt",
+    "bench/aggregate/requirements.txt",
+    "docker/compose/requirements-airflow.txt",
+]
 LINE = re.compile(r"^([A-Za-z0-9_.\-\[\],]+)==([A-Za-z0-9_.+\-!]+)$")
 
 

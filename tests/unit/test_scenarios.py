@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.contracts import load_contract
-from lepton_tasks.normalize import SufficientStats, merge
-from lepton_tasks.prepare import prepare_drop, process_file
-from lepton_tasks.scenarios import SCENARIOS, to_csv_bytes
-from lepton_tasks.scenarios.banks import CARD_LIMIT, PRIME_INCOME, load_default
-from lepton_tasks.scenarios.ecommerce import retailer_frame, write_csv
-from lepton_tasks.split import holdout_mask
+from lepton_tasks.core.contracts import load_contract
+from lepton_tasks.core.features import SufficientStats, merge
+from lepton_tasks.ingest.prepare import prepare_drop, process_file
+from lepton_tasks.ingest.split import holdout_mask
+from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
+from lepton_tasks.ops.scenarios.banks import CARD_LIMIT, PRIME_INCOME, load_default
+from lepton_tasks.ops.scenarios.ecommerce import retailer_frame, write_csv
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pandas as pd
 
-from lepton_tasks.contracts import Contract, load_contract
-from lepton_tasks.split import holdout_mask, key_hashes
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.ingest.split import holdout_mask, key_hashes
 
 BANKS = load_contract("banks")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.contracts import ModelSpec
-from lepton_tasks.train.local import evaluate_weights, predict, proximal_term, train_local
-from lepton_tasks.train.model import build_model
+from lepton_tasks.core.contracts import ModelSpec
+from lepton_tasks.trainer.local import evaluate_weights, predict, proximal_term, train_local
+from lepton_tasks.trainer.model import build_model
 
 MLP = ModelSpec(kind="mlp", hidden=[8])
 FEATURES = ["x0", "x1", "x2"]

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lepton_tasks.clean import coerce_types
-from lepton_tasks.contracts import Contract, load_contract
-from lepton_tasks.drops import DropError
-from lepton_tasks.validate import (
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.core.drops import DropError
+from lepton_tasks.ingest.clean import coerce_types
+from lepton_tasks.ingest.validate import (
     ChunkValidation,
     Failure,
     Validator,
@@ -150,8 +150,8 @@ def test_render_html_escapes_everything():
 
 def test_modules_do_not_import_gx_or_pandas_at_import_time():
     code = (
-        "import sys, lepton_tasks.drops as d; assert 'pandas' not in sys.modules, 'drops';"
-        "import lepton_tasks.validate, lepton_tasks.prepare;"
+        "import sys, lepton_tasks.core.drops as d; assert 'pandas' not in sys.modules, 'drops';"
+        "import lepton_tasks.ingest.validate, lepton_tasks.ingest.prepare;"
         "assert 'great_expectations' not in sys.modules; assert 'airflow' not in sys.modules;"
         "assert 'pandas' not in sys.modules, 'validate/prepare'"
     )
@@ -160,7 +160,7 @@ def test_modules_do_not_import_gx_or_pandas_at_import_time():
 
 def test_gx_chunk_timing():
     """GX cost per 200k-row chunk on the ecommerce suite (printed; generous bound for slow CI)."""
-    from lepton_tasks.scenarios.ecommerce import retailer_frame
+    from lepton_tasks.ops.scenarios.ecommerce import retailer_frame
 
     contract = load_contract("ecommerce")
     raw = retailer_frame("retailer_a", 0, 200_000)

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from lepton_tasks import weights
+from lepton_tasks.core import weights
 
 
 def _arrays():

@@ -1,0 +1,206 @@
+"""The one S3 wrapper (``minio`` SDK): buckets, streaming put/get, atomic local downloads, presigned URLs.
+
+Works against SeaweedFS (embedded, tests) and MinIO (compose). Retries of idempotent requests are the
+SDK's own (urllib3 ``Retry`` in the minio client); multipart upload is the SDK's ``fput_object``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from minio import Minio
+from minio.error import S3Error
+
+from lepton_tasks.adapters.settings import Settings
+
+PART_SIZE = 16 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """An S3 operation failed; the message names bucket and key."""
+
+
+def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+class Storage:
+    """A thin, typed facade over :class:`minio.Minio`."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+    ) -> None:
+        self.endpoint = endpoint
+        self.access_key = access_key
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
+        )
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"Storage(endpoint={self.endpoint!r}, access_key={self.access_key!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        return cls(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+
+    # buckets -------------------------------------------------------------------------------------------
+    def ensure_bucket(self, bucket: str) -> bool:
+        """Create ``bucket`` if missing; return True when it was created."""
+        if self.client.bucket_exists(bucket):
+            return False
+        try:
+            self.client.make_bucket(bucket)
+        except S3Error as exc:
+            if exc.code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return False
+            raise StorageError(f"cannot create bucket {bucket}: {exc.code} {exc.message}") from exc
+        return True
+
+    def remove_bucket(self, bucket: str) -> None:
+        """Delete every object of ``bucket`` and then the bucket."""
+        if not self.client.bucket_exists(bucket):
+            return
+        for obj in self.client.list_objects(bucket, recursive=True):
+            self.client.remove_object(bucket, obj.object_name)
+        self.client.remove_bucket(bucket)
+
+    # objects ---------------------------------------------------------------------------------------------
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        res = self.client.put_object(
+            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
+        )
+        return res.etag
+
+    def put_json(self, bucket: str, key: str, obj: Any) -> str:
+        return self.put_bytes(
+            bucket,
+            key,
+            json.dumps(obj, indent=2, sort_keys=True, default=str).encode(),
+            content_type="application/json",
+        )
+
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        path: Path,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> str:
+        """Upload a local file (multipart for large files, done by the SDK)."""
+        res = self.client.fput_object(
+            bucket, key, str(path), content_type=content_type, metadata=metadata, part_size=PART_SIZE
+        )
+        return res.etag
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        try:
+            resp = self.client.get_object(bucket, key)
+        except S3Error as exc:
+            raise StorageError(f"cannot read s3://{bucket}/{key}: {exc.code}") from exc
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def get_json(self, bucket: str, key: str) -> Any:
+        return json.loads(self.get_bytes(bucket, key))
+
+    def download(self, bucket: str, key: str, dest: Path) -> Path:
+        """Stream an object to ``dest`` atomically (a temp file renamed on success)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+        os.close(fd)
+        try:
+            try:
+                self.client.fget_object(bucket, key, tmp)
+            except S3Error as exc:
+                raise StorageError(f"cannot download s3://{bucket}/{key}: {exc.code}") from exc
+            os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.client.stat_object(bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound", "NoSuchBucket"):
+                return False
+            raise
+        return True
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        st = self.client.stat_object(bucket, key)
+        meta = {
+            k.lower().removeprefix("x-amz-meta-"): v
+            for k, v in (st.metadata or {}).items()
+            if k.lower().startswith("x-amz-meta-")
+        }
+        return ObjectInfo(bucket, key, int(st.size or 0), str(st.etag), meta)
+
+    def list(self, bucket: str, prefix: str = "", *, recursive: bool = True) -> Iterator[ObjectInfo]:
+        for obj in self.client.list_objects(bucket, prefix=prefix or None, recursive=recursive):
+            if obj.is_dir:
+                continue
+            yield ObjectInfo(bucket, obj.object_name or "", int(obj.size or 0), str(obj.etag), {})
+
+    def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> None:
+        """Server-side copy, multipart for large objects (SDK ``compose_object`` would also work)."""
+        from minio.commonconfig import CopySource
+
+        self.client.copy_object(dst_bucket, dst_key, CopySource(src_bucket, src_key))
+
+    def remove(self, bucket: str, key: str) -> None:
+        self.client.remove_object(bucket, key)
+
+    def presigned_get(self, bucket: str, key: str, expires: timedelta = timedelta(hours=1)) -> str:
+        return self.client.presigned_get_object(bucket, key, expires=expires)
+
+    def presigned_put(self, bucket: str, key: str, expires: timedelta = timedelta(hours=1)) -> str:
+        return self.client.presigned_put_object(bucket, key, expires=expires)

