@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_DIR = REPO / "docker" / "compose"
 ENV_EXAMPLE = COMPOSE_DIR / "env.example"

@@ -166,7 +166,7 @@ def test_gpu_requirements_swaps_tensorflow() -> None:
 
 def test_real_repo_requirements_are_pinned() -> None:
     """requirements-trainer.txt pins everything with == at the versions of requirements.txt."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
 
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
