@@ -104,7 +104,7 @@ def main() -> int:
                     storage,
                     run_id=run_id,
                     runtime="local (in-process benchmark)",
-                    extra={"centralized": ref},
+                    centralized=ref,
                 )
                 m = out["metrics"]
                 row = {

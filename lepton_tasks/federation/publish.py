@@ -10,7 +10,15 @@ from typing import Any
 
 from lepton_tasks.adapters.settings import Settings
 from lepton_tasks.adapters.storage import Storage
-from lepton_tasks.federation.plan import collect_metrics, last_round, run_prefix
+from lepton_tasks.core.messages import (
+    MessageError,
+    ModelVersion,
+    RegistryEntry,
+    RunMetrics,
+    dump,
+    load,
+)
+from lepton_tasks.federation.plan import collect_metrics, published_round, read_plan, run_prefix
 
 
 class PublishError(RuntimeError):
@@ -22,63 +30,86 @@ def next_version(storage: Storage, settings: Settings, dataset: str, run_id: str
     prefix = f"_registry/{dataset}/"
     versions = {}
     for obj in storage.list(settings.models_bucket, prefix):
-        entry = storage.get_json(settings.models_bucket, obj.key)
-        versions[entry["run_id"]] = int(entry["version"])
+        where = f"s3://{settings.models_bucket}/{obj.key}"
+        try:
+            entry = load(RegistryEntry, storage.get_bytes(settings.models_bucket, obj.key), where=where)
+        except MessageError as exc:
+            raise PublishError(f"the model registry is damaged: {exc}") from None
+        versions[entry.run_id] = entry.version
     return versions.get(run_id, max(versions.values(), default=0) + 1)
 
 
 def publish_run(
-    settings: Settings, storage: Storage, *, run_id: str, runtime: str, extra: dict[str, Any] | None = None
+    settings: Settings,
+    storage: Storage,
+    *,
+    run_id: str,
+    runtime: str,
+    centralized: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Publish the run's best round: ``metrics.json``, ``report.html``, ``model/global.keras`` + VERSION.
+
+    ``centralized`` is a pooled reference (the demo's, which pools data on one machine); production never has
+    one. Returns where everything went and the metrics (as a JSON-ready dict).
+    """
     from lepton_tasks.core import weights as wio
     from lepton_tasks.federation.report import render_report
 
     prefix = run_prefix(run_id)
     mb = settings.models_bucket
-    plan = storage.get_json(mb, prefix + "plan.json")
+    plan = read_plan(storage, settings, run_id)
     metrics = collect_metrics(settings, storage, run_id=run_id, runtime=runtime)
-    if len(metrics["rounds"]) < int(plan["hparams"]["rounds"]):
+    if len(metrics.rounds) < plan.hparams.rounds:
         raise PublishError(
-            f"run {run_id}: only {len(metrics['rounds'])} of {plan['hparams']['rounds']} rounds "
-            f"completed; nothing published"
+            f"run {run_id}: only {len(metrics.rounds)} of {plan.hparams.rounds} rounds completed; "
+            "nothing published"
         )
-    if not metrics["final"]["per_partner"]:
+    if not metrics.final.per_partner:
         raise PublishError(f"run {run_id}: no partner evaluation arrived; nothing published")
-    if extra:
-        metrics.update(extra)
-    version = next_version(storage, settings, plan["dataset"], run_id)
-    metrics["lineage"]["model_version"] = version
-    k = last_round(storage, settings, run_id)
+    version = next_version(storage, settings, plan.dataset, run_id)
+    k = published_round(storage, settings, run_id)
     weights_blob = storage.get_bytes(mb, f"{prefix}round-{k}/global.npz")
-    metrics["lineage"]["global_weights_sha256"] = wio.sha256(weights_blob)
+    lineage = metrics.lineage.model_copy(
+        update={
+            "model_version": version,
+            "global_weights_sha256": wio.sha256(weights_blob),
+            "published_round": k,
+        }
+    )
+    metrics = metrics.model_copy(update={"lineage": lineage, "centralized": centralized})
+    metrics = RunMetrics.model_validate(dump(metrics))  # re-validate after the updates
+    doc = dump(metrics)
 
     local_dir = settings.data_dir / "reports" / prefix.rstrip("/")
     local_dir.mkdir(parents=True, exist_ok=True)
-    report = render_report(metrics, local_dir)
-    (local_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    storage.put_json(mb, prefix + "metrics.json", metrics)
+    report = render_report(doc, local_dir)
+    (local_dir / "metrics.json").write_text(json.dumps(doc, indent=2))
+    storage.put_json(mb, prefix + "metrics.json", doc)
     storage.put_file(mb, prefix + "report.html", report, content_type="text/html")
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_path = _save_keras(plan["dataset"], weights_blob, len(plan["feature_names"]), Path(tmp))
+        model_path = _save_keras(plan.dataset, weights_blob, len(plan.feature_names), Path(tmp))
         storage.put_file(mb, prefix + "model/global.keras", model_path)
-    version_doc = {
-        "version": version,
-        "dataset": plan["dataset"],
-        "run_id": run_id,
-        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "lineage": metrics["lineage"],
-    }
-    storage.put_json(mb, prefix + "model/VERSION.json", version_doc)
+    version_doc = ModelVersion(
+        version=version,
+        dataset=plan.dataset,
+        run_id=run_id,
+        published_at=datetime.now(UTC),
+        lineage=lineage,
+    )
+    storage.put_json(mb, prefix + "model/VERSION.json", dump(version_doc))
     storage.put_json(
-        mb, f"_registry/{plan['dataset']}/{version:06d}.json", {"run_id": run_id, "version": version}
+        mb,
+        f"_registry/{plan.dataset}/{version:06d}.json",
+        dump(RegistryEntry(run_id=run_id, version=version)),
     )
     return {
         "version": version,
+        "published_round": k,
         "report_path": str(report),
         "report_url": f"s3://{mb}/{prefix}report.html",
         "model_url": f"s3://{mb}/{prefix}model/global.keras",
-        "metrics": metrics,
+        "metrics": doc,
     }
 
 

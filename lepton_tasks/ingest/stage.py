@@ -18,7 +18,6 @@ Object layout::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
@@ -29,11 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from lepton_tasks.adapters.envelope import associated_data, encrypt_file
+from lepton_tasks.adapters.manifest import sign_manifest
 from lepton_tasks.adapters.settings import Settings
 from lepton_tasks.adapters.storage import Storage, sha256_file
 from lepton_tasks.adapters.vault import Vault
 from lepton_tasks.core.contracts import available, load_contract
 from lepton_tasks.core.drops import DropError, parse_drop_key
+from lepton_tasks.core.messages import (
+    Encryption,
+    Manifest,
+    QuarantineReason,
+    RowCounts,
+    SourceObject,
+    StagedObject,
+    dump,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +73,6 @@ def drop_prefix(partner: str, dataset: str, drop_id: str) -> str:
 
 def _seen_key(partner: str, object_key: str) -> str:
     return f"_seen/{partner}/{hashlib.sha256(object_key.encode()).hexdigest()}.json"
-
-
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
 def already_ingested(
@@ -122,14 +127,17 @@ def _quarantine(
     safe_ds = dataset if dataset in available() else "_unknown"
     base = f"{QUARANTINE_PREFIX}{safe_ds}/{drop_id}/"
     filename = hashlib.sha256(object_key.encode()).hexdigest()[:12] + ".original"
-    reason = {
-        **error.to_reason(),
-        "partner": partner,
-        "object_key": object_key,
-        "drop_id": drop_id,
-        "original": f"s3://{bucket}/{base}{filename}",
-        "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    reason = dump(
+        QuarantineReason(
+            **error.to_reason(),
+            partner=partner,
+            object_key=object_key,
+            object_keys=[object_key],
+            drop_id=drop_id,
+            original=f"s3://{bucket}/{base}{filename}",
+            quarantined_at=datetime.now(UTC),
+        )
+    )
     storage.copy(bucket, object_key, bucket, base + filename)
     storage.put_json(bucket, base + "reason.json", reason)
     if validation_html:
@@ -227,27 +235,27 @@ def ingest_drop(
             storage.put_file(settings.staging_bucket, obj_key, enc)
             enc.unlink()
             objects[split] = {"key": obj_key, "sha256": digest}
-        manifest = {
-            "format": "lepton-manifest/1",
-            "partner": partner,
-            "dataset": dk.dataset,
-            "drop_id": drop_id,
-            "drop_sha256": drop_hash,
-            "source": {"bucket": bucket, "key": object_key, "etag": info.etag, "size": info.size},
-            "contract": contract.version_tag,
-            "rows": {"train": prepared.rows_train, "holdout": prepared.rows_holdout},
-            "cleaning": _dump(prepared.report),
-            "statistics_train": _dump(prepared.stats),
-            "warnings": [_dump(w) for w in prepared.warnings],
-            "encryption": {
-                "scheme": "tink-streaming-aead/AES256_GCM_HKDF_1MB+vault-transit",
-                "key_name": key_name,
-                "key_version": key_version,
-            },
-            "objects": objects,
-            "staged_at": datetime.now(UTC).isoformat(timespec="microseconds"),  # orders re-uploads of a key
-        }
-        body = {"manifest": manifest, "hmac": vault.sign(key_name, canonical(manifest))}
+        manifest = Manifest(
+            partner=partner,
+            dataset=dk.dataset,
+            drop_id=drop_id,
+            drop_sha256=drop_hash,
+            source=SourceObject(bucket=bucket, key=object_key, etag=info.etag, size=info.size),
+            contract=contract.version_tag,
+            contract_sha256=contract.sha256,
+            rows=RowCounts(train=prepared.rows_train, holdout=prepared.rows_holdout),
+            cleaning=_dump(prepared.report),
+            statistics_train=prepared.stats,
+            warnings=[_dump(w) for w in prepared.warnings],
+            encryption=Encryption(
+                scheme="tink-streaming-aead/AES256_GCM_HKDF_1MB+vault-transit",
+                key_name=key_name,
+                key_version=key_version,
+            ),
+            objects={split: StagedObject(**obj) for split, obj in objects.items()},
+            staged_at=datetime.now(UTC),  # orders re-uploads of a key
+        )
+        body = dump(sign_manifest(vault, key_name, manifest))
         storage.put_json(settings.staging_bucket, prefix + MANIFEST, body)  # last: the commit marker
         _mark_seen(storage, settings, partner, object_key, info.etag, drop_id)
         log.info(
@@ -260,7 +268,13 @@ def ingest_drop(
             prepared.rows_holdout,
         )
         return IngestResult(
-            partner, object_key, "staged", drop_id, dk.dataset, prefix + MANIFEST, rows=manifest["rows"]
+            partner,
+            object_key,
+            "staged",
+            drop_id,
+            dk.dataset,
+            prefix + MANIFEST,
+            rows=manifest.rows.model_dump(),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -286,28 +300,6 @@ def _mark_seen(
         _seen_key(partner, object_key),
         {"partner": partner, "key": object_key, "etag": etag, "drop_id": drop_id},
     )
-
-
-class ManifestError(RuntimeError):
-    """A staged manifest is missing, unsigned or fails verification."""
-
-
-def read_manifest(
-    storage: Storage, settings: Settings, vault: Vault, partner: str, key: str
-) -> dict[str, Any]:
-    """Read and verify a manifest's HMAC with the partner's key (works with a trainer token)."""
-    body = storage.get_json(settings.staging_bucket, key)
-    manifest, mac = body.get("manifest"), body.get("hmac")
-    if not isinstance(manifest, dict) or not isinstance(mac, str):
-        raise ManifestError(f"s3://{settings.staging_bucket}/{key}: not a signed Lepton manifest")
-    if manifest.get("partner") != partner or not vault.verify(
-        settings.transit_key(partner), canonical(manifest), mac
-    ):
-        raise ManifestError(
-            f"s3://{settings.staging_bucket}/{key}: manifest signature does not verify "
-            f"(tampered, or not {partner}'s)"
-        )
-    return manifest
 
 
 def staged_manifests(

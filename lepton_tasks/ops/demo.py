@@ -224,7 +224,7 @@ def run_demo(
     plan = storage.get_json(settings.models_bucket, run_prefix(run_id) + "plan.json")
     ref = centralized_reference(scenario, seed=seed, hparams=plan["hparams"])
     runtime = storage.get_json(settings.models_bucket, run_prefix(run_id) + "metrics.json")["runtime"]
-    out = publish_run(settings, storage, run_id=run_id, runtime=runtime, extra={"centralized": ref})
+    out = publish_run(settings, storage, run_id=run_id, runtime=runtime, centralized=ref)
     m = out["metrics"]
     fed_auc = m["final"]["overall"].get("auc")
     lo_auc = m["local_only"]["overall"].get("auc")

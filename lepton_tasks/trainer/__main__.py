@@ -1,10 +1,11 @@
-"""The trainer entrypoint: ``python -m lepton_tasks.trainer`` (inside the partner's container, or a subprocess).
+"""The trainer entrypoint: ``python -m lepton_tasks.trainer`` (in the partner's container, or a subprocess).
 
-It receives its job (see :func:`lepton_tasks.federation.plan.trainer_job`) in the ``LEPTON_JOB`` environment
-variable — never on the command line — holding presigned URLs for exactly this partner's objects and a
-short-lived Vault token that can decrypt/verify with only this partner's key. It
+It receives its job (a :class:`~lepton_tasks.core.messages.TrainerJob`, see
+:func:`lepton_tasks.federation.plan.trainer_job`) in the ``LEPTON_JOB`` environment variable — never on the
+command line — holding presigned URLs for exactly this partner's objects, a short-lived Vault token that can
+decrypt/verify with only this partner's key, and the dataset's contract (checked against its hash). It
 
-1. downloads each committed drop's manifest and verifies its HMAC with the partner's key (token);
+1. downloads each committed drop's manifest and verifies it (:mod:`lepton_tasks.adapters.manifest`);
 2. downloads the encrypted splits, checks their SHA-256 against the manifest, decrypts them (Tink + Vault)
    to a private temp dir;
 3. normalizes with the merged federated statistics; then
@@ -13,7 +14,10 @@ short-lived Vault token that can decrypt/verify with only this partner's key. It
    - ``evaluate``: evaluates the final global model and every partner's local-only model on this partner's
      held-out split and PUTs metrics + score histograms (aggregates, never rows).
 
-Exit code 0 on success; 2 on a bad job; 3 on a security failure (signature, hash, decrypt denied).
+Exit codes (the operator maps them; see :data:`EXIT_CODES`): 0 success; 2 a bad job (invalid, wrong
+partner/mode, contract hash mismatch: retrying cannot help); 3 a security failure (signature, hash,
+decryption denied: never retried); 4 a transient failure (a service unreachable: retry later); 1 anything
+else (a bug: the last lines of stderr say what).
 """
 
 from __future__ import annotations
@@ -27,13 +31,29 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lepton_tasks.core.messages import TrainerJob
 
 log = logging.getLogger("lepton.trainer")
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_JOB, EXIT_SECURITY, EXIT_TRANSIENT = 0, 1, 2, 3, 4
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_BUG: "unexpected error",
+    EXIT_BAD_JOB: "bad job",
+    EXIT_SECURITY: "security failure",
+    EXIT_TRANSIENT: "transient failure",
+}
 
 
 class SecurityError(RuntimeError):
     """A manifest signature, a ciphertext hash or a decryption failed."""
+
+
+class BadJobError(ValueError):
+    """The job cannot be run as given (retrying the same job cannot help)."""
 
 
 def _fetch(url: str) -> bytes:
@@ -65,48 +85,41 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list[str]]:
-    """Verify + decrypt this partner's drops → (train frame, holdout frame, drop hashes). Plaintext stays in work."""
-    import hvac.exceptions
+def load_partner_frames(job: TrainerJob, work: Path) -> tuple[Any, Any, list[str]]:
+    """Verify + decrypt this partner's drops → (train, holdout, drop hashes); plaintext stays in ``work``."""
     import pandas as pd
 
     from lepton_tasks.adapters.envelope import EnvelopeError, associated_data, decrypt_file
+    from lepton_tasks.adapters.manifest import ManifestError, verify_manifest
     from lepton_tasks.adapters.vault import Vault
-    from lepton_tasks.ingest.stage import canonical
 
-    vault = Vault.connect(job["vault_addr"], job["vault_token"], job["transit_mount"])
-    partner, key_name = job["partner"], job["key_name"]
+    vault = Vault.connect(job.vault_addr, job.vault_token, job.transit_mount)
+    partner, key_name = job.partner, job.key_name
     frames: dict[str, list[pd.DataFrame]] = {"train": [], "holdout": []}
     hashes = []
-    for i, drop in enumerate(job["drops"]):
-        body = json.loads(_fetch(drop["manifest_url"]))
-        manifest = body.get("manifest")
-        if not isinstance(manifest, dict):
-            raise SecurityError(f"{drop['manifest_key']}: not a signed Lepton manifest")
+    for i, drop in enumerate(job.drops):
         try:
-            valid = vault.verify(key_name, canonical(manifest), body.get("hmac", ""))
-        except hvac.exceptions.Forbidden as exc:
-            raise SecurityError(
-                f"{drop['manifest_key']}: Vault denied verification with {key_name}: this token "
-                f"is not {partner}'s"
-            ) from exc
-        if not valid:
-            raise SecurityError(f"{drop['manifest_key']}: manifest signature does not verify with {key_name}")
-        if manifest.get("partner") != partner or manifest.get("dataset") != job["dataset"]:
-            raise SecurityError(
-                f"{drop['manifest_key']}: manifest is for {manifest.get('partner')}/"
-                f"{manifest.get('dataset')}, not {partner}/{job['dataset']}"
+            manifest = verify_manifest(
+                vault,
+                key_name,
+                _fetch(drop.manifest_url),
+                where=drop.manifest_key,
+                partner=partner,
+                dataset=job.dataset,
             )
-        hashes.append(manifest["drop_sha256"])
+        except ManifestError as exc:
+            raise SecurityError(str(exc)) from exc
+        hashes.append(manifest.drop_sha256)
         for split in ("train", "holdout"):
-            obj = drop[split]
-            if manifest["objects"][split]["key"] != obj["key"]:
-                raise SecurityError(f"{obj['key']}: not the object the manifest commits to")
-            enc = _download(obj["url"], work / f"{i}-{split}.enc")
+            obj = drop.train if split == "train" else drop.holdout
+            committed = manifest.objects[split]
+            if committed.key != obj.key:
+                raise SecurityError(f"{obj.key}: not the object the manifest commits to")
+            enc = _download(obj.url, work / f"{i}-{split}.enc")
             digest = _sha256(enc)
-            if digest != manifest["objects"][split]["sha256"]:
+            if digest != committed.sha256:
                 raise SecurityError(
-                    f"{obj['key']}: ciphertext SHA-256 {digest[:12]}… does not match the manifest"
+                    f"{obj.key}: ciphertext SHA-256 {digest[:12]}… does not match the manifest"
                 )
             plain = work / f"{i}-{split}.parquet"
             try:
@@ -115,9 +128,9 @@ def load_partner_frames(job: dict[str, Any], work: Path) -> tuple[Any, Any, list
                     plain,
                     client=vault.client,
                     key_name=key_name,
-                    ad=associated_data(partner, job["staging_bucket"], obj["key"]),
-                    object_name=obj["key"],
-                    transit_mount=job["transit_mount"],
+                    ad=associated_data(partner, job.staging_bucket, obj.key),
+                    object_name=obj.key,
+                    transit_mount=job.transit_mount,
                 )
             except EnvelopeError as exc:
                 raise SecurityError(str(exc)) from exc
@@ -141,24 +154,30 @@ def _holdout_frame(train_m: Any, holdout_m: Any, contract: Any) -> tuple[Any, di
     return pd.concat([train_m, holdout_m], ignore_index=True), kw
 
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+def run_job(job: TrainerJob) -> dict[str, Any]:
     """Execute one trainer job; return the (non-secret) summary that was uploaded."""
     from lepton_tasks.core import weights as wio
-    from lepton_tasks.core.contracts import load_contract
+    from lepton_tasks.core.contracts import contract_from_document
     from lepton_tasks.core.features import GlobalStats, SufficientStats, feature_names, transform
+    from lepton_tasks.core.messages import EvalResult, LocalModelMeta, UpdateMeta, dump
     from lepton_tasks.trainer.local import evaluate_weights, train_local
 
-    contract = load_contract(job["dataset"])
-    hp = job["hparams"]
-    gstats = GlobalStats.from_stats(SufficientStats.model_validate_json(_fetch(job["stats_url"])), contract)
+    try:
+        contract = contract_from_document(job.contract, job.contract_sha256)
+    except ValueError as exc:
+        raise BadJobError(f"the job's contract for {job.dataset}: {exc}") from exc
+    if contract.name != job.dataset:
+        raise BadJobError(f"the job's contract is {contract.name}, not {job.dataset}")
+    hp = job.hparams
+    gstats = GlobalStats.from_stats(SufficientStats.model_validate_json(_fetch(job.stats_url)), contract)
     names = feature_names(contract, gstats)
     global_w = None
-    if job.get("global_weights_url"):
-        global_w, _ = wio.loads(_fetch(job["global_weights_url"]))
+    if job.global_weights_url:
+        global_w, _ = wio.loads(_fetch(job.global_weights_url))
     with tempfile.TemporaryDirectory(prefix="lepton-trainer-") as tmp:
         train_df, holdout_df, hashes = load_partner_frames(job, Path(tmp))
     train_m = transform(train_df, contract, gstats)
-    if job["mode"] == "train":
+    if job.mode == "train":
         held_out = None
         if (
             global_w is not None
@@ -172,66 +191,92 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             contract.model,
             names,
             global_weights=global_w,
-            epochs=hp["epochs"],
-            batch_size=hp["batch_size"],
-            learning_rate=hp["learning_rate"],
-            seed=hp["seed"] + job["round"],
-            fedprox_mu=hp["fedprox_mu"],
+            epochs=hp.local_epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            seed=hp.seed + job.round,
+            fedprox_mu=hp.fedprox_mu,
             tie_break=contract.row_key,
         )
-        meta = {
-            "partner": job["partner"],
-            "round": job["round"],
-            "run_id": job["run_id"],
-            "n_samples": res.n_samples,
-            "metrics": res.metrics,
-            "drops": hashes,
-            "global_prev_holdout": held_out,
-        }
-        _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
-        return {k: v for k, v in meta.items() if k not in ("drops", "global_prev_holdout")}
-    if job["mode"] == "local":  # a model trained on this partner's data alone, for comparison
+        update = UpdateMeta(
+            partner=job.partner,
+            round=job.round,
+            run_id=job.run_id,
+            n_samples=res.n_samples,
+            metrics=res.metrics,
+            drops=hashes,
+            global_prev_holdout=_jsonable(held_out),
+        )
+        _put(job.output_url, wio.dumps(res.weights, dump(update)), "application/octet-stream")
+        return {"partner": job.partner, "round": job.round, "run_id": job.run_id, "n_samples": res.n_samples}
+    if job.mode == "local":  # a model trained on this partner's data alone, for comparison
         res = train_local(
             train_m,
             contract.model,
             names,
             global_weights=None,
-            epochs=hp["local_only_epochs"],
-            batch_size=hp["batch_size"],
-            learning_rate=hp["learning_rate"],
-            seed=hp["seed"],
+            epochs=hp.local_only_epochs,
+            batch_size=hp.batch_size,
+            learning_rate=hp.learning_rate,
+            seed=hp.seed,
             tie_break=contract.row_key,
         )
-        meta = {
-            "partner": job["partner"],
-            "run_id": job["run_id"],
+        meta = LocalModelMeta(
+            partner=job.partner, run_id=job.run_id, n_samples=res.n_samples, metrics=res.metrics
+        )
+        _put(job.output_url, wio.dumps(res.weights, dump(meta)), "application/octet-stream")
+        return {
+            "partner": job.partner,
+            "run_id": job.run_id,
             "kind": "local-only",
             "n_samples": res.n_samples,
-            "metrics": res.metrics,
         }
-        _put(job["output_url"], wio.dumps(res.weights, meta), "application/octet-stream")
-        return {k: v for k, v in meta.items() if k != "metrics"}
     eval_frame, eval_kw = _holdout_frame(train_m, transform(holdout_df, contract, gstats), contract)
     g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
     local_models = {}
-    for owner, url in sorted(job.get("local_models", {}).items()):
+    for owner, url in sorted(job.local_models.items()):
         weights_l, _ = wio.loads(_fetch(url))
         local_models[owner] = evaluate_weights(
             eval_frame, contract.model, names, weights_l, with_summary=True, **eval_kw
         )
-    out = {
-        "partner": job["partner"],
-        "run_id": job["run_id"],
-        "global": g,
-        "local_models": local_models,
-        "rows": {"train": len(train_df), "holdout": len(holdout_df)},
-    }
-    _put(job["output_url"], json.dumps(out, default=float).encode(), "application/json")
-    return {
-        "partner": job["partner"],
-        "global_auc": g.get("auc"),
-        "local_models_scored": sorted(local_models),
-    }
+    out = EvalResult(
+        partner=job.partner,
+        run_id=job.run_id,
+        global_=_jsonable(g),
+        local_models={k: _jsonable(v) for k, v in local_models.items()},
+        rows={"train": len(train_df), "holdout": len(holdout_df)},
+    )
+    _put(job.output_url, json.dumps(dump(out)).encode(), "application/json")
+    return {"partner": job.partner, "global_auc": g.get("auc"), "local_models_scored": sorted(local_models)}
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy scalars → Python numbers (metric dicts come from numpy)."""
+    return None if obj is None else json.loads(json.dumps(obj, default=float))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A service that did not answer (connection refused/reset, timeout, 5xx): worth retrying later."""
+    import urllib.error
+
+    import hvac.exceptions
+    import requests
+
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500
+    return isinstance(
+        exc,
+        (
+            urllib.error.URLError,
+            ConnectionError,
+            TimeoutError,
+            requests.ConnectionError,
+            requests.Timeout,
+            hvac.exceptions.VaultDown,
+            hvac.exceptions.InternalServerError,
+            hvac.exceptions.BadGateway,
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,25 +290,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer[%(name)s] %(levelname)s %(message)s")
+    from lepton_tasks.core.messages import MessageError, TrainerJob, load
+
     raw = os.environ.pop("LEPTON_JOB", None)
     if not raw:
-        print("error: no job: the LEPTON_JOB environment variable is empty", file=sys.stderr)
-        return 2
-    job = json.loads(raw)
-    if job.get("partner") != args.partner or job.get("mode") != args.mode:
-        print(
-            f"error: job is for {job.get('partner')}/{job.get('mode')}, not {args.partner}/{args.mode}",
-            file=sys.stderr,
-        )
-        return 2
-    log.info("partner %s: %s (run %s, round %s)", args.partner, args.mode, job["run_id"], job["round"])
+        print("bad job: the LEPTON_JOB environment variable is empty", file=sys.stderr)
+        return EXIT_BAD_JOB
     try:
+        job = load(TrainerJob, raw, where="LEPTON_JOB")
+    except MessageError as exc:
+        print(f"bad job: {exc}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    if job.partner != args.partner or job.mode != args.mode:
+        print(f"bad job: it is for {job.partner}/{job.mode}, not {args.partner}/{args.mode}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    log.info("partner %s: %s (run %s, round %s)", args.partner, args.mode, job.run_id, job.round)
+    try:
+        if job.vault_token_wrapped:
+            from lepton_tasks.adapters.vault import unwrap_token
+
+            job = job.model_copy(update={"vault_token": unwrap_token(job.vault_addr, job.vault_token)})
         summary = run_job(job)
     except SecurityError as exc:
         print(f"security error: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_SECURITY
+    except BadJobError as exc:
+        print(f"bad job: {exc}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    except Exception as exc:
+        log.exception("trainer failed")
+        if _is_transient(exc):
+            print(
+                f"transient error (a service did not answer; retry): {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
+            return EXIT_TRANSIENT
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BUG
     print(json.dumps(summary, default=float))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

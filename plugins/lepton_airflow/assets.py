@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from airflow.sdk import Asset
 
-DATASETS = ("banks", "hospitals", "ecommerce")
+from lepton_tasks.core.contracts import available
+
+#: every dataset with a contract in the contracts folder: a new dataset is one YAML file
+DATASETS: tuple[str, ...] = tuple(available())
 
 
 def staged_asset(dataset: str) -> Asset:

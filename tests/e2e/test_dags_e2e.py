@@ -1,5 +1,5 @@
 """End to end under ``dag.test()``: the ingest DAG on each scenario's drops, then the training DAG with real
-DockerOperator trainer containers (3 partners, 2 rounds), one partner made to fail → excluded by the quorum rule."""
+DockerOperator trainer containers (3 partners, 2 rounds), one partner made to fail → excluded with its reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from lepton_tasks.ingest.stage import read_manifest, staged_manifests
+from lepton_tasks.federation.plan import read_manifest
+from lepton_tasks.ingest.stage import staged_manifests
 from lepton_tasks.ops.demo import partner_name
 from lepton_tasks.ops.partners import drop_as_partner
 from tests.conftest import REPO, need
@@ -51,10 +52,10 @@ def test_ingest_dag_stages_each_scenario(
     found = staged_manifests(admin_storage, settings, sc.dataset, [partner_name(p) for p in frames])
     assert set(found) == {partner_name(p) for p in frames}
     for partner, keys in found.items():
-        m = read_manifest(admin_storage, settings, operator_vault, partner, keys[-1])
-        assert m["dataset"] == sc.dataset and m["contract"].startswith(f"{sc.dataset}@v")
-        assert m["rows"]["train"] + m["rows"]["holdout"] > 0
-        assert set(m["objects"]) == {"train", "holdout"}
+        m = read_manifest(admin_storage, settings, operator_vault, partner, keys[-1], sc.dataset)
+        assert m.dataset == sc.dataset and m.contract.startswith(f"{sc.dataset}@v")
+        assert m.rows.train + m.rows.holdout > 0
+        assert set(m.objects) == {"train", "holdout"}
 
 
 def test_train_dag_in_docker_with_quorum(
@@ -113,11 +114,67 @@ def test_train_dag_in_docker_with_quorum(
         assert admin_storage.exists(mb, prefix + suffix), suffix
     metrics = admin_storage.get_json(mb, prefix + "metrics.json")
     assert metrics["runtime"] == "docker"
-    assert [r["excluded"] for r in metrics["rounds"]] == [[failing], [failing]]
+    # the excluded partner is named in every round with the trainer's exact security message
+    assert [list(r["excluded"]) for r in metrics["rounds"]] == [[failing], [failing]]
+    for r in metrics["rounds"]:
+        assert "security error" in r["excluded"][failing] and "denied" in r["excluded"][failing]
     assert set(metrics["final"]["per_partner"]) == set(partners[:2])
     assert set(metrics["local_only"]["per_partner"]) == set(partners[:2])
     assert metrics["final"]["overall"]["auc"] > 0.9
-    assert set(metrics["lineage"]["drops"]) == set(partners)
+    assert set(metrics["lineage"]["drops"]) == set(partners[:2]), "lineage lists only what fed the model"
     version = admin_storage.get_json(mb, prefix + "model/VERSION.json")
     assert version["version"] >= 1 and version["lineage"]["rounds"] == 2
-    assert b"<html" in admin_storage.get_bytes(mb, prefix + "report.html")[:500].lower()
+    report = admin_storage.get_bytes(mb, prefix + "report.html").decode()
+    assert "<html" in report[:500].lower() and failing in report and "security error" in report
+    _every_boundary_object_loads(admin_storage, settings, run.run_id)
+
+
+def _every_boundary_object_loads(storage, settings, run_id: str) -> None:
+    """Each object this real run wrote goes through its model (a drifted field fails here)."""
+    from lepton_tasks.core import weights as wio
+    from lepton_tasks.core.messages import (
+        EvalResult,
+        GlobalWeightsMeta,
+        LocalModelMeta,
+        ModelVersion,
+        Plan,
+        RegistryEntry,
+        RoundSummary,
+        RunMetrics,
+        SignedManifest,
+        UpdateMeta,
+        load,
+    )
+
+    mb, prefix = settings.models_bucket, f"{run_id}/"
+    seen: dict[str, int] = {}
+
+    def check(model, raw, key):
+        load(model, raw, where=key)
+        seen[model.__name__] = seen.get(model.__name__, 0) + 1
+
+    plan = load(Plan, storage.get_bytes(mb, prefix + "plan.json"), where="plan.json")
+    for drops in plan.drops.values():
+        for d in drops:
+            check(SignedManifest, storage.get_bytes(settings.staging_bucket, d.manifest), d.manifest)
+    for obj in storage.list(mb, prefix):
+        key = obj.key
+        if key.endswith(".update"):
+            check(UpdateMeta, wio.loads(storage.get_bytes(mb, key))[1], key)
+        elif key.endswith("/global.npz"):
+            check(GlobalWeightsMeta, wio.loads(storage.get_bytes(mb, key))[1], key)
+        elif "/local/" in key and key.endswith(".npz"):
+            check(LocalModelMeta, wio.loads(storage.get_bytes(mb, key))[1], key)
+        elif key.endswith("summary.json"):
+            check(RoundSummary, storage.get_bytes(mb, key), key)
+        elif "/eval/" in key:
+            check(EvalResult, storage.get_bytes(mb, key), key)
+        elif key.endswith("metrics.json"):
+            check(RunMetrics, storage.get_bytes(mb, key), key)
+        elif key.endswith("VERSION.json"):
+            check(ModelVersion, storage.get_bytes(mb, key), key)
+    for obj in storage.list(mb, f"_registry/{plan.dataset}/"):
+        check(RegistryEntry, storage.get_bytes(mb, obj.key), obj.key)
+    expected = {"SignedManifest", "UpdateMeta", "GlobalWeightsMeta", "LocalModelMeta", "RoundSummary"}
+    expected |= {"EvalResult", "RunMetrics", "ModelVersion", "RegistryEntry"}
+    assert expected <= set(seen), f"no real object of {expected - set(seen)} was found"

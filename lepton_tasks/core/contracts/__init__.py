@@ -7,14 +7,18 @@ row-count bounds, and the model the federation trains on it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CONTRACTS_DIR = Path(__file__).parent
+#: where the contracts live: ``$LEPTON_CONTRACTS_DIR`` when set (a site's own folder), else the bundled ones
+CONTRACTS_DIR = Path(os.environ.get("LEPTON_CONTRACTS_DIR") or Path(__file__).parent)
 
 DType = Literal["int", "float", "string", "category", "timestamp", "bool"]
 Role = Literal["feature", "label", "id", "timestamp", "ignore"]
@@ -76,6 +80,17 @@ class ModelSpec(BaseModel):
     gru_units: int = 32
 
 
+class TrainingDefaults(BaseModel):
+    """The trigger form's defaults for this dataset's training DAG (a run may override each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rounds: int = Field(5, ge=1, le=50)
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.005, gt=0, le=1)
+
+
 class Contract(BaseModel):
     """A dataset contract (see ``lepton_tasks/core/contracts/*.yaml``)."""
 
@@ -95,6 +110,7 @@ class Contract(BaseModel):
     null_values: list[str] = Field(default_factory=lambda: ["", "NA", "N/A", "NULL", "null", "NaN", "nan"])
     columns: dict[str, ColumnSpec]
     model: ModelSpec
+    training: TrainingDefaults = Field(default_factory=TrainingDefaults)
 
     @model_validator(mode="after")
     def _check(self) -> Contract:
@@ -120,6 +136,29 @@ class Contract(BaseModel):
 
     def required_columns(self) -> list[str]:
         return [c for c, s in self.columns.items() if s.required]
+
+    def document(self) -> dict[str, Any]:
+        """The contract as a JSON-ready dict (what travels with a trainer job)."""
+        return self.model_dump(mode="json")
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the canonical JSON of :meth:`document`: names this exact contract across machines."""
+        return contract_sha256(self.document())
+
+
+def contract_sha256(document: dict[str, Any]) -> str:
+    """SHA-256 (hex) of a contract document's canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def contract_from_document(document: dict[str, Any], expected_sha256: str) -> Contract:
+    """The contract a job carries, after checking it is the one the job names (raises ``ValueError``)."""
+    actual = contract_sha256(document)
+    if actual != expected_sha256:
+        raise ValueError(f"contract hash {actual[:12]}… does not match the job's {expected_sha256[:12]}…")
+    return Contract.model_validate(document)
 
 
 def available() -> list[str]:

@@ -1,0 +1,421 @@
+"""Every object that crosses a process boundary, as a typed, versioned message.
+
+Ingest writes a :class:`SignedManifest` per drop; the coordinator's ``plan`` writes a :class:`Plan`; each
+trainer container receives a :class:`TrainerJob` and answers with :class:`UpdateMeta` (inside the weights
+file), :class:`LocalModelMeta` or an :class:`EvalResult`; ``aggregate`` writes a :class:`RoundSummary` per
+round; ``publish`` writes :class:`RunMetrics`, a :class:`ModelVersion` and a :class:`RegistryEntry`;
+quarantine writes a :class:`QuarantineReason`. Writers build the model and dump it with :func:`dump`;
+readers go through :func:`load`, which fails with a :class:`MessageError` naming the object, where it was
+read from and the field: a missing, unknown or mistyped field never reaches the code that uses it.
+
+Each model carries ``schema_version``; a reader accepts exactly the versions it knows. The JSON Schemas
+(``lepton schemas export``, committed under ``docs/schemas/``) are what a partner's engineers read.
+
+This module sits in ``core`` because the trainer image needs it; it imports nothing outside ``core``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lepton_tasks.core.features import SufficientStats
+from lepton_tasks.core.strategies import Strategy
+
+TrainerMode = Literal["train", "local", "evaluate"]
+
+#: metric blocks (``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``n``, ``score_summary`` …) are produced
+#: and read by ``core.metrics`` only; their keys are documented there.
+MetricBlock = dict[str, Any]
+
+
+class MessageError(ValueError):
+    """A boundary object failed validation: names the object, where it came from and the field."""
+
+
+class Message(BaseModel):
+    """Base of every boundary object: unknown fields are errors, every object carries its schema version."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+
+
+M = TypeVar("M", bound=Message)
+
+
+def load(model: type[M], raw: bytes | str | dict[str, Any], *, where: str) -> M:
+    """Validate ``raw`` (JSON text/bytes or an already parsed dict) as ``model``.
+
+    ``where`` says where the object came from (an S3 URL, ``LEPTON_JOB``…); it leads the error message.
+    """
+    try:
+        if isinstance(raw, dict):
+            return model.model_validate(raw)
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field {'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise MessageError(f"{where}: invalid {model.__name__}: {problems}{more}") from None
+
+
+def dump(message: Message) -> dict[str, Any]:
+    """The JSON-ready dict of ``message`` (what writers put in object storage)."""
+    return message.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ingest → staging (stays at the partner's site)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class SourceObject(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+
+class StagedObject(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Encryption(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Literal["tink-streaming-aead/AES256_GCM_HKDF_1MB+vault-transit"]
+    key_name: str
+    key_version: int
+
+
+class RowCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: int = Field(ge=0)
+    holdout: int = Field(ge=0)
+
+
+class Manifest(Message):
+    """A committed drop: what was staged, under which contract, encrypted how (written last: the commit)."""
+
+    format: Literal["lepton-manifest/1"] = "lepton-manifest/1"
+    partner: str
+    dataset: str
+    drop_id: str
+    drop_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source: SourceObject
+    contract: str = Field(description="the contract's version tag, e.g. banks@v1")
+    contract_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: RowCounts
+    cleaning: dict[str, Any] = Field(description="the cleaning report (counts per rule); stays at the site")
+    statistics_train: SufficientStats
+    warnings: list[dict[str, Any]] = Field(default_factory=list)
+    encryption: Encryption
+    objects: dict[Literal["train", "holdout"], StagedObject]
+    staged_at: datetime
+
+
+class SignedManifest(Message):
+    """``manifest.json`` in staging: the manifest and its HMAC under the partner's transit key."""
+
+    manifest: Manifest
+    hmac: str = Field(pattern=r"^vault:v\d+:")
+
+
+class QuarantineReason(Message):
+    """``reason.json`` beside a quarantined original: what was wrong, where, and how to fix it."""
+
+    code: str
+    file: str | None = None
+    row: int | None = None
+    column: str | None = None
+    message: str
+    fix: str | None = None
+    samples: list[Any] | None = None
+    details: dict[str, Any] | None = None
+    partner: str
+    object_key: str
+    object_keys: list[str] = Field(
+        default_factory=list, description="every inbox key these same bytes arrived under"
+    )
+    drop_id: str
+    original: str
+    quarantined_at: datetime
+
+
+# ----------------------------------------------------------------------------------------------------------
+# coordinator: plan, jobs, rounds, metrics, registry
+# ----------------------------------------------------------------------------------------------------------
+
+
+class HParams(Message):
+    """A run's hyper-parameters (from the trigger form; defaults from the dataset's contract)."""
+
+    rounds: int = Field(5, ge=1)
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(0.005, gt=0, le=1)
+    strategy: Strategy = "fedavg"
+    min_partners: int = Field(2, ge=1)
+    seed: int = Field(42, ge=0)
+    fedprox_mu: float = Field(0.0, ge=0)
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    krum_f: int = Field(0, ge=0)
+
+
+class PlanDrop(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: str = Field(description="the manifest's key in the staging bucket")
+    drop_id: str
+    drop_sha256: str
+    rows: RowCounts
+    contract: str
+    objects: dict[Literal["train", "holdout"], StagedObject]
+
+
+class Plan(Message):
+    """``models/<run>/plan.json``: immutable once written (a cleared ``plan`` task reuses it)."""
+
+    run_id: str
+    dataset: str
+    contract: str
+    contract_sha256: str
+    partners: list[str]
+    drops: dict[str, list[PlanDrop]]
+    superseded: dict[str, list[str]] = Field(default_factory=dict)
+    excluded: dict[str, str] = Field(
+        default_factory=dict, description="drop manifest key → why it was left out (verification, contract)"
+    )
+    hparams: HParams
+    feature_names: list[str]
+
+    @model_validator(mode="after")
+    def _partners_have_drops(self) -> Plan:
+        if sorted(self.drops) != sorted(self.partners):
+            raise ValueError(f"partners {self.partners} and drops {sorted(self.drops)} disagree")
+        return self
+
+
+class TrainerHParams(BaseModel):
+    """What the trainer needs of the run's hyper-parameters (the names the trainer uses)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_epochs: int = Field(ge=1)
+    local_only_epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    seed: int = Field(ge=0)
+    fedprox_mu: float = Field(ge=0)
+
+
+class JobObject(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    sha256: str
+    url: str = Field(repr=False)
+
+
+class JobDrop(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest_key: str
+    manifest_url: str = Field(repr=False)
+    train: JobObject
+    holdout: JobObject
+
+
+class TrainerJob(Message):
+    """One trainer container's job (SECRET: presigned URLs and a scoped token; environment only, never XCom).
+
+    The contract travels with the job (``contract`` + its ``contract_sha256``), so a new dataset never needs
+    a new image; the trainer refuses a contract whose hash does not match.
+    """
+
+    mode: TrainerMode
+    partner: str
+    dataset: str
+    run_id: str
+    round: int = Field(ge=0)
+    contract: dict[str, Any]
+    contract_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    vault_addr: str
+    transit_mount: str
+    key_name: str
+    staging_bucket: str
+    vault_token: str = Field(repr=False, description="a single-use response-wrapping token, or a plain token")
+    vault_token_wrapped: bool = False
+    drops: list[JobDrop]
+    stats_url: str = Field(repr=False)
+    global_weights_url: str | None = Field(None, repr=False)
+    output_url: str = Field(repr=False)
+    output_key: str
+    local_models: dict[str, str] = Field(default_factory=dict, repr=False)
+    hparams: TrainerHParams
+
+
+class UpdateMeta(Message):
+    """The metadata inside a partner's ``round-<k>/<partner>.update`` weights file."""
+
+    kind: Literal["update"] = "update"
+    partner: str
+    round: int = Field(ge=1)
+    run_id: str
+    n_samples: int = Field(gt=0)
+    metrics: dict[str, float | int | None]
+    drops: list[str] = Field(description="SHA-256 of every drop that fed this update")
+    global_prev_holdout: MetricBlock | None = None
+
+
+class LocalModelMeta(Message):
+    """The metadata inside ``local/<partner>.npz`` (a model trained on that partner's data alone)."""
+
+    kind: Literal["local-only"] = "local-only"
+    partner: str
+    run_id: str
+    n_samples: int = Field(gt=0)
+    metrics: dict[str, float | int | None]
+
+
+class GlobalWeightsMeta(Message):
+    """The metadata inside ``round-<k>/global.npz``."""
+
+    kind: Literal["global"] = "global"
+    run_id: str
+    round: int = Field(ge=1)
+    strategy: Strategy
+    partners: list[str]
+
+
+class EvalRows(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train: int
+    holdout: int
+
+
+class EvalResult(Message):
+    """``eval/<partner>.json``: held-out metrics + score histograms of the global and local-only models."""
+
+    partner: str
+    run_id: str
+    global_: MetricBlock = Field(alias="global")
+    local_models: dict[str, MetricBlock] = Field(default_factory=dict)
+    rows: EvalRows
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class RoundSummary(Message):
+    """``round-<k>/summary.json``: who contributed, who was excluded and why, training metrics."""
+
+    round: int = Field(ge=1)
+    strategy: Strategy
+    partners: dict[str, dict[str, float | int | None]]
+    excluded: dict[str, str] = Field(
+        default_factory=dict, description="partner → why it is not in this round"
+    )
+    global_prev_holdout: dict[str, Any] | None = None
+    global_: MetricBlock | None = Field(None, alias="global")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class Lineage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str
+    rounds: int
+    strategy: Strategy
+    contract: str
+    drops: dict[str, list[str]] = Field(description="partner → SHA-256 of the drops that fed the model")
+    published_round: int | None = None
+    model_version: int | None = None
+    global_weights_sha256: str | None = None
+
+
+class FinalMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_partner: dict[str, MetricBlock]
+    overall: MetricBlock
+
+
+class LocalOnlyMetrics(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_partner: dict[str, MetricBlock]
+    overall: MetricBlock
+
+
+class RunMetrics(Message):
+    """``metrics.json`` of a run: per round, per partner, global vs local-only, lineage, warnings."""
+
+    run_id: str
+    dataset: str
+    contract_version: str
+    strategy: Strategy
+    hparams: HParams
+    runtime: str
+    rounds: list[RoundSummary]
+    final: FinalMetrics
+    local_only: LocalOnlyMetrics
+    lineage: Lineage
+    excluded: dict[str, str] = Field(
+        default_factory=dict, description="partner or drop → why it did not feed the model (plan, rounds)"
+    )
+    warnings: list[str] = Field(default_factory=list)
+    centralized: MetricBlock | None = Field(
+        None, description="a pooled reference run (demo only: pools data, which production never does)"
+    )
+
+
+class ModelVersion(Message):
+    """``model/VERSION.json`` beside a published model."""
+
+    version: int = Field(ge=1)
+    dataset: str
+    run_id: str
+    published_at: datetime
+    lineage: Lineage
+
+
+class RegistryEntry(Message):
+    """``_registry/<dataset>/<version>.json``: which run a model version came from."""
+
+    run_id: str
+    version: int = Field(ge=1)
+
+
+#: every boundary model, by the name its JSON Schema is exported under
+BOUNDARY_MODELS: dict[str, type[Message]] = {
+    "manifest": SignedManifest,
+    "quarantine-reason": QuarantineReason,
+    "plan": Plan,
+    "trainer-job": TrainerJob,
+    "update-meta": UpdateMeta,
+    "local-model-meta": LocalModelMeta,
+    "global-weights-meta": GlobalWeightsMeta,
+    "eval-result": EvalResult,
+    "round-summary": RoundSummary,
+    "run-metrics": RunMetrics,
+    "model-version": ModelVersion,
+    "registry-entry": RegistryEntry,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every boundary model (what ``lepton schemas export`` writes)."""
+    return {name: model.model_json_schema(by_alias=True) for name, model in BOUNDARY_MODELS.items()}

@@ -1,0 +1,129 @@
+"""Boundary objects: typed, versioned, and an error names the object, where it came from and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lepton_tasks.core.contracts import contract_from_document, contract_sha256, load_contract
+from lepton_tasks.core.messages import (
+    BOUNDARY_MODELS,
+    HParams,
+    MessageError,
+    RegistryEntry,
+    RoundSummary,
+    TrainerJob,
+    dump,
+    load,
+)
+from lepton_tasks.core.strategies import STRATEGIES
+from lepton_tasks.ops.schemas import render
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _job(**over):
+    contract = load_contract("banks")
+    job = {
+        "mode": "train",
+        "partner": "acme",
+        "dataset": "banks",
+        "run_id": "r1",
+        "round": 1,
+        "contract": contract.document(),
+        "contract_sha256": contract.sha256,
+        "vault_addr": "http://127.0.0.1:8200",
+        "transit_mount": "transit",
+        "key_name": "lepton-acme",
+        "staging_bucket": "staging",
+        "vault_token": "s.secret-token",
+        "drops": [],
+        "stats_url": "http://x/stats?X-Amz-Signature=abc",
+        "output_url": "http://x/out",
+        "output_key": "r1/round-1/acme.update",
+        "hparams": {
+            "local_epochs": 2,
+            "local_only_epochs": 10,
+            "batch_size": 64,
+            "learning_rate": 0.005,
+            "seed": 42,
+            "fedprox_mu": 0.0,
+        },
+    }
+    job.update(over)
+    return job
+
+
+def test_a_valid_object_round_trips():
+    job = load(TrainerJob, json.dumps(_job()), where="LEPTON_JOB")
+    assert load(TrainerJob, dump(job), where="again") == job
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda j: j.pop("partner"), "partner"),
+        (lambda j: j.update(surprise=1), "surprise"),
+        (lambda j: j.update(round="first"), "round"),
+        (lambda j: j["hparams"].update(epochs=3), "hparams.epochs"),  # the old name: drift is an error now
+        (lambda j: j.update(schema_version=2), "schema_version"),
+    ],
+    ids=["missing", "unknown", "mistyped", "drifted-name", "unknown-version"],
+)
+def test_bad_fields_fail_naming_the_object_where_and_the_field(change, field):
+    job = _job()
+    change(job)
+    with pytest.raises(MessageError, match=rf"^LEPTON_JOB: invalid TrainerJob: field {field}\b"):
+        load(TrainerJob, json.dumps(job), where="LEPTON_JOB")
+
+
+def test_secrets_do_not_show_in_the_repr_of_a_job():
+    job = load(TrainerJob, _job(), where="t")
+    assert "s.secret-token" not in repr(job) and "X-Amz-Signature" not in repr(job)
+
+
+def test_strategies_have_one_home_and_hparams_use_it():
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "median", "trimmed_mean", "krum"}
+    with pytest.raises(ValueError, match="strategy"):
+        HParams(strategy="mean")
+    with pytest.raises(ValueError, match="trim_beta"):
+        HParams(trim_beta=0.5)
+
+
+def test_round_summary_keeps_the_reason_of_each_exclusion():
+    s = RoundSummary(
+        round=2, strategy="fedavg", partners={"a": {"n": 3}}, excluded={"b": "security error: x"}
+    )
+    assert load(RoundSummary, dump(s), where="s").excluded == {"b": "security error: x"}
+    with pytest.raises(MessageError, match="excluded"):
+        load(RoundSummary, {**dump(s), "excluded": ["b"]}, where="old-format")
+
+
+def test_every_model_carries_a_schema_version():
+    for name, model in BOUNDARY_MODELS.items():
+        assert "schema_version" in model.model_fields, name
+    assert RegistryEntry(run_id="r", version=1).schema_version == 1
+
+
+def test_committed_json_schemas_match_the_models():
+    """docs/schemas is what partners read: regenerate with `lepton schemas export docs/schemas`."""
+    expected = render()
+    committed = {p.name: p.read_text() for p in (REPO / "docs/schemas").glob("*.json")}
+    assert committed == expected
+
+
+def test_contract_travels_with_its_hash_and_a_changed_contract_is_refused():
+    contract = load_contract("banks")
+    doc = contract.document()
+    assert contract_from_document(doc, contract.sha256) == contract
+    changed = {**doc, "version": doc["version"] + 1}
+    assert contract_sha256(changed) != contract.sha256
+    with pytest.raises(ValueError, match="does not match"):
+        contract_from_document(changed, contract.sha256)
+
+
+def test_training_defaults_live_in_the_contract():
+    assert load_contract("ecommerce").training.rounds == 4
+    assert load_contract("hospitals").training.batch_size == 32
