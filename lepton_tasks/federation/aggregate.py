@@ -17,7 +17,16 @@ Strategies (pure functions over updates, in the style of Flower's ``strategy.agg
 * :func:`coordinate_median` and :func:`trimmed_mean` -- coordinate-wise robust statistics
   (Yin et al., 2018).
 * :func:`krum` -- Krum and multi-Krum (Blanchard et al., 2017).
-* :func:`aggregate` -- dispatcher by strategy name (see :data:`STRATEGIES`).
+* :func:`aggregate` -- dispatcher by strategy name; :data:`STRATEGIES` is the tuple of those names.
+* :func:`best_round` -- which round's global model to publish (defined in
+  :mod:`lepton_tasks.federation.selection`, re-exported here).
+
+Layers may be empty (a zero-size array such as shape ``(0,)`` or ``(3, 0)``): every strategy
+returns an empty array of that shape and of the result dtype. Weights may be anywhere in the
+finite range of their dtype: the robust strategies' means never overflow (a mean of finite
+values is finite; FedAvg instead reports an overflow of its weighted sum, see
+:class:`StreamingFedAvg`), and Krum's distances carry an explicit exponent, so neither
+``1e300`` nor ``1e-310`` changes which update is selected.
 
 Every strategy validates its input and raises ``ValueError`` naming the violated assumption
 and, for a bad update, the partner and the layer index: mismatched number of layers, layer
@@ -39,17 +48,22 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
-from numbers import Integral, Real
-from typing import Any, NamedTuple, TypeAlias
+from fractions import Fraction
+from numbers import Integral, Rational, Real
+from typing import Any, NamedTuple, TypeAlias, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
+
+from lepton_tasks.core.strategies import STRATEGIES
+from lepton_tasks.federation.selection import best_round
 
 __all__ = [
     "STRATEGIES",
     "StreamingFedAvg",
     "Update",
     "aggregate",
+    "best_round",
     "coordinate_median",
     "fedavg",
     "fedprox",
@@ -65,8 +79,15 @@ Weights: TypeAlias = list[np.ndarray]
 UpdateLike: TypeAlias = tuple[str, Sequence[ArrayLike], int]
 """``(partner, weights, n)``; :class:`Update` is one."""
 
-STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "median", "trimmed_mean", "krum")
-"""The strategy names :func:`aggregate` accepts."""
+# STRATEGIES -- the aggregation strategy names, exactly the names aggregate() accepts and in the same
+# order (a unit test keeps the two in step). There is one tuple: it is defined in the light module
+# lepton_tasks.core.strategies (no numpy, so DAG files can import it at parse time) and re-exported
+# here, so ``aggregate.STRATEGIES is core.strategies.STRATEGIES``; nothing else keeps its own copy.
+#   fedavg        fedavg()
+#   fedprox       fedprox() (server side identical to FedAvg)   param mu
+#   median        coordinate_median()
+#   trimmed_mean  trimmed_mean()                                  param beta
+#   krum          krum()                                          params f, m
 
 # Elements per block in the accumulation loops. Streaming: a float32 block is 1 MiB, so the
 # scratch block and the slices of the accumulator and input it touches stay in cache between the
@@ -115,9 +136,7 @@ def _check_partner(partner: object) -> str:
 def _check_n(partner: str, n: object) -> int:
     if isinstance(n, bool) or not isinstance(n, Integral):
         # ValueError, not TypeError: every violated precondition of this module is a ValueError.
-        raise ValueError(
-            f"partner {partner!r}: n (sample count) must be an integer, got {n!r}"
-        )
+        raise ValueError(f"partner {partner!r}: n (sample count) must be an integer, got {n!r}")
     if n <= 0:
         raise ValueError(f"partner {partner!r}: n (sample count) must be > 0, got {n}")
     return int(n)
@@ -230,7 +249,8 @@ def _materialize(updates: Iterable[UpdateLike]) -> list[tuple[str, list[np.ndarr
 
 def _unpack(update: object) -> tuple[str, object, object]:
     try:
-        partner, weights, n = update  # type: ignore[misc]
+        # The cast only informs the type checker; unpacking still fails on a wrong shape.
+        partner, weights, n = cast("tuple[object, object, object]", update)
     except (TypeError, ValueError) as exc:
         raise ValueError(
             f"each update must be a (partner, weights, n) tuple, got {type(update).__name__}"
@@ -277,8 +297,9 @@ class StreamingFedAvg:
         (``layer * n`` then ``np.add`` in the layer's float32; bit-identical results in the
         benchmark): the error grows with the number of partners, a few float32 ulps for tens of
         them. ``result`` divides in place, so the aggregation holds exactly one extra model.
-        Sample counts above 2**24 are rounded to float32 (a relative change below 6e-8). A float64 layer is always summed in
-        float64 (the accumulator is never narrower than the layer).
+        Sample counts above 2**24 are rounded to float32 (a relative change below 6e-8). A
+        float64 layer is always summed in float64 (the accumulator is never narrower than the
+        layer).
         ``float64`` forms each ``n * w`` exactly and sums in float64 (relative error ~1e-16),
         so the float32 average is within one ulp of the exact mean -- at the cost of a
         two-model accumulator plus the result and about twice the time (``bench/README.md``).
@@ -456,6 +477,8 @@ def _blocked_sequential(
     acc_dtype: np.dtype[Any],
 ) -> None:
     """Sum ``n * block`` in ``acc_dtype``, in update order: bit-identical to StreamingFedAvg."""
+    if size == 0:  # an empty layer averages to an empty array (and range() refuses a zero step)
+        return
     block = min(_BLOCKED_BLOCK, size)
     acc = np.empty(block, dtype=acc_dtype)
     tmp = np.empty(block, dtype=acc_dtype)
@@ -569,71 +592,199 @@ def _stack(items: list[tuple[str, list[np.ndarray], int]], layer: int) -> np.nda
     return np.stack([layers[layer] for _, layers, _ in items])
 
 
+def _mean_axis0(stacked: np.ndarray) -> np.ndarray:
+    """Mean over axis 0, in float64, that cannot overflow.
+
+    The mean of finite values is finite, but their float64 sum may not be (two float64 values
+    near 1.8e308). In that case the values are divided by the count before summing, and the
+    result is clipped to the values' range, which the exact mean never leaves (rounding in the
+    divided sum could otherwise step just past the largest float64).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = stacked.mean(axis=0, dtype=np.float64)
+        if not np.isfinite(mean).all():  # finite inputs: the sum overflowed
+            mean = np.divide(stacked, stacked.shape[0], dtype=np.float64).sum(axis=0)
+            np.clip(mean, stacked.min(axis=0), stacked.max(axis=0), out=mean)
+    return np.asarray(mean)
+
+
 def coordinate_median(updates: Iterable[UpdateLike]) -> Weights:
     """Coordinate-wise median (Yin et al., 2018), ignoring sample counts.
 
     Each coordinate is the median of that coordinate over the partners (the mean of the two
-    middle values for an even number of partners). Robust to fewer than half the partners being
-    arbitrary. Needs every update in memory, plus the N x layer stack of one layer at a time.
+    middle values for an even number of partners, computed in float64 so that it neither
+    overflows nor rounds twice). Robust to fewer than half the partners being arbitrary. Needs
+    every update in memory, plus the N x layer stack of one layer at a time.
     """
     items = _materialize(updates)
+    n = len(items)
+    lo, hi = (n - 1) // 2, n // 2  # the middle rank(s): equal for odd n
     out: Weights = []
     for i, layer in enumerate(items[0][1]):
-        med = np.median(_stack(items, i), axis=0)
-        out.append(np.asarray(med, dtype=_result_dtype(layer.dtype)))
+        # After partitioning, positions lo and hi hold exactly the values ranked lo and hi.
+        middle = np.partition(_stack(items, i), sorted({lo, hi}), axis=0)[lo : hi + 1]
+        out.append(np.asarray(_mean_axis0(middle), dtype=_result_dtype(layer.dtype)))
     return out
 
 
+def _simplest_between(lo: Fraction, hi: Fraction) -> Fraction:
+    """The fraction with the smallest denominator strictly between ``0 <= lo < hi``.
+
+    Continued fractions (the Stern-Brocot tree): an integer inside the interval is the answer;
+    otherwise both ends share the integer part ``n`` and the answer is ``n + 1/y`` for the
+    simplest ``y`` between the reciprocals of the fractional parts.
+    """
+    n = math.floor(lo)
+    if n + 1 < hi:
+        return Fraction(n + 1)
+    if lo == n:  # y ranges over (1 / (hi - n), infinity)
+        return n + 1 / Fraction(math.floor(1 / (hi - n)) + 1)
+    return n + 1 / _simplest_between(1 / (hi - n), 1 / (lo - n))
+
+
+def _beta_fraction(beta: float | np.floating[Any]) -> Fraction:
+    """The simplest fraction that rounds to the finite float ``beta >= 0`` (in its own precision).
+
+    A configured ``0.29`` is 29/100, ``0.2`` is 1/5 and ``1/3`` is 1/3, although the binary floats
+    are slightly off (``Fraction(0.29) * 100 < 29``) and the float products round either way
+    (``0.29 * 100 == 28.999999999999996``). It is the rule behind Python's shortest ``repr``,
+    extended from decimals to all fractions. A float just below 1/2 gives a fraction below 1/2,
+    because 1/2 is itself a float: no tolerance is involved.
+    """
+    if beta == 0:
+        return Fraction(0)
+    x = np.asarray(beta)
+    if x.dtype.itemsize > 8:  # long double: its neighbours do not convert exactly to float
+        x = np.asarray(float(beta))
+    exact = Fraction(float(x))
+    below = Fraction(float(np.nextafter(x, -np.inf)))
+    above = Fraction(float(np.nextafter(x, np.inf)))
+    # Every number strictly between the midpoints to the neighbours rounds to beta.
+    return _simplest_between((below + exact) / 2, (exact + above) / 2)
+
+
 def _trim_count(beta: object, n: int) -> int:
-    if isinstance(beta, bool) or not isinstance(beta, Real) or not math.isfinite(beta) or beta < 0:
-        raise ValueError(f"trimmed_mean beta must be a finite fraction >= 0, got {beta!r}")
-    # round() first so that e.g. 0.29 * 100 = 28.999999999999996 trims 29, as intended.
-    k = math.floor(round(float(beta) * n, 9))
-    if 2 * k >= n:
-        raise ValueError(
-            f"trimmed_mean needs 2*floor(beta*n) < n to keep at least one value per coordinate; "
-            f"beta={beta}, n={n} partners trims {k} at each end"
-        )
-    return k
+    """``k = floor(beta * n)``, exactly, for ``0 <= beta < 1/2`` (Yin et al., 2018)."""
+    bad = ValueError(
+        "trimmed_mean beta must be a real number with 0 <= beta < 1/2 (Yin et al. 2018 trim "
+        f"floor(beta*N) values from each end of every coordinate), got beta={beta!r}"
+    )
+    if isinstance(beta, bool) or not isinstance(beta, Real):
+        raise bad
+    if isinstance(beta, Rational):  # int, numpy integer, Fraction: exact as given
+        frac = Fraction(int(beta.numerator), int(beta.denominator))
+        if not 0 <= frac < Fraction(1, 2):
+            raise bad
+    else:
+        x = beta if isinstance(beta, np.floating) else float(beta)
+        if not (math.isfinite(x) and 0 <= x < 0.5):
+            raise bad
+        frac = _beta_fraction(x)
+    # beta < 1/2 gives k <= beta*n < n/2, so n - 2k >= 1: at least one value is left to average.
+    return math.floor(frac * n)
 
 
 def trimmed_mean(updates: Iterable[UpdateLike], beta: float) -> Weights:
     """Coordinate-wise trimmed mean (Yin et al., 2018), ignoring sample counts.
 
     For every coordinate, drop the ``k = floor(beta * N)`` largest and ``k`` smallest of the N
-    partners' values and average the rest (in float64). ``beta = 0`` is the plain mean.
+    partners' values and average the remaining ``N - 2k`` (in float64). ``beta = 0`` is the
+    plain mean. ``0 <= beta < 1/2`` as in the paper, which guarantees ``N - 2k >= 1`` for
+    every N; ``beta`` need not be a multiple of ``1/N`` (``beta = 0.1`` with 5 partners trims
+    nothing).
+
+    ``k`` is computed exactly, without a tolerance: a float ``beta`` stands for the simplest
+    fraction that rounds to it (``0.2`` is 1/5, ``0.29`` is 29/100, ``1/3`` is 1/3), so
+    ``beta = 0.2`` with ``N = 5`` trims 1 and ``0.29`` with ``N = 100`` trims 29 whichever way
+    the float product ``beta * N`` rounds, while ``beta = 0.4999999999`` with ``N = 4`` trims 1,
+    not 2. :class:`fractions.Fraction` and integers are taken exactly as given.
 
     Raises:
-        ValueError: ``beta`` negative or not finite, or ``2*floor(beta*N) >= N`` (nothing left),
-            besides the input checks of :func:`fedavg`.
+        ValueError: ``beta`` not a real number, not finite, negative or ``>= 1/2`` (naming
+            ``beta``), besides the input checks of :func:`fedavg`.
     """
     items = _materialize(updates)
-    k = _trim_count(beta, len(items))
     n = len(items)
+    k = _trim_count(beta, n)
     out: Weights = []
     for i, layer in enumerate(items[0][1]):
         stacked = _stack(items, i)
         if k:
             # After partitioning, positions k..n-k-1 hold exactly the values ranked k..n-k-1.
             stacked = np.partition(stacked, (k, n - k - 1), axis=0)[k : n - k]
-        mean = stacked.mean(axis=0, dtype=np.float64)
-        out.append(np.asarray(mean, dtype=_result_dtype(layer.dtype)))
+        out.append(np.asarray(_mean_axis0(stacked), dtype=_result_dtype(layer.dtype)))
     return out
 
 
-def _pairwise_sq_distances(items: list[tuple[str, list[np.ndarray], int]]) -> np.ndarray:
-    """Squared Euclidean distances between the flattened updates, in float64 (N x N)."""
+# A squared distance is kept as (m, e), meaning m * 2**e with 0.5 <= m < 1, or (0.0, _ZERO_EXP)
+# for zero, so that its exponent never overflows or underflows; Python ints hold the exponent.
+_ScaledFloat: TypeAlias = tuple[float, int]
+_ZERO_EXP = -(1 << 40)  # below the exponent of every nonzero value, so zero sorts first
+_ZERO: _ScaledFloat = (0.0, _ZERO_EXP)
+# The plain float64 dot product is used when it lands in [_SAFE_MIN_SQ, inf): element squares
+# that underflowed then add at most size * 2**-1075 in absolute terms, a relative error of at most
+# size * 2**-475, far below rounding. Anything smaller, and overflow, take the rescaled path.
+_SAFE_MIN_SQ = 2.0**-600
+
+
+def _scaled(x: float, shift: int = 0) -> _ScaledFloat:
+    """``x * 2**shift`` (``x >= 0`` finite) as ``(m, e)``."""
+    if x == 0:
+        return _ZERO
+    m, e = math.frexp(x)
+    return m, e + shift
+
+
+def _scaled_add(a: _ScaledFloat, b: _ScaledFloat) -> _ScaledFloat:
+    """``a + b`` for nonnegative (m, e) values, rounded like a float64 addition."""
+    if a[0] == 0:
+        return b
+    if b[0] == 0:
+        return a
+    top = max(a[1], b[1])
+    # The smaller term may underflow to 0 here only when it is below 2**-1000 of the larger one.
+    return _scaled(math.ldexp(a[0], a[1] - top) + math.ldexp(b[0], b[1] - top), top)
+
+
+def _scaled_sq_distance(a: np.ndarray, b: np.ndarray, buf: np.ndarray) -> _ScaledFloat:
+    """``||a - b||^2`` of two flat arrays as (m, e), for any finite values.
+
+    Fast path: the float64 dot product of the difference. When it overflows (differences above
+    ~1e154) or is tiny (differences near the subnormal range), the difference is rescaled by a
+    power of two (exact) so that its largest element is in [0.5, 1) before squaring.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(a, b, out=buf, dtype=np.float64)
+        sq = float(np.dot(buf, buf))
+        if _SAFE_MIN_SQ <= sq < math.inf:
+            return _scaled(sq)
+        shift = 0
+        if not np.isfinite(buf).all():
+            # The difference itself overflowed: halve both operands. Exact, except for the last
+            # bit of subnormal elements, which cannot matter next to a difference above 1.8e308.
+            np.subtract(np.multiply(a, 0.5, dtype=np.float64), np.multiply(b, 0.5, dtype=np.float64), out=buf)
+            shift = 1
+    largest = float(np.max(np.abs(buf)))
+    if largest == 0:
+        return _ZERO
+    k = math.frexp(largest)[1]
+    np.ldexp(buf, -k, out=buf)  # now max |buf| is in [0.5, 1): no overflow, no harmful underflow
+    return _scaled(float(np.dot(buf, buf)), 2 * (k + shift))
+
+
+def _pairwise_sq_distances(items: list[tuple[str, list[np.ndarray], int]]) -> list[list[_ScaledFloat]]:
+    """Squared Euclidean distances between the flattened updates (N x N), as (m, e) values."""
     n = len(items)
-    dist = np.zeros((n, n), dtype=np.float64)
+    dist = [[_ZERO] * n for _ in range(n)]
     for layer in range(len(items[0][1])):
         flats = [layers[layer].reshape(-1) for _, layers, _ in items]
+        if flats[0].size == 0:
+            continue
         buf = np.empty(flats[0].size, dtype=np.float64)
         for a in range(n):
             for b in range(a + 1, n):
-                np.subtract(flats[a], flats[b], out=buf, dtype=np.float64)
-                d = float(np.dot(buf, buf))
-                dist[a, b] += d
-                dist[b, a] += d
+                d = _scaled_add(dist[a][b], _scaled_sq_distance(flats[a], flats[b], buf))
+                dist[a][b] = dist[b][a] = d
     return dist
 
 
@@ -643,22 +794,28 @@ def _krum_order(items: list[tuple[str, list[np.ndarray], int]], f: object, m: ob
         raise ValueError(
             f"krum f (number of Byzantine partners tolerated) must be an integer >= 0, got {f!r}"
         )
+    f = int(f)
     if n <= 2 * f + 2:
         raise ValueError(
             f"krum requires n > 2f + 2 (Blanchard et al. 2017); got n={n} partners, f={f}, "
-            f"so at least {2 * int(f) + 3} partners are needed"
+            f"so at least {2 * f + 3} partners are needed"
         )
-    if isinstance(m, bool) or not isinstance(m, Integral) or not 1 <= m <= n - f:
+    if isinstance(m, bool) or not isinstance(m, Integral) or not 1 <= int(m) <= n - f:
         raise ValueError(
-            f"krum m (updates selected) must be an integer with 1 <= m <= n - f = {n - int(f)}, got {m!r}"
+            f"krum m (updates selected) must be an integer with 1 <= m <= n - f = {n - f}, got {m!r}"
         )
     dist = _pairwise_sq_distances(items)
-    closest = n - int(f) - 2
-    scores = np.empty(n, dtype=np.float64)
+    closest = n - f - 2
+    scores: list[_ScaledFloat] = []
     for i in range(n):
-        others = np.delete(dist[i], i)
-        scores[i] = np.sort(others)[:closest].sum()
-    return [int(i) for i in np.argsort(scores, kind="stable")[: int(m)]]
+        # (m, e) values order as (e, m): m is normalized to [0.5, 1) and zero has the lowest e.
+        nearest = sorted((d for j, d in enumerate(dist[i]) if j != i), key=lambda d: (d[1], d[0]))
+        score = _ZERO
+        for d in nearest[:closest]:  # smallest first
+            score = _scaled_add(score, d)
+        scores.append(score)
+    order = sorted(range(n), key=lambda i: (scores[i][1], scores[i][0], i))  # ties: earlier update
+    return order[: int(m)]
 
 
 def krum_select(updates: Iterable[UpdateLike], f: int, m: int = 1) -> list[str]:
@@ -677,6 +834,13 @@ def krum(updates: Iterable[UpdateLike], f: int, m: int = 1) -> Weights:
     as in the paper (Flower's ``aggregate_krum`` weights that mean by sample count instead).
     Ties go to the earlier update. Use :func:`krum_select` for the names.
 
+    Distances and scores carry their binary exponent separately from a float64 mantissa, so
+    they neither overflow (weights near ``1e300``, whose squares exceed float64) nor underflow
+    (subnormal weights near ``1e-310``, whose squares are 0 in float64): up to float64
+    rounding, the selection is the one made with an unbounded exponent, at any scale, and a
+    Byzantine update of ``1e308`` is as far away as it should be. Multi-Krum's mean cannot
+    overflow either.
+
     Raises:
         ValueError: ``N <= 2f + 2`` (Krum's assumption), ``f < 0``, ``m`` outside ``1..N-f``,
             besides the input checks of :func:`fedavg`.
@@ -689,8 +853,7 @@ def krum(updates: Iterable[UpdateLike], f: int, m: int = 1) -> Weights:
             out.append(np.array(items[chosen[0]][1][i], dtype=_result_dtype(layer.dtype)))
         else:
             stacked = np.stack([items[k][1][i] for k in chosen])
-            mean = stacked.mean(axis=0, dtype=np.float64)
-            out.append(np.asarray(mean, dtype=_result_dtype(layer.dtype)))
+            out.append(np.asarray(_mean_axis0(stacked), dtype=_result_dtype(layer.dtype)))
     return out
 
 

@@ -341,8 +341,9 @@ def published_round(storage: Storage, settings: Settings, run_id: str) -> int:
     """The round whose global model is published: the best by federated held-out AUC (keep the best round).
 
     Round k's global model is scored by every contributing partner at the start of round k+1, so rounds
-    1..K-1 have a held-out score; the last round has none before the final evaluation and is chosen only
-    when it is the only round or no earlier round was scored. Ties go to the later round (more training).
+    1..K-1 have a held-out score and the last round K has none before the final evaluation. Policy: the best
+    scored round (ties: the earliest); when that is K-1, training was still improving at the end, so K is
+    published (the final evaluation then scores it); with no scored round (one round), K.
     """
     from lepton_tasks.federation.aggregate import best_round
 

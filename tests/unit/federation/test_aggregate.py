@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pytest
 
+from lepton_tasks.core import strategies
 from lepton_tasks.federation import aggregate as agg
 from lepton_tasks.federation.aggregate import (
     STRATEGIES,
@@ -153,6 +156,49 @@ def test_fedavg_non_contiguous_layers() -> None:
         np.testing.assert_array_equal(out, base.T * 2)
 
 
+@pytest.mark.parametrize("shape", [(0,), (3, 0)], ids=["0", "3x0"])
+@pytest.mark.parametrize("acc", ACC_DTYPES)
+@pytest.mark.parametrize("as_iter", [False, True], ids=["list", "generator"])
+def test_fedavg_empty_layers_average_to_empty_arrays(shape: tuple[int, ...], acc: str, as_iter: bool) -> None:
+    # A layer with no weights (e.g. a zero-width dense kernel) next to ordinary ones.
+    updates = [
+        ("alice", [np.zeros(shape, F32), vec(1, 2), np.zeros(shape, np.int64)], 1),
+        ("bob", [np.ones(shape, F32), vec(3, 4), np.ones(shape, np.int64)], 3),
+    ]
+    empty, dense, empty_int = fedavg(iter(updates) if as_iter else updates, accumulate_dtype=acc)
+    assert empty.shape == shape and empty.dtype == F32
+    assert empty_int.shape == shape and empty_int.dtype == np.float64  # integer layers -> float64
+    np.testing.assert_array_equal(dense, vec(2.5, 3.5))  # (1*[1,2] + 3*[3,4]) / 4
+
+
+@pytest.mark.parametrize("acc", ACC_DTYPES)
+def test_fedavg_model_with_only_empty_layers(acc: str, small_blocks: None) -> None:
+    updates = [
+        ("alice", [np.zeros((2, 0), F32), np.zeros(0)], 1),
+        ("bob", [np.zeros((2, 0), F32), np.zeros(0)], 2),
+    ]
+    streaming = StreamingFedAvg(accumulate_dtype=acc)
+    for partner, weights, n in updates:
+        streaming.add(partner, weights, n)
+    for out in (
+        fedavg(updates, accumulate_dtype=acc),
+        fedavg(iter(updates), accumulate_dtype=acc),
+        streaming.result(),
+    ):
+        assert [(a.shape, a.dtype) for a in out] == [((2, 0), F32), ((0,), np.float64)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 1}), ("krum", {"f": 1, "m": 3})],
+)
+def test_robust_strategies_keep_empty_layers(strategy: str, params: dict[str, Any]) -> None:
+    updates = [(p, [np.zeros((3, 0), F32), *w], 1) for p, w, _ in KRUM_POINTS]
+    empty, dense = aggregate(strategy, updates, **params)
+    assert empty.shape == (3, 0) and empty.dtype == F32
+    assert dense.shape == (2,)
+
+
 def test_streaming_fedavg_state() -> None:
     s = StreamingFedAvg()
     s.add("alice", [vec(1, 2)], 1)
@@ -171,7 +217,7 @@ def test_streaming_fedavg_structural_error_leaves_sum_untouched() -> None:
     s.add("alice", [vec(1, 2)], 1)
     with pytest.raises(ValueError, match="partner 'mallory': layer 0 has shape"):
         s.add("mallory", [vec(1, 2, 3)], 5)
-    with pytest.raises(ValueError, match="partner 'mallory'.*> 0"):
+    with pytest.raises(ValueError, match=r"partner 'mallory'.*> 0"):
         s.add("mallory", [vec(9, 9)], 0)
     s.add("bob", [vec(3, 4)], 3)
     np.testing.assert_array_equal(s.result()[0], vec(2.5, 3.5))
@@ -200,7 +246,7 @@ def test_streaming_fedavg_nan_in_the_first_update() -> None:
 @pytest.mark.parametrize("as_iter", [False, True], ids=["list", "generator"])
 def test_fedavg_float32_overflow_is_reported(as_iter: bool) -> None:
     updates = [("a", [vec(3e38)], 1), ("b", [vec(3e38)], 1)]
-    with pytest.raises(ValueError, match="overflowed float32.*float64"):
+    with pytest.raises(ValueError, match=r"overflowed float32.*float64"):
         fedavg(iter(updates) if as_iter else updates)
     (out,) = fedavg(iter(updates) if as_iter else updates, accumulate_dtype="float64")
     np.testing.assert_array_equal(out, vec(3e38))
@@ -235,7 +281,7 @@ def test_fedprox_penalty_hand_example() -> None:
         fedprox_penalty(w, g[:1], mu=0.5)
     with pytest.raises(ValueError, match="mu must be a finite number >= 0"):
         fedprox_penalty(w, g, mu=float("nan"))
-    with pytest.raises(ValueError, match="layer 0: .*NaN or Inf"):
+    with pytest.raises(ValueError, match=r"layer 0: .*NaN or Inf"):
         fedprox_penalty([vec(np.inf, 0).reshape(1, 2), vec(3)], g, mu=0.5)
 
 
@@ -268,16 +314,74 @@ def test_trimmed_mean_trim_count_is_exact_floor() -> None:
     np.testing.assert_allclose(out, vec(np.mean(np.arange(29, 71))))
 
 
-@pytest.mark.parametrize(("beta", "n"), [(0.5, 4), (0.5, 2), (0.67, 3), (0.9, 10)])
-def test_trimmed_mean_refuses_trimming_everything(beta: float, n: int) -> None:
+POWERS = [(f"p{v}", [vec(v)], 1) for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)]
+# Values 2**0 .. 2**9, so every trim count gives a different mean:
+# k=0 -> 1023/10, k=1 -> 510/8 = 63.75, k=2 -> 252/6 = 42, k=3 -> 120/4 = 30, k=4 -> 48/2 = 24.
+
+
+@pytest.mark.parametrize(
+    ("beta", "mean"),
+    [
+        (0.0, 102.3),
+        (0.05, 102.3),  # 0.5 -> k=0: beta need not be a multiple of 1/N
+        (0.1, 63.75),
+        (0.3, 30.0),  # 0.3 * 10 = 3 exactly in the reals, whatever the float product does
+        (0.35, 30.0),
+        (0.4, 24.0),
+        (0.4999999999, 24.0),  # 4.999999999 -> k=4, not 5 (which would trim everything)
+        (0.49999999999999994, 24.0),  # the largest float below 1/2
+        (Fraction(1, 5), 42.0),
+        (np.float32(0.2), 42.0),  # read in float32 precision: 1/5, not 0.2000000029...
+        (np.float64(0.3), 30.0),
+    ],
+)
+def test_trimmed_mean_trims_floor_beta_n_from_each_end(beta: Any, mean: float) -> None:
+    np.testing.assert_allclose(trimmed_mean(POWERS, beta=beta)[0], vec(mean), rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("beta", "n", "k"),
+    [
+        (0.2, 5, 1),  # 0.2 * 5: the float 0.2 is a little above 1/5; 1/5 * 5 = 1
+        (0.29, 100, 29),  # float product 28.999999999999996; the float 0.29 itself is below 29/100
+        (0.07, 100, 7),  # float product 7.000000000000001
+        (0.1 + 0.2, 10, 3),  # 0.30000000000000004 is not the float nearest 3/10, but still trims 3
+        (1 / 3, 3, 1),  # the float nearest 1/3 means 1/3 (Fraction(1/3) * 3 is just below 1)
+        (Fraction(1, 3) - Fraction(1, 10**30), 3, 0),  # an exact fraction is taken as it is
+        (0.4999999999, 2, 0),
+        (0.4999999999, 4, 1),
+        (0.49999999999999994, 2, 0),
+        (1e-300, 10**300, 1),
+        (0, 7, 0),
+    ],
+)
+def test_trim_count_is_the_exact_floor(beta: Any, n: int, k: int) -> None:
+    assert agg._trim_count(beta, n) == k
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_trimmed_mean_accepts_beta_just_below_half(n: int) -> None:
+    # 0.4999999999 * n rounded to 9 decimals is n/2: trimming that much from each end leaves nothing.
+    updates = [(f"p{i}", [vec(2**i)], 1) for i in range(n)]
+    expected = {1: 1.0, 2: 1.5, 3: 2.0}[n]  # k = 0, 0, 1
+    np.testing.assert_array_equal(trimmed_mean(updates, beta=0.4999999999)[0], vec(expected))
+
+
+@pytest.mark.parametrize(
+    ("beta", "n"),
+    [(0.9, 1), (0.5, 1), (0.5, 4), (0.67, 3), (1, 10), (Fraction(1, 2), 3), (np.float32(0.5), 3)],
+)
+def test_trimmed_mean_refuses_beta_of_one_half_or_more(beta: Any, n: int) -> None:
+    # Yin et al. define the trimmed mean for beta < 1/2, whatever N (even when floor(beta*N) is 0).
     updates = [(f"p{i}", [vec(i)], 1) for i in range(n)]
-    with pytest.raises(ValueError, match=r"2\*floor\(beta\*n\) < n"):
+    with pytest.raises(ValueError, match=re.escape("0 <= beta < 1/2") + ".*" + re.escape(f"beta={beta!r}")):
         trimmed_mean(updates, beta=beta)
 
 
-def test_trimmed_mean_refuses_negative_beta() -> None:
-    with pytest.raises(ValueError, match="beta must be a finite fraction >= 0"):
-        trimmed_mean([("a", [vec(1)], 1)], beta=-0.1)
+@pytest.mark.parametrize("beta", [-0.1, -1, float("nan"), float("inf"), "0.2", None, True])
+def test_trimmed_mean_refuses_beta_that_is_not_a_fraction_below_half(beta: Any) -> None:
+    with pytest.raises(ValueError, match=r"beta must be a real number with 0 <= beta < 1/2.*got beta="):
+        trimmed_mean([("a", [vec(1)], 1)], beta=beta)
 
 
 KRUM_POINTS = points((0, 0), (1, 0), (0, 1), (0.5, 0.5), (100, 100))
@@ -327,7 +431,114 @@ def test_krum_refuses_bad_f_and_m(f: int, m: int, match: str) -> None:
         krum(KRUM_POINTS, f=f, m=m)
 
 
+def scaled_points(scale: float, offset: float = 0.0) -> list[tuple[str, list[np.ndarray], int]]:
+    """KRUM_POINTS moved by -offset and multiplied by scale, in float64."""
+    return [(p, [(w[0].astype(np.float64) - offset) * scale], 1) for p, w, _ in KRUM_POINTS]
+
+
+@pytest.mark.parametrize(
+    ("scale", "offset"),
+    [
+        (1e300, 0),  # squared distances ~1e600 overflow float64
+        (3e306, 50),  # coordinates up to +-1.5e308: even a - b overflows
+        (1e-310, 0),  # subnormal weights: squared distances ~1e-620 underflow to 0
+        (2.0**-1068, 0),  # deep in the subnormals (only 6 bits of precision left)
+        (1e-160, 0),  # squares in the subnormal range, with partial precision
+        (1.0, 0),
+    ],
+)
+def test_krum_selection_does_not_depend_on_scale(scale: float, offset: float) -> None:
+    # The same geometry as KRUM_POINTS: d is the center of the honest cluster, e the outlier.
+    # Before scaling, every distance was inf (or 0) and Krum returned the first partner, a.
+    updates = scaled_points(scale, offset)
+    assert krum_select(updates, f=1) == ["d"]
+    (out,) = krum(updates, f=1)
+    np.testing.assert_array_equal(out, updates[3][1][0])
+    assert sorted(krum_select(updates, f=1, m=4)) == ["a", "b", "c", "d"]  # never the outlier e
+
+
+def test_krum_exact_ties_survive_extreme_scales() -> None:
+    # At 1e300 every coordinate is an exact power-of-two multiple of 1e300, so scores tie exactly
+    # as they do unscaled: d, then a=b=c in partner order.
+    assert krum_select(scaled_points(1e300), f=1, m=4) == ["d", "a", "b", "c"]
+    assert krum_select(scaled_points(2.0**-1068), f=1, m=4) == ["d", "a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    "updates",
+    [
+        # An honest cluster of ordinary weights and two attackers at the ends of float64.
+        [
+            *[
+                (p, [w[0].astype(np.float64)], 1)
+                for p, w, _ in points((0, 0), (1, 0), (0, 1), (0.5, 0.5), (2, 2))
+            ],
+            *[(name, [np.array([v, -v])], 1) for name, v in (("x", 1.7e308), ("y", -1.7e308))],
+        ],
+        # A layer that is huge but identical everywhere must not hide the layer that differs.
+        [(p, [np.full(3, 1e300), w[0].astype(np.float64)], 1) for p, w, _ in KRUM_POINTS],
+    ],
+    ids=["attackers-at-max-float", "identical-huge-layer"],
+)
+def test_krum_mixed_magnitudes(updates: list[tuple[str, list[np.ndarray], int]]) -> None:
+    # Global rescaling by the largest weight would flush the honest distances to 0 and pick 'a'.
+    f = 2 if len(updates) == 7 else 1
+    assert krum_select(updates, f=f) == ["d"]
+
+
+def test_krum_extreme_squared_distances_are_exact() -> None:
+    # (m, e) = m * 2**e; compare with exact rational arithmetic.
+    cases = [
+        (np.array([1.5e308, -1.5e308, 1.0]), np.array([-1.5e308, 1.5e308, 0.0])),  # a - b overflows
+        (np.array([1e300, 3e299]), np.array([0.0, -1e300])),
+        (np.array([5e-324, 1e-310]), np.array([0.0, -2e-310])),
+        (np.array([1.0, 2.0]), np.array([1.0, 2.0])),
+    ]
+    for a, b in cases:
+        m, e = agg._scaled_sq_distance(a, b, np.empty(a.size))
+        exact = sum((Fraction(x) - Fraction(y)) ** 2 for x, y in zip(a.tolist(), b.tolist(), strict=True))
+        if exact == 0:
+            assert m == 0
+        else:
+            assert 0.5 <= m < 1
+            assert abs(Fraction(m) * Fraction(2) ** e / exact - 1) < Fraction(1, 10**15)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params"),
+    [
+        ("median", {}),
+        ("trimmed_mean", {"beta": 0.25}),
+        ("trimmed_mean", {"beta": 0}),
+        ("krum", {"f": 0, "m": 4}),
+    ],
+)
+def test_means_of_huge_values_do_not_overflow(strategy: str, params: dict[str, Any]) -> None:
+    # The middle two are 1.5e308 and 1.6e308, and so is every mean here: (1.5 + 1.6 + 1.4 + 1.7) / 4 = 1.55.
+    # Their float64 sum overflows; the mean of finite values must not be inf.
+    updates = [
+        (p, [np.array([v, -v])], 1) for p, v in zip("abcd", (1.7e308, 1.5e308, 1.6e308, 1.4e308), strict=True)
+    ]
+    (out,) = aggregate(strategy, updates, **params)
+    np.testing.assert_allclose(out, [1.55e308, -1.55e308], rtol=1e-15)
+
+
+def test_float32_median_of_huge_values_does_not_overflow() -> None:
+    # The two middle values are averaged in float64: 3e38 + 3e38 overflows float32.
+    updates = [(p, [vec(3e38, -3e38)], 1) for p in "abcd"]
+    (out,) = coordinate_median(updates)
+    assert out.dtype == F32
+    np.testing.assert_array_equal(out, vec(3e38, -3e38))
+
+
 # --------------------------------------------------------------------------- dispatcher
+
+
+def test_strategies_is_the_one_canonical_tuple_of_names() -> None:
+    assert STRATEGIES == ("fedavg", "fedprox", "median", "trimmed_mean", "krum")
+    assert STRATEGIES is strategies.STRATEGIES  # re-exported, not a copy that could drift
+    assert tuple(agg._STRATEGY_FUNCS) == STRATEGIES  # exactly what aggregate() dispatches, same order
+    assert "STRATEGIES" in agg.__all__
 
 
 def test_aggregate_unknown_strategy_lists_valid_ones() -> None:
@@ -339,11 +550,11 @@ def test_aggregate_unknown_strategy_lists_valid_ones() -> None:
 
 def test_aggregate_param_errors_are_value_errors() -> None:
     updates = [("a", [vec(1)], 1)]
-    with pytest.raises(ValueError, match="strategy 'trimmed_mean'.*beta"):
+    with pytest.raises(ValueError, match=r"strategy 'trimmed_mean'.*beta"):
         aggregate("trimmed_mean", updates)
-    with pytest.raises(ValueError, match="strategy 'median'.*unexpected.*'beta'"):
+    with pytest.raises(ValueError, match=r"strategy 'median'.*unexpected.*'beta'"):
         aggregate("median", updates, beta=0.1)
-    with pytest.raises(ValueError, match="strategy 'krum'.*accepted params: f, m"):
+    with pytest.raises(ValueError, match=r"strategy 'krum'.*accepted params: f, m"):
         aggregate("krum", updates)
 
 
