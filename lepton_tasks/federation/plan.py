@@ -345,22 +345,22 @@ def published_round(storage: Storage, settings: Settings, run_id: str) -> int:
     scored round (ties: the earliest); when that is K-1, training was still improving at the end, so K is
     published (the final evaluation then scores it); with no scored round (one round), K.
     """
-    from lepton_tasks.federation.aggregate import best_round
-
     summaries = read_round_summaries(storage, settings, run_id)
-    last = last_round(storage, settings, run_id)
     scores: dict[int, float | None] = {}
     for s in summaries[1:]:
-        prev = s.global_prev_holdout or {}
-        auc = (prev.get("overall") or {}).get("auc")
+        auc = ((s.global_prev_holdout or {}).get("overall") or {}).get("auc")
         scores[s.round - 1] = float(auc) if auc is not None else None
+    return choose_published_round(scores, last_round(storage, settings, run_id))
+
+
+def choose_published_round(scores: dict[int, float | None], last: int) -> int:
+    """The policy of :func:`published_round` over ``{round: held-out AUC}`` of rounds 1..last-1 (pure)."""
+    from lepton_tasks.federation.aggregate import best_round
+
     if not any(v is not None for v in scores.values()):
         return last
     best = best_round(scores)
-    last_prev = scores.get(last - 1)
-    # the last round is unscored until the final evaluation: keep it when its predecessor was the best so far
-    # (training was still improving), otherwise publish the earlier best
-    return last if best == last - 1 and last_prev is not None else best
+    return last if best == last - 1 else best
 
 
 def read_failures(

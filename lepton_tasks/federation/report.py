@@ -1,8 +1,9 @@
 """The run report: one self-contained ``report.html`` (plots embedded as base64 PNG, no script, no fetch).
 
 :func:`render_report` takes the run's metrics dict. Every part but ``run_id`` is optional; a missing part is
-shown as "not available", never an error. Every value is HTML-escaped, and the page carries a
-Content-Security-Policy that forbids scripts and remote loads anyway.
+shown as "not available", never an error. The page is the Jinja2 template
+``lepton_tasks/templates/run_report.html`` rendered with autoescape (every value is text, never markup) and
+``StrictUndefined``; it carries a Content-Security-Policy that forbids scripts and remote loads anyway.
 
 Metrics schema (``metrics``)::
 
@@ -15,36 +16,42 @@ Metrics schema (``metrics``)::
       "rounds": [                         # one entry per federated round, in order
         {"round": int,
          "partners": {name: {"loss", "auc", "n", ...}},   # each partner's local training metrics
-         "excluded": [name | {"partner": name, "reason": str}, ...],
+         "excluded": {name: reason} | [name | {"partner": name, "reason": str}, ...],  # name: "no update"
          "global": {"loss" | "log_loss", "auc", "pr_auc", "accuracy", "n", ...}},   # global model, held-out
         ...],
       "final": {"per_partner": {name: metrics}, "overall": metrics},   # final global model on each holdout
       "local_only": {name: metrics} | {"per_partner": {name: metrics}, "overall": metrics},
       "centralized": metrics | {"overall": metrics, "per_partner": {...}},  # reference only, demo only
-      "lineage": {"drops": {partner: [{"drop_id", "sha256", ...}] | str}, <any key>: <JSON value>, ...},
+      "lineage": {"drops": {partner: [sha256 | {"drop_id", "sha256" | "drop_sha256", ...}]},
+                  <any key>: <JSON value>, ...},
       "warnings": [str, ...],
     }
 
-where ``metrics`` is a dict as returned by :func:`lepton_tasks.core.metrics.binary_metrics` (``n``, ``positives``,
-``positive_rate``, ``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``notes``; ``loss`` is read as a synonym of
-``log_loss``; an ``overall`` from :func:`lepton_tasks.core.metrics.weighted_overall` has ``auc_weighted_mean``
-instead of ``auc`` and is labelled so). Unknown keys are ignored.
+where ``metrics`` is a dict as returned by :func:`lepton_tasks.core.metrics.binary_metrics` (``n``,
+``positives``, ``positive_rate``, ``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``notes``; ``loss`` is read
+as a synonym of ``log_loss``; an ``overall`` from :func:`lepton_tasks.core.metrics.weighted_overall` has
+``auc_weighted_mean`` instead of ``auc`` and is labelled so). Unknown keys are ignored. A drop given only by
+its SHA-256 (what :func:`lepton_tasks.federation.plan.collect_metrics` records) is shown with the drop id
+derived from it, as :func:`lepton_tasks.ingest.stage.drop_id_of` names drops.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+from lepton_tasks import templates
 
 REPORT_NAME = "report.html"
+TEMPLATE = "run_report.html"
 CENTRALIZED_LABEL = "centralized reference (not available in a real federation)"
 _METRIC_COLUMNS = (
     ("n", "n"),
@@ -55,67 +62,64 @@ _METRIC_COLUMNS = (
     ("accuracy", "accuracy"),
     ("log_loss", "log-loss"),
 )
-
-#: no script, no remote load: only inline styles and data: images
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:72rem;
-color:#1d232b;padding:0 1rem}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d7dde4}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
-th,td{border:1px solid #d7dde4;padding:.3rem .6rem;text-align:left;vertical-align:top}
-th{background:#f1f4f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.warn{background:#fff4e0;border-left:4px solid #e59400;padding:.5rem .8rem;margin:.4rem 0}
-.muted{color:#68727d}img{max-width:100%;height:auto}code,pre{font-size:.85rem}
-pre{white-space:pre-wrap;word-break:break-all;margin:0}
-"""
+#: a drop's id is the first 16 hex digits of its SHA-256 (lepton_tasks.ingest.stage.drop_id_of; not imported:
+#: that module pulls in the storage and Vault adapters)
+DROP_ID_DIGITS = 16
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+NO_UPDATE = "no update"
 
 
-# ---------------------------------------------------------------------------------------------- formatting
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+# ---------------------------------------------------------------------------------------------- view model
+class Cell(NamedTuple):
+    """A table cell as plain text (the template escapes it); ``num``: right-aligned, ``pre``: a JSON block."""
+
+    text: str
+    num: bool = False
+    pre: bool = False
+
+
+class Table(NamedTuple):
+    header: list[str]
+    rows: list[list[Cell]]
 
 
 def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fmt(value: Any) -> str:
-    """A value as escaped HTML text: None → —, floats with 4 decimals, containers as JSON."""
+def _text(value: Any) -> tuple[str, bool]:
+    """A value as ``(plain text, is a JSON block)``: None → —, floats with 4 decimals, containers as JSON."""
     if value is None:
-        return "—"
+        return "—", False
     if isinstance(value, bool):
-        return "yes" if value else "no"
+        return ("yes" if value else "no"), False
     if isinstance(value, int):
-        return _esc(value)
+        return str(value), False
     if isinstance(value, float):
-        return _esc(f"{value:.4f}" if math.isfinite(value) else str(value))
+        return (f"{value:.4f}" if math.isfinite(value) else str(value)), False
     if hasattr(value, "item") and callable(value.item):  # numpy scalar
         try:
-            return _fmt(value.item())
+            return _text(value.item())
         except (TypeError, ValueError):
             pass
     if isinstance(value, (list, tuple)) and not any(isinstance(v, (Mapping, list, tuple)) for v in value):
-        return ", ".join(_fmt(v) for v in value) if value else "—"
+        return (", ".join(_text(v)[0] for v in value) if value else "—"), False
     if isinstance(value, (Mapping, list, tuple)):
-        return f"<pre>{_esc(json.dumps(value, indent=1, sort_keys=True, default=str))}</pre>"
-    return _esc(value)
+        return json.dumps(value, indent=1, sort_keys=True, default=str), True
+    return str(value), False
 
 
-def _cell(value: Any) -> str:
-    cls = ' class="num"' if _is_num(value) else ""
-    return f"<td{cls}>{_fmt(value)}</td>"
+def _cell(value: Any) -> Cell:
+    text, pre = _text(value)
+    return Cell(text, num=_is_num(value), pre=pre)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    return Table([str(h) for h in header], [[_cell(v) for v in row] for row in rows])
 
 
-def _kv_table(pairs: Sequence[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in pairs)
-    return f"<table><tbody>{body}</tbody></table>"
+def _kv(pairs: Sequence[tuple[str, Any]]) -> list[tuple[str, Cell]]:
+    return [(str(k), _cell(v)) for k, v in pairs]
 
 
 def _num(value: Any) -> float | None:
@@ -150,6 +154,27 @@ def _split(section: Any) -> tuple[dict[str, dict], dict]:
     return {str(k): _dict(v) for k, v in section.items() if isinstance(v, Mapping)}, {}
 
 
+def excluded_reasons(excluded: Any) -> list[tuple[str, str]]:
+    """``[(partner, reason)]`` of a round's ``excluded``: a ``{partner: reason}`` mapping, or a list of names
+    (reason "no update": the partner sent none) and/or ``{"partner", "reason"}`` dicts."""
+    if isinstance(excluded, Mapping):
+        return [(str(p), "no reason given" if r is None else str(r)) for p, r in excluded.items()]
+    out = []
+    for e in excluded or []:
+        if isinstance(e, Mapping):
+            out.append((str(e.get("partner", "?")), str(e.get("reason", "no reason given"))))
+        else:
+            out.append((str(e), NO_UPDATE))
+    return out
+
+
+def _drop_id(sha256: Any) -> str | None:
+    """The drop id of a drop's SHA-256 hex digest (None for anything else)."""
+    if isinstance(sha256, str) and _SHA256_HEX.fullmatch(sha256.lower()):
+        return sha256.lower()[:DROP_ID_DIGITS]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- plots
 def _plot_label(text: Any) -> str:
     return str(text).replace("$", r"\$")  # keep matplotlib from reading partner names as mathtext
@@ -159,10 +184,6 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(src: str, alt: str) -> str:
-    return f'<img src="{_esc(src)}" alt="{_esc(alt)}">'
 
 
 def _rounds_plot(rounds: list[dict]) -> str | None:
@@ -244,7 +265,9 @@ def _partner_auc_plot(names: list[str], final_pp: dict, local_pp: dict, central_
 
 
 # ---------------------------------------------------------------------------------------------- sections
-def _summary(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str], overall: dict) -> str:
+def _summary(
+    metrics: Mapping[str, Any], rounds: list[dict], partners: list[str], overall: dict
+) -> list[tuple[str, Cell]]:
     pairs = [
         ("run id", metrics.get("run_id")),
         ("dataset", metrics.get("dataset")),
@@ -275,10 +298,27 @@ def _summary(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str]
         ):
             if overall.get(key) is not None:
                 pairs.append((label, overall[key]))
-    return _kv_table([(k, v) for k, v in pairs if v is not None])
+    return _kv([(k, v) for k, v in pairs if v is not None])
 
 
-def _lineage(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str]) -> str:
+def _drop_rows(drops: Mapping[str, Any]) -> tuple[list[list[Any]], bool]:
+    """Rows (partner, drop id, sha256, details) of the lineage's drops, and whether a drop id was derived."""
+    rows, derived = [], False
+    for partner, items in drops.items():
+        for item in items if isinstance(items, list) else [items]:
+            if isinstance(item, Mapping):
+                sha = item.get("sha256", item.get("drop_sha256"))
+                drop_id = item.get("drop_id")
+                extra = {k: v for k, v in item.items() if k not in {"drop_id", "sha256", "drop_sha256"}}
+            else:
+                sha, drop_id, extra = item, None, None
+            if drop_id is None and (drop_id := _drop_id(sha)) is not None:
+                derived = True
+            rows.append([partner, drop_id, sha, extra or None])
+    return rows, derived
+
+
+def _lineage(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str]) -> dict[str, Any]:
     lineage = _dict(metrics.get("lineage"))
     pairs: list[tuple[str, Any]] = []
     for key in ("run_id", "dataset", "contract_version", "strategy", "model_version"):
@@ -300,25 +340,21 @@ def _lineage(metrics: Mapping[str, Any], rounds: list[dict], partners: list[str]
     drops = lineage.get("drops")
     if drops is not None and not (isinstance(drops, Mapping) and drops):
         pairs.append(("drops", drops))
-    html_parts = [_kv_table(pairs)]
+    table, derived = None, False
     if isinstance(drops, Mapping) and drops:
-        rows = []
-        for partner, items in drops.items():
-            for item in items if isinstance(items, list) else [items]:
-                if isinstance(item, Mapping):
-                    extra = {k: v for k, v in item.items() if k not in {"drop_id", "sha256"}}
-                    rows.append([partner, item.get("drop_id"), item.get("sha256"), extra or None])
-                else:
-                    rows.append([partner, None, item, None])
-        html_parts.append("<h3>Staged drops that fed this model</h3>")
-        html_parts.append(_table(["partner", "drop id", "sha256", "details"], rows))
+        rows, derived = _drop_rows(drops)
+        table = _table(["partner", "drop id", "sha256", "details"], rows)
     other = [(k, v) for k, v in lineage.items() if k not in shown]
-    if other:
-        html_parts.append(_kv_table(other))
-    return "".join(html_parts)
+    return {
+        "pairs": _kv(pairs),
+        "drops": table,
+        "derived_drop_ids": derived,
+        "drop_id_digits": DROP_ID_DIGITS,
+        "other": _kv(other) if other else None,
+    }
 
 
-def _partner_table(names: list[str], final_pp: dict, local_pp: dict, central_pp: dict) -> str:
+def _partner_table(names: list[str], final_pp: dict, local_pp: dict, central_pp: dict) -> Table:
     header = (
         ["partner"] + [label for _, label in _METRIC_COLUMNS] + ["local-only AUC", "Δ AUC (global − local)"]
     )
@@ -339,15 +375,10 @@ def _partner_table(names: list[str], final_pp: dict, local_pp: dict, central_pp:
     return _table(header, rows)
 
 
-def _rounds_table(rounds: list[dict]) -> str:
+def _rounds_table(rounds: list[dict]) -> Table:
     rows = []
     for i, r in enumerate(rounds):
-        excluded = []
-        for e in r.get("excluded") or []:
-            if isinstance(e, Mapping):
-                excluded.append(f"{e.get('partner', '?')}: {e.get('reason', 'no reason given')}")
-            else:
-                excluded.append(str(e))
+        excluded = [f"{p}: {reason}" for p, reason in excluded_reasons(r.get("excluded"))]
         g = _dict(r.get("global"))
         rows.append(
             [
@@ -376,8 +407,8 @@ def _warnings(metrics: Mapping[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def render_html(metrics: Mapping[str, Any]) -> str:
-    """The report page for ``metrics`` (see the module docstring) as an HTML string."""
+def _context(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The template's variables for ``metrics``: plain text, numbers and :class:`Cell`/:class:`Table`."""
     if not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
     if not metrics.get("run_id"):
@@ -391,67 +422,40 @@ def render_html(metrics: Mapping[str, Any]) -> str:
     declared = [str(p) for p in metrics.get("partners") or []]
     seen = set(final_pp) | set(local_pp) | {str(p) for r in rounds for p in _dict(r.get("partners"))}
     partners = declared + sorted(seen - set(declared))
-
-    title = f"Lepton run {metrics['run_id']}"
-    parts = [
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        '<meta http-equiv="Content-Security-Policy" content="' + _CSP + '">',
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>",
-        f'<p class="muted">{_esc(metrics.get("dataset") or "dataset not recorded")} · '
-        + f"{_esc(metrics.get('strategy') or 'strategy not recorded')}</p>",
-    ]
-    warnings = _warnings(metrics)
-    if warnings:
-        parts.append("<h2>Warnings</h2>")
-        parts += [f'<div class="warn">{_esc(w)}</div>' for w in warnings]
-
-    parts.append("<h2>Run summary</h2>")
-    parts.append(_summary(metrics, rounds, partners, overall))
-    if _auc(local_overall) is not None:
-        what = local_overall.get("note") or "overall AUC"
-        parts.append(f'<p class="muted">Local-only models ({_esc(what)}): {_fmt(_auc(local_overall))}</p>')
-    if overall.get("notes"):
-        parts.append(f'<p class="muted">{_esc("; ".join(map(str, overall["notes"])))}</p>')
-
-    parts.append("<h2>Training rounds</h2>")
-    if rounds:
-        plot = _rounds_plot(rounds)
-        if plot:
-            parts.append(_img(plot, "loss and AUC per round"))
-        parts.append(_rounds_table(rounds))
-    else:
-        parts.append('<p class="muted">No per-round metrics available.</p>')
-
-    parts.append("<h2>Per-partner results (final global model on each partner's held-out split)</h2>")
     names = [p for p in partners if p in final_pp or p in local_pp or p in central_pp]
-    if names:
-        plot = _partner_auc_plot(names, final_pp, local_pp, central_overall)
-        if plot:
-            parts.append(_img(plot, "AUC per partner: federated global model vs local-only models"))
-        parts.append(_partner_table(names, final_pp, local_pp, central_pp))
-    else:
-        parts.append('<p class="muted">No per-partner evaluation available.</p>')
+    local_auc = _auc(local_overall)
+    centralized = None
     if central_overall or central_pp:
-        parts.append(
-            f'<p class="muted">The {_esc(CENTRALIZED_LABEL)} pools all partners\' training data in '
-            "one place; it shows what federation leaves on the table and exists only in demos.</p>"
-        )
-        if central_overall:
-            parts.append(
-                _kv_table(
-                    [
-                        (label, central_overall.get(k))
-                        for k, label in _METRIC_COLUMNS
-                        if central_overall.get(k) is not None
-                    ]
-                )
-            )
+        reference = [(k, label) for k, label in _METRIC_COLUMNS if central_overall.get(k) is not None]
+        centralized = {
+            "label": CENTRALIZED_LABEL,
+            "overall": _kv([(label, central_overall[k]) for k, label in reference if k in central_overall])
+            if central_overall
+            else None,
+        }
+    return {
+        "title": f"Lepton run {metrics['run_id']}",
+        "dataset": str(metrics.get("dataset") or "dataset not recorded"),
+        "strategy": str(metrics.get("strategy") or "strategy not recorded"),
+        "warnings": _warnings(metrics),
+        "exclusions": sorted((str(k), str(v)) for k, v in _dict(metrics.get("excluded")).items()),
+        "summary": _summary(metrics, rounds, partners, overall),
+        "local_only_overall": None
+        if local_auc is None
+        else {"what": str(local_overall.get("note") or "overall AUC"), "auc": _text(local_auc)[0]},
+        "overall_notes": "; ".join(map(str, overall["notes"])) if overall.get("notes") else None,
+        "rounds_plot": _rounds_plot(rounds) if rounds else None,
+        "rounds_table": _rounds_table(rounds) if rounds else None,
+        "partner_plot": _partner_auc_plot(names, final_pp, local_pp, central_overall) if names else None,
+        "partner_table": _partner_table(names, final_pp, local_pp, central_pp) if names else None,
+        "centralized": centralized,
+        "lineage": _lineage(metrics, rounds, partners),
+    }
 
-    parts.append("<h2>Lineage</h2>")
-    parts.append(_lineage(metrics, rounds, partners))
-    parts.append("</body></html>")
-    return "\n".join(parts)
+
+def render_html(metrics: Mapping[str, Any]) -> str:
+    """The report page for ``metrics`` (see the module docstring) as an HTML string."""
+    return templates.render(TEMPLATE, **_context(metrics))
 
 
 def render_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:

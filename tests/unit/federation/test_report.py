@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +157,134 @@ def test_input_is_not_mutated():
     before = copy.deepcopy(metrics)
     report.render_html(metrics)
     assert metrics == before
+
+
+# ---------------------------------------------------------------------------------------------- templates
+@pytest.fixture
+def no_plots(monkeypatch):
+    """Skip matplotlib where a test is about the tables (keeps these tests fast)."""
+    monkeypatch.setattr(report, "_rounds_plot", lambda rounds: None)
+    monkeypatch.setattr(report, "_partner_auc_plot", lambda *args: None)
+
+
+def _collected_metrics() -> dict:
+    """Metrics shaped as plan.collect_metrics writes them: drops by SHA-256 only, excluded as bare names."""
+    metrics = _full_metrics()
+    for r in metrics["rounds"]:
+        r["excluded"] = [e["partner"] for e in r["excluded"]]
+    metrics["lineage"] = {
+        "run_id": metrics["run_id"],
+        "rounds": 3,
+        "drops": {p: [f"{i:x}" * 64] for i, p in enumerate(metrics["partners"], start=10)},
+    }
+    return metrics
+
+
+def _rounds_rows(page: str) -> list[str]:
+    rounds = page.split("<h2>Training rounds</h2>", 1)[1].split("<h2>", 1)[0]
+    return re.findall(r"<tr>.*?</tr>", rounds, flags=re.S)
+
+
+def test_drop_id_is_derived_from_the_sha256_when_the_lineage_has_only_that(no_plots):
+    page = report.render_html(_collected_metrics())
+    drops = page.split("Staged drops that fed this model", 1)[1]
+    for sha in ("a" * 64, "b" * 64, "c" * 64):
+        assert f"<td>{sha[:16]}</td><td>{sha}</td>" in drops
+    assert "first 16" in drops and "hex digits" in drops  # the page says where the id comes from
+    # given ids are shown as given, and then the page does not claim to derive them
+    page = report.render_html(_full_metrics())
+    assert "<td>d-bank-a-1</td>" in page and "hex digits" not in page
+
+
+def test_drop_id_digits_match_ingest():
+    # ingest.stage.drop_id_of compiled alone: importing stage would load the storage and Vault adapters
+    source = Path(report.__file__).parents[1] / "ingest" / "stage.py"
+    (fn,) = [n for n in ast.parse(source.read_text()).body if getattr(n, "name", "") == "drop_id_of"]
+    fn.returns, fn.args.args[0].annotation = None, None
+    namespace: dict = {}
+    exec(compile(ast.Module([fn], []), str(source), "exec"), namespace)
+    drop_id_of = namespace["drop_id_of"]
+
+    sha = "0123456789abcdef" * 4
+    assert report._drop_id(sha) == drop_id_of(sha) and report._drop_id("not a hash") is None
+
+
+@pytest.mark.parametrize(
+    ("excluded", "shown"),
+    [
+        (["bank-c"], "bank-c: no update"),
+        ({"bank-c": "bad signature", "bank-b": None}, "bank-c: bad signature; bank-b: no reason given"),
+        ([{"partner": "bank-c", "reason": "trainer timed out"}, "bank-b"], "timed out; bank-b: no update"),
+    ],
+)
+def test_excluded_partners_with_their_reasons(no_plots, excluded, shown):
+    metrics = _full_metrics()
+    metrics["rounds"][1]["excluded"] = excluded
+    rows = _rounds_rows(report.render_html(metrics))
+    assert "excluded (reason)" in rows[0]
+    assert shown in rows[2]  # header, round 1, round 2
+    assert "<td>—</td>" in rows[1]  # round 1 excluded no one
+
+
+def test_centralized_reference_has_a_heading(no_plots):
+    page = report.render_html(_full_metrics())
+    heading = "<h3>Centralized reference (not available in a real federation)</h3>"
+    assert heading in page
+    assert page.index(heading) < page.index('<th>PR-AUC</th><td class="num">0.6300</td>')
+
+
+def test_hostile_names_reasons_and_column_names_are_escaped(no_plots):
+    evil = "<script>alert(1)</script>"
+    metrics = _collected_metrics()
+    metrics["partners"].append(evil)
+    metrics["rounds"][0]["partners"][evil] = {"loss": 0.3, "auc": 0.6, "n": 10}
+    metrics["rounds"][1]["excluded"] = {evil: evil}
+    metrics["rounds"][2]["excluded"] = [evil]
+    metrics["final"]["per_partner"][evil] = {"n": 3, "auc": 0.5, evil: 1}
+    metrics["lineage"]["drops"][evil] = [{"drop_sha256": "f" * 64, evil: evil}]
+    metrics["lineage"][evil] = evil  # a key: a row label
+    page = report.render_html(metrics)
+    assert "<script" not in page.lower()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;: &lt;script&gt;alert(1)&lt;/script&gt;" in page  # dict
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;: no update" in page  # list
+    assert "<th>&lt;script&gt;alert(1)&lt;/script&gt;</th>" in page  # lineage key
+    assert "<td>ffffffffffffffff</td>" in page
+
+
+def test_templates_are_autoescaped_and_strict():
+    import jinja2
+
+    from lepton_tasks import templates
+
+    env = templates.environment()
+    assert env.undefined is jinja2.StrictUndefined
+    assert env.from_string("{{ x }}").render(x="<b>") == "&lt;b&gt;"
+    with pytest.raises(jinja2.UndefinedError):
+        env.from_string("{{ typo }}").render()
+
+
+def test_every_template_variable_is_required(no_plots):
+    """A template typo (or a variable the code stops passing) fails the render instead of printing nothing."""
+    import jinja2
+
+    from lepton_tasks import templates
+
+    context = report._context(_full_metrics())
+    assert templates.render(report.TEMPLATE, **context) == report.render_html(_full_metrics())
+    for key in context:
+        with pytest.raises(jinja2.UndefinedError, match=key):
+            templates.render(report.TEMPLATE, **{k: v for k, v in context.items() if k != key})
+
+
+def test_the_exclusions_table_names_who_and_why_escaped():
+    metrics = {
+        "run_id": "r",
+        "excluded": {
+            "bank-c (round 1)": "security error: manifest signature does not verify",
+            "drop a/banks/x/manifest.json": "<script>alert(1)</script>",
+        },
+    }
+    page = report.render_html(metrics)
+    assert "Exclusions" in page and "bank-c (round 1)" in page
+    assert "security error: manifest signature does not verify" in page
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
