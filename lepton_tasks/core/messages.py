@@ -17,7 +17,7 @@ This module sits in ``core`` because the trainer image needs it; it imports noth
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -399,6 +399,62 @@ class RegistryEntry(Message):
     version: int = Field(ge=1)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# coordinator ↔ site exchange payloads (inside a signed envelope, see core.exchange)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BlobRef(BaseModel):
+    """A large object (weights) written beside a message in the same exchange bucket; the signed payload
+    carries its SHA-256, so a swapped or tampered blob is detected by the reader."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class RoundJob(Message):
+    """``lepton-round-job/1``: what the coordinator asks one site to do in one round of one run."""
+
+    payload_schema: ClassVar[str] = "lepton-round-job/1"
+
+    mode: Literal["statistics", "train", "evaluate"]
+    dataset: str
+    contract: dict[str, Any]
+    contract_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    strategy: Strategy
+    rounds: int = Field(ge=1)
+    min_partners: int = Field(ge=1)
+    secure_aggregation: bool = False
+    hparams: TrainerHParams
+    global_weights: BlobRef | None = None
+    feature_names: list[str] = Field(default_factory=list)
+    statistics: SufficientStats | None = Field(None, description="the merged statistics (train/evaluate)")
+
+
+class RoundAnswer(Message):
+    """``lepton-round-answer/1``: a site's answer to a :class:`RoundJob` (never rows, never keys)."""
+
+    payload_schema: ClassVar[str] = "lepton-round-answer/1"
+
+    mode: Literal["statistics", "train", "evaluate"]
+    n_samples: int = Field(ge=0)
+    metrics: dict[str, float | int | None] = Field(default_factory=dict)
+    update: BlobRef | None = Field(None, description="the weights update (train)")
+    statistics: SufficientStats | None = Field(None, description="additive statistics (statistics round)")
+    evaluation: MetricBlock | None = Field(None, description="held-out metrics + score histogram (evaluate)")
+
+
+class RoundRefusal(Message):
+    """``lepton-round-refusal/1``: why a site will not run a job (policy, approval, budget, verification)."""
+
+    payload_schema: ClassVar[str] = "lepton-round-refusal/1"
+
+    reasons: list[dict[str, str]] = Field(min_length=1, description="code, field and message of each reason")
+
+
 #: every boundary model, by the name its JSON Schema is exported under
 BOUNDARY_MODELS: dict[str, type[Message]] = {
     "manifest": SignedManifest,
@@ -413,6 +469,9 @@ BOUNDARY_MODELS: dict[str, type[Message]] = {
     "run-metrics": RunMetrics,
     "model-version": ModelVersion,
     "registry-entry": RegistryEntry,
+    "round-job": RoundJob,
+    "round-answer": RoundAnswer,
+    "round-refusal": RoundRefusal,
 }
 
 
