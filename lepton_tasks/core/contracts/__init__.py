@@ -147,9 +147,23 @@ class Contract(BaseModel):
         return contract_sha256(self.document())
 
 
+#: parts of a contract that do not change what staged data means (prose and the trigger form's defaults):
+#: editing them keeps the hash, so staged drops stay usable
+_NOT_HASHED = ("description", "training")
+
+
 def contract_sha256(document: dict[str, Any]) -> str:
-    """SHA-256 (hex) of a contract document's canonical JSON (sorted keys, no whitespace)."""
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """SHA-256 (hex) of what a contract says about data and model, as canonical JSON (sorted keys, no spaces).
+
+    Descriptions (of the contract and of each column) and the ``training`` defaults are left out: a new
+    default learning rate or a reworded description does not strand staged drops; anything else does.
+    """
+    meaning = {k: v for k, v in document.items() if k not in _NOT_HASHED}
+    meaning["columns"] = {
+        name: {k: v for k, v in spec.items() if k != "description"}
+        for name, spec in (document.get("columns") or {}).items()
+    }
+    canonical = json.dumps(meaning, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -172,4 +186,7 @@ def load_contract(name: str) -> Contract:
     path = CONTRACTS_DIR / f"{name}.yaml"
     if not name.replace("_", "").replace("-", "").isalnum() or not path.is_file():
         raise KeyError(f"unknown dataset {name!r}: known datasets are {', '.join(available()) or '(none)'}")
-    return Contract.model_validate(yaml.safe_load(path.read_text()))
+    contract = Contract.model_validate(yaml.safe_load(path.read_text()))
+    if contract.name != name:
+        raise ValueError(f"{path}: the contract is named {contract.name!r}; rename the file or the contract")
+    return contract

@@ -127,3 +127,13 @@ def test_contract_travels_with_its_hash_and_a_changed_contract_is_refused():
 def test_training_defaults_live_in_the_contract():
     assert load_contract("ecommerce").training.rounds == 4
     assert load_contract("hospitals").training.batch_size == 32
+
+
+def test_prose_and_form_defaults_do_not_change_the_contract_hash_but_data_rules_do():
+    doc = load_contract("banks").document()
+    base = contract_sha256(doc)
+    reworded = {**doc, "description": "new words", "training": {**doc["training"], "learning_rate": 0.1}}
+    reworded["columns"] = {k: {**v, "description": "x"} for k, v in doc["columns"].items()}
+    assert contract_sha256(reworded) == base
+    stricter = {**doc, "columns": {**doc["columns"], "balance": {**doc["columns"]["balance"], "min": 1.0}}}
+    assert contract_sha256(stricter) != base
