@@ -1,13 +1,34 @@
 """Federated normalization: additive sufficient statistics per partner, merged into global statistics.
 
 Each partner computes :class:`SufficientStats` on **its training split only** (the caller's responsibility:
-:func:`lepton_tasks.ingest.prepare.prepare_drop` feeds only training rows; fitting on holdout rows would leak them into
-the model's inputs). Per numeric feature: count, sum, sum of squares, min, max, null count; per categorical
-feature: the count of each category; plus the label counts. No rows ever leave the partner: only these sums.
+:func:`lepton_tasks.ingest.prepare.prepare_drop` feeds only training rows; fitting on holdout rows would leak
+them into the model's inputs). Per numeric feature: count, sum, sum of squares, null count; per categorical
+feature: the count of each *declared* category (or hashed bucket, below); plus the label counts. No rows ever
+leave the partner: only these sums.
+
+What leaves a site is never a cell value (staging manifests carry these statistics, and each run's
+``stats.json`` is their merge):
+
+* no minimum or maximum: a column's extremes are single customers' exact values (a balance, an income).
+  Where a range is needed it is the contract's declared one (:func:`declared_range`: ``clip``, else
+  ``min``/``max``), which is public; cleaning already clips to ``clip``. Nothing in normalization needs a
+  range: z-scores use only means and standard deviations, which come from the sums;
+* categorical counts are keyed only by the contract's ``allowed`` values; any other value a non-critical
+  column lets through is counted in ``other_count``, unnamed. A categorical feature without an ``allowed``
+  list has no public vocabulary, so its values are hashed into ``model.hash_buckets`` buckets with the
+  model's id hashing (:func:`category_keys`, identical to :func:`lepton_tasks.trainer.data.hash_ids`) and
+  counted per bucket key ``#<b>``. The hash is unkeyed: it keeps raw strings from leaving, but a party that
+  can guess a value can test it, so a column whose values are sensitive should declare ``allowed`` (or be
+  ``ignore``);
+* labels are counted only for the label's ``allowed`` values (the positive label alone when none are
+  declared); others go to ``label_other_count``.
+
+Counts, sums and sums of squares still leave as exact numbers (one row's sum is its value): secure
+aggregation, with noise when DP is on, is what protects them.
 
 :func:`merge` adds them up (associative and commutative, so any aggregation tree gives the same result up to
 floating-point rounding), :meth:`GlobalStats.from_stats` derives means, population standard deviations
-(``std = 0`` → 1), min/max, sorted vocabularies and modes, and :func:`transform` turns a cleaned, typed frame
+(``std = 0`` → 1), sorted vocabularies and modes, and :func:`transform` turns a cleaned, typed frame
 into the MODEL-READY frame every trainer consumes:
 
 * ``label``: int8, 1 where the label equals ``positive_label``;
@@ -16,9 +37,10 @@ into the MODEL-READY frame every trainer consumes:
   standardization), ``constant`` → the standardized ``fill_value``; ``indicator`` adds ``c__missing`` (float32
   1/0);
 * categorical feature ``c`` → one float32 one-hot column ``c=<value>`` per vocabulary value (vocabulary =
-  sorted ``allowed`` values when the contract lists them, else the sorted categories seen in training);
-  an unseen category → all zeros; missing → the federated mode (``mode``/``mean``/``indicator``), the
-  ``fill_value`` (``constant``) or all zeros (``drop``); ``indicator`` adds ``c__missing``;
+  sorted ``allowed`` values when the contract lists them, else the hashed buckets ``#<b>`` seen in training,
+  in bucket order); an unseen category → all zeros; missing → the federated mode (``mode``/``mean``/
+  ``indicator``), the ``fill_value`` (``constant``) or all zeros (``drop``); ``indicator`` adds
+  ``c__missing``;
 * ``id``-role columns kept raw as strings (sequence models hash ids themselves), ``timestamp``-role columns
   as int64 epoch seconds; ``ignore``-role columns dropped.
 
@@ -40,14 +62,20 @@ from pydantic import BaseModel, Field
 from lepton_tasks.core.contracts import ColumnSpec, Contract
 
 __all__ = [
+    "BUCKET_PREFIX",
     "CategoricalStats",
     "GlobalStats",
     "NumericStats",
     "SufficientStats",
+    "category_keys",
+    "declared_range",
     "feature_names",
     "merge",
     "transform",
 ]
+
+#: key prefix of a hashed category bucket (categorical feature without an ``allowed`` list): ``#<bucket>``
+BUCKET_PREFIX = "#"
 
 
 def _numeric_features(contract: Contract) -> list[str]:
@@ -63,10 +91,11 @@ def _as_float(s: pd.Series, spec: ColumnSpec) -> np.ndarray:
     if spec.dtype == "timestamp" or pd.api.types.is_datetime64_any_dtype(s.dtype):
         ts = pd.to_datetime(s, utc=True)
         out = (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
-        return out.to_numpy(dtype="float64", na_value=np.nan)
+        return np.asarray(out.to_numpy(dtype="float64", na_value=np.nan))
     if spec.dtype == "bool" and not pd.api.types.is_numeric_dtype(s.dtype):
         s = s.astype("boolean")
-    return pd.to_numeric(s, errors="raise").astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+    x = pd.to_numeric(s, errors="raise").astype("Float64")
+    return np.asarray(x.to_numpy(dtype="float64", na_value=np.nan))
 
 
 def _as_str(s: pd.Series) -> pd.Series:
@@ -77,25 +106,62 @@ def _label_strings(s: pd.Series) -> pd.Series:
     return _as_str(s)
 
 
+def declared_range(spec: ColumnSpec) -> tuple[float | None, float | None]:
+    """The public range of a numeric column: its ``clip`` bounds when declared, else ``(min, max)``.
+
+    Either end is ``None`` when the contract does not bound it. This is what to use wherever a range is
+    needed: the observed extremes are single records' exact values and never leave a site. A column with no
+    declared range has none; a consumer that truly needs one can take ``mean ± k·std`` from
+    :class:`NumericSummary` (derived from the sums), never the data's min/max.
+    """
+    if spec.clip is not None:
+        return float(spec.clip[0]), float(spec.clip[1])
+    return spec.min, spec.max
+
+
+def category_keys(s: pd.Series, spec: ColumnSpec, buckets: int) -> pd.Series:
+    """The keys a categorical column is counted and one-hot encoded under (missing stays missing).
+
+    With an ``allowed`` list: the values themselves (as strings; undeclared ones are the caller's to bucket).
+    Without: ``#<b>`` where ``b`` in ``1..buckets-1`` is the value's bucket under the model's id hashing
+    (pandas' SipHash-2-4 with its fixed key, exactly :func:`lepton_tasks.trainer.data.hash_ids`), so no raw
+    value is ever a key of statistics that leave the site.
+    """
+    s = _as_str(s)
+    if spec.allowed is not None:
+        return s
+    if buckets < 2:
+        raise ValueError(f"hash_buckets must be >= 2 (bucket 0 is padding), got {buckets}")
+    present = s.notna().to_numpy()
+    keys = np.full(len(s), None, dtype=object)
+    if present.any():
+        h = pd.util.hash_array(s[present].to_numpy(dtype=object), categorize=True)
+        b = 1 + (h % np.uint64(buckets - 1))
+        keys[present] = [f"{BUCKET_PREFIX}{int(v)}" for v in b]
+    return pd.Series(keys, index=s.index, dtype="str")
+
+
+def _is_bucket_key(key: str) -> bool:
+    return key.startswith(BUCKET_PREFIX) and key[len(BUCKET_PREFIX) :].isdigit()
+
+
 class NumericStats(BaseModel):
-    """Additive statistics of one numeric feature (non-null values; ``null_count`` counts the others)."""
+    """Additive statistics of one numeric feature (non-null values; ``null_count`` counts the others).
+
+    Deliberately no minimum or maximum (they are single records' values); statistics written before this
+    change still load: their ``min``/``max`` fields are ignored and dropped.
+    """
 
     count: int = 0
     sum: float = 0.0
     sum_sq: float = 0.0
-    min: float | None = None
-    max: float | None = None
     null_count: int = 0
 
     def add(self, other: NumericStats) -> NumericStats:
-        mins = [m for m in (self.min, other.min) if m is not None]
-        maxs = [m for m in (self.max, other.max) if m is not None]
         return NumericStats(
             count=self.count + other.count,
             sum=self.sum + other.sum,
             sum_sq=self.sum_sq + other.sum_sq,
-            min=min(mins) if mins else None,
-            max=max(maxs) if maxs else None,
             null_count=self.null_count + other.null_count,
         )
 
@@ -108,16 +174,19 @@ class NumericStats(BaseModel):
             count=len(present),
             sum=float(present.sum()),
             sum_sq=float(np.dot(present, present)),
-            min=float(present.min()),
-            max=float(present.max()),
             null_count=len(values) - len(present),
         )
 
 
 class CategoricalStats(BaseModel):
-    """Counts of each category of one categorical feature."""
+    """Counts per declared category (or hashed bucket ``#<b>``, see :func:`category_keys`) of one feature.
+
+    ``other_count`` counts present values outside the contract's ``allowed`` list (a non-critical column lets
+    them through): they are never named.
+    """
 
     counts: dict[str, int] = Field(default_factory=dict)
+    other_count: int = 0
     null_count: int = 0
 
     def add(self, other: CategoricalStats) -> CategoricalStats:
@@ -125,13 +194,27 @@ class CategoricalStats(BaseModel):
         for k, v in other.counts.items():
             counts[k] = counts.get(k, 0) + v
         return CategoricalStats(
-            counts=dict(sorted(counts.items())), null_count=self.null_count + other.null_count
+            counts=dict(sorted(counts.items())),
+            other_count=self.other_count + other.other_count,
+            null_count=self.null_count + other.null_count,
         )
 
     @classmethod
-    def of(cls, s: pd.Series) -> CategoricalStats:
-        vc = _as_str(s).value_counts(dropna=True)
-        return cls(counts={str(k): int(v) for k, v in sorted(vc.items())}, null_count=int(s.isna().sum()))
+    def of(cls, s: pd.Series, spec: ColumnSpec, buckets: int) -> CategoricalStats:
+        """Statistics of column ``s`` under ``spec``; ``buckets``: the contract's ``model.hash_buckets``."""
+        vc = category_keys(s, spec, buckets).value_counts(dropna=True)
+        counts = {str(k): int(v) for k, v in vc.items()}
+        other = 0
+        if spec.allowed is not None:
+            allowed = set(spec.allowed)
+            other = sum(v for k, v in counts.items() if k not in allowed)
+            counts = {k: v for k, v in counts.items() if k in allowed}
+        return cls(counts=dict(sorted(counts.items())), other_count=other, null_count=int(s.isna().sum()))
+
+
+def _declared_labels(contract: Contract) -> set[str]:
+    spec = contract.columns[contract.label]
+    return set(spec.allowed) if spec.allowed is not None else {contract.positive_label}
 
 
 class SufficientStats(BaseModel):
@@ -143,6 +226,8 @@ class SufficientStats(BaseModel):
     numeric: dict[str, NumericStats] = Field(default_factory=dict)
     categorical: dict[str, CategoricalStats] = Field(default_factory=dict)
     label_counts: dict[str, int] = Field(default_factory=dict)
+    #: labels outside the label's ``allowed`` values (outside ``{positive_label}`` when none are declared)
+    label_other_count: int = 0
 
     @classmethod
     def empty(cls, contract: Contract) -> SufficientStats:
@@ -170,11 +255,17 @@ class SufficientStats(BaseModel):
         for c in self.numeric:
             self.numeric[c] = self.numeric[c].add(NumericStats.of(_as_float(df[c], contract.columns[c])))
         for c in self.categorical:
-            self.categorical[c] = self.categorical[c].add(CategoricalStats.of(df[c]))
+            self.categorical[c] = self.categorical[c].add(
+                CategoricalStats.of(df[c], contract.columns[c], contract.model.hash_buckets)
+            )
         labels = _label_strings(df[contract.label]).value_counts(dropna=True)
+        declared = _declared_labels(contract)
         counts = dict(self.label_counts)
         for k, v in labels.items():
-            counts[str(k)] = counts.get(str(k), 0) + int(v)
+            if str(k) in declared:
+                counts[str(k)] = counts.get(str(k), 0) + int(v)
+            else:
+                self.label_other_count += int(v)
         self.label_counts = dict(sorted(counts.items()))
         self.rows += len(df)
         return self
@@ -204,6 +295,7 @@ class SufficientStats(BaseModel):
             numeric={c: s.add(other.numeric[c]) for c, s in self.numeric.items()},
             categorical={c: s.add(other.categorical[c]) for c, s in self.categorical.items()},
             label_counts=dict(sorted(labels.items())),
+            label_other_count=self.label_other_count + other.label_other_count,
         )
 
 
@@ -219,18 +311,19 @@ def merge(stats: Iterable[SufficientStats]) -> SufficientStats:
 
 
 class NumericSummary(BaseModel):
+    """Mean and population std of one numeric feature (no observed range: see :func:`declared_range`)."""
+
     count: int
     null_count: int
     mean: float
     std: float
-    min: float | None
-    max: float | None
 
 
 class CategoricalSummary(BaseModel):
     vocab: list[str]
     mode: str | None
     counts: dict[str, int]
+    other_count: int = 0
     null_count: int
 
 
@@ -243,6 +336,7 @@ class GlobalStats(BaseModel):
     numeric: dict[str, NumericSummary]
     categorical: dict[str, CategoricalSummary]
     label_counts: dict[str, int]
+    label_other_count: int = 0
 
     @classmethod
     def from_stats(cls, stats: SufficientStats, contract: Contract) -> GlobalStats:
@@ -257,19 +351,20 @@ class GlobalStats(BaseModel):
                 std = math.sqrt(var)
                 if not math.isfinite(std) or std <= 1e-12 * max(1.0, abs(mean)):
                     std = 1.0
-            numeric[c] = NumericSummary(
-                count=s.count, null_count=s.null_count, mean=mean, std=std, min=s.min, max=s.max
-            )
+            numeric[c] = NumericSummary(count=s.count, null_count=s.null_count, mean=mean, std=std)
         categorical = {}
-        for c, s in stats.categorical.items():
+        for c, cs in stats.categorical.items():
             spec = contract.columns[c]
-            vocab = sorted(spec.allowed) if spec.allowed is not None else sorted(s.counts)
-            in_vocab = {k: v for k, v in s.counts.items() if k in set(vocab)}
+            if spec.allowed is not None:
+                vocab = sorted(spec.allowed)
+            else:  # hashed buckets seen in training, in bucket order (raw keys of older statistics: ignored)
+                vocab = sorted((k for k in cs.counts if _is_bucket_key(k)), key=lambda k: int(k[1:]))
+            in_vocab = {k: v for k, v in cs.counts.items() if k in set(vocab)}
             mode = (
                 min(in_vocab, key=lambda k: (-in_vocab[k], k)) if in_vocab else (vocab[0] if vocab else None)
             )
             categorical[c] = CategoricalSummary(
-                vocab=vocab, mode=mode, counts=s.counts, null_count=s.null_count
+                vocab=vocab, mode=mode, counts=cs.counts, other_count=cs.other_count, null_count=cs.null_count
             )
         return cls(
             dataset=stats.dataset,
@@ -278,10 +373,11 @@ class GlobalStats(BaseModel):
             numeric=numeric,
             categorical=categorical,
             label_counts=stats.label_counts,
+            label_other_count=stats.label_other_count,
         )
 
     def positive_rate(self, contract: Contract) -> float:
-        total = sum(self.label_counts.values())
+        total = sum(self.label_counts.values()) + self.label_other_count
         return self.label_counts.get(contract.positive_label, 0) / total if total else 0.0
 
 
@@ -306,7 +402,7 @@ def _epoch_seconds(s: pd.Series, column: str) -> np.ndarray:
         raise ValueError(
             f"timestamp column {column!r} has missing values (cleaning should have dropped them)"
         )
-    return ((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+    return np.asarray(((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64))
 
 
 def transform(df: pd.DataFrame, contract: Contract, global_stats: GlobalStats) -> pd.DataFrame:
@@ -337,18 +433,21 @@ def transform(df: pd.DataFrame, contract: Contract, global_stats: GlobalStats) -
             z[missing] = fill
             out[c] = z.astype(np.float32)
         else:
-            g = global_stats.categorical[c]
-            s = _as_str(df[c])
+            cat = global_stats.categorical[c]
+            buckets = contract.model.hash_buckets
+            s = category_keys(df[c], spec, buckets)
             missing = s.isna().to_numpy()
             if spec.missing in ("mode", "mean", "indicator"):
-                s = s.where(~missing, g.mode)
+                s = s.where(~missing, cat.mode)
             elif spec.missing == "constant" and spec.fill_value is not None:
-                s = s.where(~missing, str(spec.fill_value))
-            codes = pd.Categorical(s, categories=g.vocab).codes
-            onehot = np.zeros((n, len(g.vocab)), dtype=np.float32)
+                fill = category_keys(pd.Series([str(spec.fill_value)], dtype="str"), spec, buckets).iloc[0]
+                s = s.where(~missing, fill)
+            # unseen/undeclared categories (and a missing value left missing) → -1 → all zeros
+            codes = pd.Index(cat.vocab, dtype="str").get_indexer(s)
+            onehot = np.zeros((n, len(cat.vocab)), dtype=np.float32)
             hit = codes >= 0
             onehot[np.flatnonzero(hit), codes[hit]] = 1.0
-            for j, v in enumerate(g.vocab):
+            for j, v in enumerate(cat.vocab):
                 out[f"{c}={v}"] = onehot[:, j]
         if spec.missing == "indicator":
             out[f"{c}__missing"] = missing.astype(np.float32)
