@@ -1,0 +1,10 @@
+"""The software a partner runs at its own site (DESIGN.md, "coordinator + sites").
+
+- :mod:`lepton_tasks.site.enrollment`: import the coordinator's enrollment bundle, create the site's own
+  signing key in the site's Vault, write the policy skeleton with the coordinator's key pinned;
+- :mod:`lepton_tasks.site.jobs`: poll the exchange bucket, authenticate each job, decide by the site's policy,
+  answer or refuse (signed), every outbound object logged first;
+- :mod:`lepton_tasks.site.state`: the site-local state (seen message ids, rounds, handled keys), 0600.
+
+Nothing here imports Airflow: the site's DAGs call these functions.
+"""

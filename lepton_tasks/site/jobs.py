@@ -1,0 +1,480 @@
+"""The site's side of a round: find jobs in its exchange bucket, decide by its own policy, answer or refuse.
+
+A site only ever connects OUT, to its exchange bucket on the coordinator's object storage, with the
+bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the job keys it has not handled;
+:func:`handle_job` takes one job through these steps, each of which can end it:
+
+1. **authenticate** — :func:`lepton_tasks.core.exchange.open_message` with the coordinator key pinned in the
+   site's policy, the site's own name and bucket, the key the object was read from, the run's current round
+   (``min_round``) and the message ids already accepted. A forged, tampered, moved, replayed, expired or
+   malformed job raises :class:`~lepton_tasks.core.exchange.MessageRejected`: the site records the reason
+   in its state (``handled[key] = "rejected:<reason>"``, so it is not fetched again — except
+   ``not_yet_valid``, which a later poll may accept once the clocks agree), logs it, and **sends nothing**.
+
+   Why no signed refusal for a message the site rejects: a refusal names the job it refuses (message id and
+   payload hash), and the coordinator binds it to the job it sent. Before the signature verifies, every
+   field of the message is attacker-controlled — a site that signed refusals of unauthenticated messages
+   would let anyone who can write into its bucket make it sign a refusal of a genuine job (a forged "job"
+   copying a real job's id and hash): a denial of service with the site's own key. A moved or replayed
+   job is authentic but addressed to another site or to a round already past; a reply to it would be filed
+   under that other site's or round's name. So the site stays silent, and the coordinator, when the job it
+   sent expires without a reply, reports the site as *missing* and checks whether the job it wrote is still
+   in the bucket (``federation.exchange``: "replaced" or "removed after it was sent").
+2. **read the job** — the payload must be a :class:`~lepton_tasks.core.messages.RoundJob`; the contract it
+   carries must hash to its ``contract_sha256``.
+3. **the site's policy** — :func:`~lepton_tasks.core.site_policy.check_job` on a
+   :class:`~lepton_tasks.core.site_policy.JobSummary` built from the job; every violation is a reason.
+4. **global weights** — the blob the job references must sit in this job's round folder, exist, and match
+   the signed size and SHA-256; otherwise ``weights_missing`` / ``weights_tampered``.
+5. **approval** — when the policy requires it and no decision was given, the job WAITS (the key stays
+   unhandled; the approval deadline counts from the first time the site saw it); a denial, or no decision
+   by the deadline, is a refusal.
+6. **train and answer** — ``run_trainer(job, global_weights)`` returns a
+   :class:`~lepton_tasks.core.messages.RoundAnswer` and the update's bytes; the site writes the update blob
+   ``answers/<run>/<round>/<answer id>.update`` and then the sealed answer (the commit).
+
+Steps 2–5 end in a sealed :class:`~lepton_tasks.core.messages.RoundRefusal` carrying every reason (code,
+field, message) — the coordinator reports it as the site's reason for leaving the round. Every object the
+site writes is appended to its outbound log BEFORE the put (``core.outbound_log``); answers and their blobs
+live under ``answers/``, refusals under ``refusals/``, exactly the prefixes the log reconciles.
+
+A trainer that raises is NOT turned into a refusal: the exception propagates (the task fails and is
+retried; its text may hold data values, which must not leave the site).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Container, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.core.contracts import contract_sha256
+from lepton_tasks.core.exchange import (
+    AnswerHeader,
+    Expectation,
+    JobHeader,
+    MessageKind,
+    MessageRejected,
+    RefusalHeader,
+    RejectReason,
+    canonical_json,
+    job_ref,
+    make_header,
+    object_key,
+    open_message,
+    parse_object_key,
+    prefix_for,
+    reply_header,
+    seal,
+    sha256_hex,
+)
+from lepton_tasks.core.messages import BlobRef, MessageError, RoundAnswer, RoundJob, RoundRefusal, dump, load
+from lepton_tasks.core.outbound_log import OutboundLog, OutboundRecord
+from lepton_tasks.core.signatures import Signer
+from lepton_tasks.core.site_policy import JobSummary, SitePolicy, approval_deadline, check_job
+from lepton_tasks.federation.exchange import update_key
+from lepton_tasks.site.state import SiteState, StateDoc
+
+__all__ = [
+    "DEFAULT_ANSWER_TTL",
+    "JobOutcome",
+    "JobStatus",
+    "SiteRefusalCode",
+    "Trainer",
+    "handle_job",
+    "poll_jobs",
+    "run_pending",
+]
+
+log = logging.getLogger(__name__)
+
+#: how long an answer stays valid: long enough for a coordinator that collects after the job's deadline
+DEFAULT_ANSWER_TTL: Final = timedelta(days=7)
+
+#: ``run_trainer(job, global_weights_or_None) -> (answer, update_bytes_or_None)``; the site fills
+#: ``answer.update`` with the blob it writes
+Trainer = Callable[[RoundJob, bytes | None], tuple[RoundAnswer, bytes | None]]
+
+
+class JobStatus(StrEnum):
+    ANSWERED = "answered"  # update blob + sealed answer written
+    REFUSED = "refused"  # sealed refusal written, with every reason
+    WAITING = "waiting"  # authentic and allowed, waiting for a human's approval
+    REJECTED = "rejected"  # not authentic / not for here / not now: nothing written, reason logged
+
+
+class SiteRefusalCode(StrEnum):
+    """Refusal reasons of the site's own checks (the policy's are ``core.site_policy.RefusalCode``)."""
+
+    INVALID_JOB = "invalid_job"  # the signed payload is not a RoundJob this site understands
+    CONTRACT_INCONSISTENT = "contract_inconsistent"  # the carried contract does not hash to contract_sha256
+    WEIGHTS_MISSING = "weights_missing"  # the global-weights blob is not in the bucket
+    WEIGHTS_TAMPERED = "weights_tampered"  # its size/hash differ from the signed job, or it is misplaced
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_TIMEOUT = "approval_timeout"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What :func:`handle_job` did with the job at ``key``."""
+
+    key: str
+    status: JobStatus
+    #: the job's header and payload, once authenticated (``None`` when rejected)
+    header: JobHeader | None = None
+    job: RoundJob | None = None
+    #: the site's sealed reply (answered / refused)
+    reply: AnswerHeader | RefusalHeader | None = None
+    #: refusal reasons sent (code, field, message)
+    reasons: tuple[dict[str, str], ...] = ()
+    #: why the job was rejected (``reason_code``, ``field``, ``message``)
+    rejection: dict[str, str | None] | None = None
+    #: keys the site wrote into its exchange bucket for this job
+    written: tuple[str, ...] = ()
+    #: when a waiting job will be refused
+    approval_deadline: datetime | None = None
+
+
+def poll_jobs(storage: Storage, bucket: str, *, last_seen: Container[str] = ()) -> list[str]:
+    """Job keys in ``bucket`` that are not in ``last_seen`` (the keys already handled).
+
+    Only canonical message keys (``jobs/<run>/<round>/<uuid>.json``) are returned; blobs beside them are
+    skipped. Order: by run, the NEWEST round first — a site that finds several rounds of a run waiting works
+    on the current one, and the older ones are then stale (rejected as replays by :func:`handle_job`).
+    """
+    found = []
+    for obj in storage.list(bucket, prefix_for(MessageKind.JOB)):
+        if obj.key in last_seen:
+            continue
+        try:
+            parts = parse_object_key(obj.key)
+        except ValueError:
+            continue  # a blob, or something that is no message: never opened
+        found.append((parts.run_id, -parts.round, obj.key))
+    return [key for _, _, key in sorted(found)]
+
+
+def _reason(code: str, field: str, message: str) -> dict[str, str]:
+    return {"code": code, "field": field, "message": message}
+
+
+def _summary(header: JobHeader, job: RoundJob) -> tuple[JobSummary, list[dict[str, str]]]:
+    reasons = []
+    actual = contract_sha256(job.contract)
+    if actual != job.contract_sha256:
+        reasons.append(
+            _reason(
+                SiteRefusalCode.CONTRACT_INCONSISTENT,
+                "contract_sha256",
+                f"the contract the job carries hashes to {actual[:12]}…, "
+                f"not to the job's contract_sha256 {job.contract_sha256[:12]}…",
+            )
+        )
+    summary = JobSummary(
+        consortium=header.consortium,
+        dataset=job.dataset,
+        contract_hash=actual,
+        rounds=job.rounds,
+        strategy=job.strategy,
+        min_partners=job.min_partners,
+        secure_aggregation=job.secure_aggregation,
+    )
+    return summary, reasons
+
+
+def _global_weights(
+    storage: Storage, bucket: str, header: JobHeader, ref: BlobRef
+) -> tuple[bytes | None, dict[str, str] | None]:
+    """The job's global weights, or the refusal reason why they cannot be used."""
+    folder = prefix_for(MessageKind.JOB, header.run_id, header.round)
+    if not ref.key.startswith(folder) or "/" in ref.key[len(folder) :]:
+        return None, _reason(
+            SiteRefusalCode.WEIGHTS_TAMPERED,
+            "global_weights.key",
+            f"the global weights {ref.key!r} are not in this job's folder {folder!r}",
+        )
+    if not storage.exists(bucket, ref.key):
+        return None, _reason(
+            SiteRefusalCode.WEIGHTS_MISSING,
+            "global_weights.key",
+            f"the global weights {ref.key!r} are not in the exchange bucket",
+        )
+    data = storage.get_bytes(bucket, ref.key)
+    if len(data) != ref.size or sha256_hex(data) != ref.sha256:
+        return None, _reason(
+            SiteRefusalCode.WEIGHTS_TAMPERED,
+            "global_weights.sha256",
+            f"the global weights {ref.key!r} ({len(data)} bytes, sha256 {sha256_hex(data)[:12]}…) are not "
+            f"the ones the signed job names ({ref.size} bytes, sha256 {ref.sha256[:12]}…)",
+        )
+    return data, None
+
+
+class _Writer:
+    """Puts objects into the site's exchange bucket, each logged in the outbound log first."""
+
+    def __init__(self, storage: Storage, bucket: str, outbound_log: OutboundLog, now: datetime) -> None:
+        self.storage, self.bucket, self.outbound_log, self.now = storage, bucket, outbound_log, now
+        self.written: list[str] = []
+
+    def put(
+        self, kind: MessageKind, key: str, data: bytes, *, run_id: str, round_: int, message_id: uuid.UUID
+    ) -> None:
+        self.outbound_log.append(
+            OutboundRecord.for_object(
+                kind=kind,
+                bucket=self.bucket,
+                object_key=key,
+                data=data,
+                run_id=run_id,
+                round=round_,
+                message_id=message_id,
+                now=self.now,
+            )
+        )
+        content_type = "application/json" if key.endswith(".json") else "application/octet-stream"
+        self.storage.put_bytes(self.bucket, key, data, content_type=content_type)
+        self.written.append(key)
+
+
+def handle_job(
+    raw: bytes,
+    *,
+    key: str,
+    policy: SitePolicy,
+    state: SiteState,
+    run_trainer: Trainer,
+    signer: Signer,
+    storage: Storage,
+    bucket: str,
+    outbound_log: OutboundLog,
+    approved: bool | None = None,
+    now: datetime | None = None,
+    answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
+) -> JobOutcome:
+    """Authenticate the job read from ``bucket``/``key``, decide by ``policy``, and answer, refuse, wait or
+    reject it (see the module docstring). The coordinator's key is the one pinned in ``policy``; ``state``
+    is the site's local state (seen ids, rounds, handled keys), locked for the whole call.
+
+    ``approved``: the human decision when the policy requires approval (``None``: none yet).
+    """
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    with state.transaction() as doc:
+        try:
+            run_id: str | None = parse_object_key(key).run_id
+        except ValueError:
+            run_id = None  # open_message rejects it as moved: it is not where any message belongs
+        expected = Expectation.for_job(
+            consortium=policy.consortium,
+            site=policy.site,
+            bucket=bucket,
+            object_key=key,
+            min_round=doc.min_round(run_id) if run_id is not None else 0,
+            payload_schemas=frozenset({RoundJob.payload_schema}),
+        )
+        try:
+            opened, payload = open_message(
+                raw,
+                expected=expected,
+                public_key=policy.coordinator.pinned_key(),
+                seen_ids=doc.seen_ids,
+                now=now,
+            )
+        except MessageRejected as exc:
+            log.warning("site %s rejected s3://%s/%s: %s", policy.site, bucket, key, exc)
+            if exc.reason_code is not RejectReason.NOT_YET_VALID:  # the only one that time can cure
+                doc.finish(key, f"rejected:{exc.reason_code.value}")
+            return JobOutcome(key, JobStatus.REJECTED, rejection=exc.to_dict())
+        assert isinstance(opened, JobHeader)  # expected.kinds is {job}
+        header = opened
+        doc.accept_round(header.run_id, header.round)
+        return _decide(
+            doc,
+            header,
+            payload,
+            key=key,
+            policy=policy,
+            run_trainer=run_trainer,
+            signer=signer,
+            storage=storage,
+            writer=_Writer(storage, bucket, outbound_log, now),
+            approved=approved,
+            now=now,
+            answer_ttl=answer_ttl,
+        )
+
+
+def _decide(
+    doc: StateDoc,
+    header: JobHeader,
+    payload: bytes,
+    *,
+    key: str,
+    policy: SitePolicy,
+    run_trainer: Trainer,
+    signer: Signer,
+    storage: Storage,
+    writer: _Writer,
+    approved: bool | None,
+    now: datetime,
+    answer_ttl: timedelta,
+) -> JobOutcome:
+    def refuse(reasons: list[dict[str, str]], job: RoundJob | None = None) -> JobOutcome:
+        body = canonical_json(dump(RoundRefusal(reasons=reasons)))
+        reply = reply_header(
+            header,
+            MessageKind.REFUSAL,
+            payload=body,
+            payload_schema=RoundRefusal.payload_schema,
+            ttl=answer_ttl,
+            now=now,
+        )
+        writer.put(
+            MessageKind.REFUSAL,
+            object_key(reply),
+            seal(reply, body, signer),
+            run_id=header.run_id,
+            round_=header.round,
+            message_id=reply.message_id,
+        )
+        doc.finish(key, JobStatus.REFUSED.value, header.message_id)
+        log.info("site %s refused %s: %s", policy.site, key, ", ".join(r["code"] for r in reasons))
+        return JobOutcome(
+            key,
+            JobStatus.REFUSED,
+            header=header,
+            job=job,
+            reply=reply,
+            reasons=tuple(reasons),
+            written=tuple(writer.written),
+        )
+
+    try:
+        job = load(RoundJob, payload, where=f"s3://{header.bucket}/{key}")
+    except MessageError as exc:
+        return refuse([_reason(SiteRefusalCode.INVALID_JOB, "payload", str(exc))])
+
+    summary, reasons = _summary(header, job)
+    reasons += [r.model_dump(mode="json") for r in check_job(policy, summary)]
+    if reasons:
+        return refuse(reasons, job)
+
+    global_weights: bytes | None = None
+    if job.global_weights is not None:
+        global_weights, problem = _global_weights(storage, header.bucket, header, job.global_weights)
+        if problem is not None:
+            return refuse([problem], job)
+
+    if approved is False:
+        return refuse(
+            [_reason(SiteRefusalCode.APPROVAL_DENIED, "approval", "the site's approver declined this job")],
+            job,
+        )
+    if policy.approval.required and approved is not True:
+        deadline = approval_deadline(policy, doc.received_at(key, now))
+        assert deadline is not None  # approval is required
+        if now >= deadline:
+            return refuse(
+                [
+                    _reason(
+                        SiteRefusalCode.APPROVAL_TIMEOUT,
+                        "approval",
+                        f"no approval by the site's deadline {deadline.isoformat()}",
+                    )
+                ],
+                job,
+            )
+        return JobOutcome(key, JobStatus.WAITING, header=header, job=job, approval_deadline=deadline)
+
+    answer, update = run_trainer(job, global_weights)
+    if answer.mode != job.mode:
+        raise ValueError(f"the trainer answered a {answer.mode!r} job; the job is {job.mode!r}")
+    answer_id = uuid.uuid4()
+    if update is not None:
+        blob_key = update_key(header.run_id, header.round, answer_id)
+        answer = answer.model_copy(
+            update={"update": BlobRef(key=blob_key, sha256=sha256_hex(update), size=len(update))}
+        )
+        writer.put(
+            MessageKind.ANSWER,
+            blob_key,
+            update,
+            run_id=header.run_id,
+            round_=header.round,
+            message_id=answer_id,
+        )
+    body = canonical_json(dump(answer))
+    reply = make_header(
+        MessageKind.ANSWER,
+        consortium=header.consortium,
+        run_id=header.run_id,
+        round=header.round,
+        site=header.site,
+        bucket=header.bucket,
+        payload=body,
+        payload_schema=RoundAnswer.payload_schema,
+        ttl=answer_ttl,
+        in_reply_to=job_ref(header),
+        now=now,
+        message_id=answer_id,
+    )
+    assert isinstance(reply, AnswerHeader)
+    writer.put(
+        MessageKind.ANSWER,
+        object_key(reply),
+        seal(reply, body, signer),
+        run_id=header.run_id,
+        round_=header.round,
+        message_id=answer_id,
+    )
+    doc.finish(key, JobStatus.ANSWERED.value, header.message_id)
+    return JobOutcome(
+        key, JobStatus.ANSWERED, header=header, job=job, reply=reply, written=tuple(writer.written)
+    )
+
+
+def run_pending(
+    storage: Storage,
+    bucket: str,
+    *,
+    policy: SitePolicy,
+    state: SiteState,
+    run_trainer: Trainer,
+    signer: Signer,
+    outbound_log: OutboundLog,
+    approvals: Mapping[str, bool] | None = None,
+    now: datetime | None = None,
+    answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
+) -> list[JobOutcome]:
+    """One poll of the site's exchange: :func:`handle_job` on every job key not handled yet (what the site's
+    job DAG does for the keys its exchange watcher reports). ``approvals``: key → the human's decision."""
+    approvals = approvals or {}
+    outcomes = []
+    for key in poll_jobs(storage, bucket, last_seen=state.read().handled):
+        try:
+            raw = storage.get_bytes(bucket, key)
+        except StorageError as exc:  # removed between the listing and the read: the next poll decides
+            log.warning("site %s could not read %s: %s", policy.site, key, exc)
+            continue
+        outcomes.append(
+            handle_job(
+                raw,
+                key=key,
+                policy=policy,
+                state=state,
+                run_trainer=run_trainer,
+                signer=signer,
+                storage=storage,
+                bucket=bucket,
+                outbound_log=outbound_log,
+                approved=approvals.get(key),
+                now=now,
+                answer_ttl=answer_ttl,
+            )
+        )
+    return outcomes
