@@ -7,19 +7,27 @@ export LEPTON_DATA_DIR ?= $(CURDIR)/.lepton
 export PATH := $(BIN):$(PATH)
 SCENARIO ?= banks
 PIP_VERSION := 25.3
+# what ruff checks and formats; mypy's targets and per-package strictness are in pyproject.toml [tool.mypy]
+LINT_PATHS := lepton_tasks plugins dags tests bench docker
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+# `make test-unit`: the tests that need no service, no Docker and no image (tests/conftest.py's markers);
+# e.g. UNIT_MARKERS="not integration and not docker and not slow" to leave the slow ones out too
+UNIT_MARKERS ?= not integration and not docker
 
-.PHONY: setup image demo test up down status lint bench-ingest bench-aggregate bench-round bench-quality clean
+.PHONY: setup image demo test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality clean
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# requirements.txt: the runtime pins; requirements-dev.txt: the tools (pytest, ruff, mypy + stubs, coverage),
+# installed into the same venv for development and CI, never into the runtime images.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@echo "== installing pinned requirements into $(VENV)"
+	@echo "== installing pinned requirements (runtime + development tools) into $(VENV)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check pip==$(PIP_VERSION)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	$(BIN)/pip check
 	@touch $@
 
-setup: $(VENV)/.installed  ## create .venv with the pinned requirements
+setup: $(VENV)/.installed  ## create .venv with the pinned runtime requirements and development tools
 
 # The trainer image: built when a Docker daemon answers. In CI (CI=true) a missing daemon is an error.
 image: setup
@@ -41,9 +49,13 @@ demo: setup  ## everything: docker (if installable), trainer image, stack, partn
 	$(BIN)/lepton up
 	$(BIN)/lepton demo run --scenario $(SCENARIO)
 
-test: setup image  ## lint, then the whole test suite against real services (started and stopped by the tests)
-	$(BIN)/ruff check lepton_tasks plugins dags tests bench
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+test: setup  ## lint, then the whole test suite against real services (started and stopped by the tests), coverage
+	@$(MAKE) --no-print-directory lint
+	@$(MAKE) --no-print-directory image
+	$(PYTEST) --durations=15 --cov=lepton_tasks --cov-report=term:skip-covered
+
+test-unit: setup  ## the pure tests only (tests/unit, tests/dags): no services, no Docker, no image build
+	$(PYTEST) tests/unit tests/dags -m "$(UNIT_MARKERS)" --durations=5
 
 down:  ## stop the embedded stack
 	$(BIN)/lepton down
@@ -51,8 +63,10 @@ down:  ## stop the embedded stack
 status:
 	$(BIN)/lepton status
 
-lint: setup
-	$(BIN)/ruff check lepton_tasks plugins dags tests bench
+lint: setup  ## ruff check, ruff format --check, mypy (strict on lepton_tasks/core and lepton_tasks/adapters)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
 
 bench-aggregate: setup
 	bench/aggregate/run.sh

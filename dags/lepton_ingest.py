@@ -2,14 +2,20 @@
 ### Lepton ingest: a partner's drop becomes validated, cleaned, encrypted, staged data
 
 **Starts** when a partner drops a file under `<dataset>/` in its inbox bucket (an `AssetWatcher` polls every
-5 s), **daily** as a sweep of anything not yet handled, or **from the UI** with a partner and optionally one
+5 s, and announces again a drop that was not handled 10 minutes later: a failed ingest retries by itself),
+**daily** as a sweep of anything not yet handled, or **from the UI** with a partner and optionally one
 object key.
 
-Each drop is one mapped task (a transaction keyed by the drop's content hash): download → Great Expectations
-validation against the dataset contract → cleaning → deterministic split → federated statistics (train split
-only) → Tink streaming-AEAD encryption under the partner's Vault transit key → staging, manifest last. A bad drop
-is moved to the partner's `quarantine/` folder with `reason.json` and the task fails loudly; other drops are
-unaffected. Datasets that received new staged data announce it through an Asset, which starts training.
+Each drop is a transaction keyed by its content hash and its contract: download → check the partner is
+onboarded for the dataset → Great Expectations validation against the dataset contract → cleaning →
+deterministic split → federated statistics (train split only) → Tink streaming-AEAD encryption under the
+partner's Vault transit key → staging, manifest last. The `ingest` tasks are mapped over batches (one drop
+per task, the grid names it `partner/key`; past 1,024 drops a few per task, one after the other). A bad drop
+is moved to the partner's `quarantine/` folder with `reason.json`, and its task fails at once (no retry:
+the data will not change); other drops are unaffected. A drop that failed for another reason (storage or
+Vault down) is retried. Datasets that received new staged data announce it through an Asset, which starts
+training. The last task, `summary`, lists every drop's outcome and **fails the run** when a drop was
+quarantined or could not be ingested, with the reasons in its log.
 """
 
 from __future__ import annotations
@@ -55,10 +61,13 @@ INBOXES = Asset(
 )
 def lepton_ingest():
     @task
-    def discover() -> list[dict[str, str]]:
-        """Which drops this run handles: the watcher's payload, the UI's Params, or a sweep."""
+    def discover() -> list[dict]:
+        """Which drops this run handles (the watcher's payload, the UI's Params, or a sweep), in batches."""
+        from airflow.sdk.configuration import conf
+
         from lepton_airflow.connections import lepton_settings
         from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.core.drops import batch_drops, batch_label, cap_list
         from lepton_tasks.ingest.stage import list_new_drops
         from lepton_tasks.ops.partners import Registry
 
@@ -79,48 +88,87 @@ def lepton_ingest():
             )
             drops = list_new_drops(Storage.from_settings(settings), settings, partners)
         unique = {(d["partner"], d["key"]): {"partner": d["partner"], "key": d["key"]} for d in drops}
-        print(f"{len(unique)} drop(s) to ingest: {sorted(unique)}")
-        return list(unique.values())
+        batches = batch_drops(
+            [unique[k] for k in sorted(unique)], conf.getint("core", "max_map_length", fallback=1024)
+        )
+        print(
+            f"{len(unique)} drop(s) to ingest in {len(batches)} task(s): "
+            f"{cap_list(f'{p}/{k}' for p, k in sorted(unique))}"
+        )
+        return [{"label": batch_label(b), "drops": b} for b in batches]
 
-    @task(max_active_tis_per_dagrun=2, execution_timeout=timedelta(hours=2))
-    def ingest(drop: dict[str, str]) -> dict:
-        """One drop, end to end (see lepton_tasks.ingest.stage.ingest_drop)."""
-        from dataclasses import asdict
-
+    @task(
+        max_active_tis_per_dagrun=2,
+        execution_timeout=timedelta(hours=2),
+        map_index_template="{{ task.op_kwargs['batch']['label'] }}",
+    )
+    def ingest(batch: dict) -> list[dict]:
+        """A batch of drops, one after the other (see lepton_tasks.ingest.stage.ingest_batch)."""
         from airflow.sdk.exceptions import AirflowFailException
 
         from lepton_airflow.connections import lepton_settings
         from lepton_tasks.adapters.storage import Storage
         from lepton_tasks.adapters.vault import Vault
-        from lepton_tasks.core.drops import DropError
-        from lepton_tasks.ingest.stage import ingest_drop
+        from lepton_tasks.ingest.stage import ingest_batch
+        from lepton_tasks.ops.partners import Registry
 
         settings = lepton_settings()
-        storage = Storage.from_settings(settings)
-        if not storage.exists(settings.inbox_bucket(drop["partner"]), drop["key"]):
-            print(
-                f"{drop['partner']}/{drop['key']} is no longer in the inbox (already handled): nothing to do"
-            )
-            return {"partner": drop["partner"], "object_key": drop["key"], "status": "gone"}
         vault = Vault.connect(
             settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
         )
-        try:
-            result = ingest_drop(settings, storage, vault, drop["partner"], drop["key"])
-        except DropError as err:  # bad data: quarantined; retrying cannot help, so fail now and loudly
-            raise AirflowFailException(f"drop quarantined: {err}") from err
-        return asdict(result)
+        results = [
+            r.to_dict()
+            for r in ingest_batch(
+                settings,
+                Storage.from_settings(settings),
+                vault,
+                batch["drops"],
+                allowed=Registry(settings.registry_file).allowed_datasets(),
+                mark_seen=False,  # announce_<dataset> marks them handled once announced
+            )
+        ]
+        for r in results:
+            print(
+                f"{r['partner']}/{r['object_key']}: {r['status']}"
+                + (f" ({r['error']})" if r["error"] else "")
+            )
+        quarantined = [r for r in results if r["status"] == "quarantined"]
+        failed = [r for r in results if r["status"] == "failed"]
+        if quarantined or failed:
+            # the results travel even though the task fails: the drops staged in this batch are announced
+            get_current_context()["ti"].xcom_push("return_value", results)
+        if quarantined:  # bad data: retrying cannot help, so fail now and loudly
+            raise AirflowFailException(
+                "; ".join(f"{r['partner']}/{r['object_key']} quarantined: {r['error']}" for r in quarantined)
+            )
+        if failed:  # storage, Vault…: retried (the drops already staged are reported again, not redone)
+            raise RuntimeError(
+                "; ".join(f"{r['partner']}/{r['object_key']} failed: {r['error']}" for r in failed)
+            )
+        return results
 
-    results = ingest.expand(drop=discover())
+    batches = discover()
+    results = ingest.expand(batch=batches)
 
+    announcements = []
     for dataset in DATASETS:
 
         @task(task_id=f"announce_{dataset}", outlets=[staged_asset(dataset)], trigger_rule="all_done")
-        def announce(results: list[dict], dataset: str = dataset) -> None:
-            """Emit the dataset's Asset event only if this run staged new data for it."""
+        def announce(results: list[list[dict]], dataset: str = dataset) -> None:
+            """Emit the dataset's Asset event only if this run staged new data for it; then mark those
+            drops handled (until then the inbox trigger would announce them again)."""
             from airflow.sdk.exceptions import AirflowSkipException
 
-            staged = [r for r in results if r and r.get("status") == "staged" and r.get("dataset") == dataset]
+            from lepton_airflow.connections import lepton_settings
+            from lepton_tasks.adapters.storage import Storage
+            from lepton_tasks.ingest.stage import mark_announced
+
+            staged = [
+                r
+                for batch in results
+                for r in batch or []
+                if r.get("status") == "staged" and r.get("dataset") == dataset
+            ]
             if not staged:
                 raise AirflowSkipException(f"no new staged data for {dataset}")
             ctx = get_current_context()
@@ -128,9 +176,26 @@ def lepton_ingest():
                 "dataset": dataset,
                 "drops": [f"{r['partner']}/{r['drop_id']}" for r in staged],
             }
+            settings = lepton_settings()
+            mark_announced(Storage.from_settings(settings), settings, staged)
             print(f"announced {len(staged)} new staged drop(s) for {dataset}")
 
-        announce(results)
+        announcements.append(announce(results))
+
+    @task(trigger_rule="all_done")
+    def summary(batches: list[dict], results: list[list[dict]]) -> None:
+        """Every drop's outcome; fails the run when a drop was quarantined or could not be ingested."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from lepton_tasks.ingest.stage import summarize
+
+        drops = [d for b in batches for d in b["drops"]]
+        text, problems = summarize(drops, [r for batch in results for r in batch or []])
+        print(text)
+        if problems:
+            raise AirflowFailException(f"{len(problems)} of {len(drops)} drop(s) were not staged:\n" + text)
+
+    announcements >> summary(batches, results)
 
 
 lepton_ingest()

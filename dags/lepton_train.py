@@ -106,6 +106,29 @@ def build(dataset: str) -> Any:
             "krum_f": Param(0, type="integer", minimum=0, description="Krum: tolerated Byzantine partners."),
             "min_partners": Param(2, type="integer", minimum=1, description="Quorum per round."),
             "seed": Param(42, type="integer", minimum=0),
+            "dp_noise_multiplier": Param(
+                None,
+                type=["null", "number"],
+                minimum=0.3,
+                description="Record-level differential privacy (DP-SGD) at every partner: the noise "
+                "multiplier sigma (Gaussian noise of std sigma x clip on each batch's sum of clipped "
+                "per-example gradients). Empty: no DP. Larger is more private and less accurate; each "
+                "update's epsilon is in the round summary (bench/privacy/utility.py calibrates sigma to a "
+                "target epsilon).",
+            ),
+            "dp_l2_clip": Param(
+                1.0,
+                type="number",
+                exclusiveMinimum=0,
+                description="DP-SGD: each example's gradient is clipped to this L2 norm.",
+            ),
+            "dp_delta": Param(
+                1e-5,
+                type="number",
+                exclusiveMinimum=0,
+                exclusiveMaximum=1,
+                description="DP-SGD: the delta of the reported (epsilon, delta); keep it below 1/rows.",
+            ),
         },
     )
     def train_dag() -> None:

@@ -29,6 +29,21 @@ os.environ.pop("LEPTON_DATA_DIR", None)  # tests never touch the user's .lepton
 if str(REPO / "plugins") not in sys.path:
     sys.path.insert(0, str(REPO / "plugins"))
 
+# Airflow's own deprecation categories fail a test wherever they are raised. They are added here, not in
+# pyproject's filterwarnings, because pytest imports a named category when it parses the filter: from
+# pyproject that would import airflow before AIRFLOW_HOME above is set. Added last, so they take precedence.
+AIRFLOW_DEPRECATIONS = (
+    "airflow.exceptions.RemovedInAirflow4Warning",
+    "airflow.sdk.exceptions.RemovedInAirflow4Warning",
+    "airflow.exceptions.AirflowProviderDeprecationWarning",
+    "airflow.utils.deprecation_tools.DeprecatedImportWarning",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for category in AIRFLOW_DEPRECATIONS:
+        config.addinivalue_line("filterwarnings", f"error::{category}")
+
 
 def need(condition: bool, what: str) -> None:
     """Skip (locally) or fail (CI=true) when ``condition`` is false."""

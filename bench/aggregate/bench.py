@@ -38,6 +38,8 @@ one's), inputs loaded before measuring:
   kernel's VmHWM, then VmHWM - VmRSS(before). What the OS saw, allocator slack included; Linux.
 """
 
+# ruff: noqa: E402 - numpy (OpenBLAS) must load after --blas-threads has set its environment variables
+
 from __future__ import annotations
 
 import argparse
@@ -392,13 +394,15 @@ def main() -> None:
     print(f"warm: median of {ARGS.repeats} in-process rounds ({ARGS.disk_repeats} for disk rows);", end=" ")
     print(f"cold: median of {ARGS.cold_repeats} fresh-process runs.")
     print(
-        "vs flwr: median over rounds of (variant time / flwr time of the same round); disk rows vs 'flwr from disk'."
+        "vs flwr: median over rounds of (variant time / flwr time of the same round);"
+        " disk rows vs 'flwr from disk'."
     )
     print(
         "peak MiB: tracemalloc peak during the call, inputs excluded (disk rows include the loaded updates);"
     )
     print(
-        f"models: that peak / one float32 model ({model_bytes / MB:.1f} MiB). RSS MiB: VmHWM delta, cold runs."
+        f"models: that peak / one float32 model ({model_bytes / MB:.1f} MiB)."
+        " RSS MiB: VmHWM delta, cold runs."
     )
     print("allclose: np.allclose(lepton, flwr, rtol=1e-5, atol=1e-6) on every layer; max|d|flwr: max abs")
     print("difference to flwr's result; max|err|: max abs error against an exact float64 FedAvg.")

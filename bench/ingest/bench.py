@@ -30,7 +30,8 @@ def _child(code: str, env: dict[str, str] | None = None) -> dict:
     """Run ``code`` in a fresh Python; it prints one JSON line; add its peak RSS."""
     wrapper = (
         code + "\nimport resource, json as _j\n"
-        "print('RESULT ' + _j.dumps({**RESULT, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+        "_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print('RESULT ' + _j.dumps({**RESULT, 'peak_rss_mb': _peak}))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", wrapper],
@@ -60,7 +61,9 @@ from lepton_tasks.ingest.prepare import prepare_drop
 from lepton_tasks.adapters.envelope import encrypt_file, associated_data
 client = hvac.Client(url={addr!r}, token={token!r})
 t = time.perf_counter()
-p = prepare_drop(Path({src!r}), load_contract('ecommerce'), object_key='ecommerce/bench.csv', out_dir=Path({out!r}))
+p = prepare_drop(
+    Path({src!r}), load_contract('ecommerce'), object_key='ecommerce/bench.csv', out_dir=Path({out!r})
+)
 for split, path in (('train', p.train_path), ('holdout', p.holdout_path)):
     encrypt_file(path, Path({out!r}) / (split + '.enc'), client=client, key_name='lepton-bench',
                  ad=associated_data('bench', 'staging', split))
@@ -150,7 +153,8 @@ def main() -> int:
                 if size == args.size_mb:
                     base = _child(BASELINE.format(src=str(src), dst=str(tmpd / "base.parquet")))
                     print(
-                        f"baseline pyarrow read+parquet: {base['seconds']:.1f}s, peak {base['peak_rss_mb']:.0f} MiB",
+                        f"baseline pyarrow read+parquet: {base['seconds']:.1f}s,"
+                        f" peak {base['peak_rss_mb']:.0f} MiB",
                         flush=True,
                     )
                     results["baseline"] = base
@@ -158,7 +162,8 @@ def main() -> int:
                 out.mkdir()
                 full = _child(FULL.format(src=str(src), out=str(out), addr=bao.addr, token=token))
                 print(
-                    f"full ingest path @ {size} MiB: {full['seconds']:.1f}s, peak {full['peak_rss_mb']:.0f} MiB",
+                    f"full ingest path @ {size} MiB: {full['seconds']:.1f}s,"
+                    f" peak {full['peak_rss_mb']:.0f} MiB",
                     flush=True,
                 )
                 results[f"full_{size}"] = full

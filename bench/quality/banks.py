@@ -1,9 +1,9 @@
 """bench/quality/banks: the demo's acceptance check on the real ISLR ``Default`` data, for several seeds.
 
-For each seed: three uneven non-IID banks (``lepton_tasks.ops.scenarios.banks``) drop their data, which goes through
-the real path (real OpenBao + SeaweedFS started here on free loopback ports: ingest → encrypted staging →
-plan → per-partner trainer jobs with scoped tokens, in-process → FedAvg rounds → held-out evaluation inside
-each partner's job → publish). The demo harness then trains the centralized reference on the union.
+For each seed: three uneven non-IID banks (``lepton_tasks.ops.scenarios.banks``) drop their data, which goes
+through the real path (real OpenBao + SeaweedFS started here on free loopback ports: ingest → encrypted
+staging → plan → per-partner trainer jobs with scoped tokens, in-process → FedAvg rounds → held-out evaluation
+inside each partner's job → publish). The demo harness then trains the centralized reference on the union.
 
 Target: federated AUC (union of holdouts) within 0.01 of centralized and >= 0.05 above mean local-only AUC.
 Usage: ``python bench/quality/banks.py [--seeds 1 2 3] [--rounds 5]``

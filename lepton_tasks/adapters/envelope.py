@@ -25,12 +25,16 @@ import struct
 import tempfile
 import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import hvac
+import hvac.exceptions
 import tink
 from tink import aead, json_proto_keyset_format, streaming_aead
 from tink.integration import hcvault
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 MAGIC = b"LEPTON-ENV1\n"
 _CHUNK = 1024 * 1024
@@ -103,7 +107,7 @@ class _HashingWriter(io.RawIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, b) -> int:  # type: ignore[override]
+    def write(self, b: ReadableBuffer) -> int:
         self._check()
         piece = bytes(b)  # Tink may reuse its buffer; the hasher needs an immutable copy (no copy for bytes)
         self._f.write(piece)
@@ -152,7 +156,7 @@ def encrypt_file(
         sink = _HashingWriter(out)
         try:
             sink.write(MAGIC + struct.pack(">I", len(wrapped_b)) + wrapped_b)
-            with open(src, "rb") as f, primitive.new_encrypting_stream(sink, ad) as enc:  # type: ignore[arg-type]
+            with open(src, "rb") as f, primitive.new_encrypting_stream(sink, ad) as enc:
                 while block := f.read(_CHUNK):
                     enc.write(block)
             return sink.finish()
@@ -197,8 +201,9 @@ def decrypt_file(
                     f"this token is not allowed to use that partner's key"
                 ) from exc
             raise EnvelopeError(
-                f"{object_name}: cannot unwrap the data key with Vault key {key_name}: the object was tampered "
-                f"with, moved, belongs to another partner, or its key version is no longer allowed ({exc})"
+                f"{object_name}: cannot unwrap the data key with Vault key {key_name}: the object was "
+                f"tampered with, moved, belongs to another partner, or its key version is no longer allowed "
+                f"({exc})"
             ) from exc
         primitive = handle.primitive(streaming_aead.StreamingAead)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -206,7 +211,7 @@ def decrypt_file(
         try:
             with os.fdopen(fd, "wb") as out:
                 try:
-                    with primitive.new_decrypting_stream(f, ad) as dec:  # type: ignore[arg-type]
+                    with primitive.new_decrypting_stream(f, ad) as dec:
                         while block := dec.read(_CHUNK):
                             out.write(block)
                 except tink.TinkError as exc:
@@ -230,7 +235,7 @@ def rewrap_file(
     object_name: str,
     transit_mount: str = "transit",
 ) -> None:
-    """Re-wrap an object's data key under the latest version of its transit key; the ciphertext body is copied.
+    """Re-wrap an object's data key under the latest version of its transit key; the ciphertext is copied.
 
     Used after ``rotate`` so that ``min_decryption_version`` can be raised without re-encrypting the data.
     """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     #: the trainer containers' network: ``host`` in the embedded stack (services bind 127.0.0.1), the compose
     #: network's name in compose mode. The Docker daemon itself is found through the standard ``DOCKER_HOST``.
     trainer_network: str = "host"
+    #: memory limit of one trainer container (Docker ``mem_limit``, no swap beyond it; its tmpfs ``/tmp`` and
+    #: home count against it)
+    trainer_memory: str = "4g"
+    #: CPUs of one trainer container (Docker ``nano_cpus``)
+    trainer_cpus: float = 1.0
 
     @property
     def env_file(self) -> Path:
@@ -76,10 +81,10 @@ class Settings(BaseSettings):
         return [self.staging_bucket, self.quarantine_bucket, self.models_bucket]
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment, then ``<data_dir>/lepton.env`` when it exists, then defaults."""
     data_dir = Path(str(overrides.get("data_dir") or _default_data_dir()))
     env_file = data_dir / "lepton.env"
     if env_file.is_file():
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-    return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file, **overrides)
+    return Settings(**overrides)

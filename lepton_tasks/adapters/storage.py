@@ -19,10 +19,16 @@ from typing import Any
 
 from minio import Minio
 from minio.error import S3Error
+from minio.helpers import DictType
 
 from lepton_tasks.adapters.settings import Settings
 
 PART_SIZE = 16 * 1024 * 1024
+
+
+def _s3_metadata(metadata: dict[str, str] | None) -> DictType | None:
+    """``metadata`` as the SDK's (invariant) header-dict type."""
+    return None if metadata is None else dict(metadata)
 
 
 class StorageError(RuntimeError):
@@ -109,9 +115,14 @@ class Storage:
         metadata: dict[str, str] | None = None,
     ) -> str:
         res = self.client.put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata=metadata
+            bucket,
+            key,
+            io.BytesIO(data),
+            len(data),
+            content_type=content_type,
+            metadata=_s3_metadata(metadata),
         )
-        return res.etag
+        return res.etag or ""
 
     def put_json(self, bucket: str, key: str, obj: Any) -> str:
         return self.put_bytes(
@@ -132,9 +143,14 @@ class Storage:
     ) -> str:
         """Upload a local file (multipart for large files, done by the SDK)."""
         res = self.client.fput_object(
-            bucket, key, str(path), content_type=content_type, metadata=metadata, part_size=PART_SIZE
+            bucket,
+            key,
+            str(path),
+            content_type=content_type,
+            metadata=_s3_metadata(metadata),
+            part_size=PART_SIZE,
         )
-        return res.etag
+        return res.etag or ""
 
     def get_bytes(self, bucket: str, key: str) -> bytes:
         try:

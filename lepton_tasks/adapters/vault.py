@@ -13,6 +13,7 @@ Roles:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import hvac
 import hvac.exceptions
@@ -82,8 +83,10 @@ class Vault:
         )
         return True
 
-    def key_info(self, name: str) -> dict:
-        return self.client.secrets.transit.read_key(name=name, mount_point=self.transit_mount)["data"]
+    def key_info(self, name: str) -> dict[str, Any]:
+        res = self.client.secrets.transit.read_key(name=name, mount_point=self.transit_mount)
+        info: dict[str, Any] = res["data"]
+        return info
 
     def rotate_key(self, name: str) -> int:
         """Rotate ``name``; return the new latest version."""
@@ -113,7 +116,8 @@ class Vault:
             algorithm="sha2-256",
             mount_point=self.transit_mount,
         )
-        return res["data"]["hmac"]
+        hmac: str = res["data"]["hmac"]
+        return hmac
 
     def verify(self, key_name: str, data: bytes, hmac: str) -> bool:
         import base64
@@ -162,7 +166,8 @@ class Vault:
             display_name="lepton-operator",
             no_default_policy=True,
         )
-        return res["auth"]["client_token"]
+        token: str = res["auth"]["client_token"]
+        return token
 
     def trainer_token(self, partner: str, ttl: str = "1h") -> str:
         """(operator) A non-renewable token that can only decrypt/verify with ``partner``'s key."""
@@ -175,7 +180,95 @@ class Vault:
             display_name=f"trainer-{partner}",
             no_default_policy=True,
         )
-        return res["auth"]["client_token"]
+        token: str = res["auth"]["client_token"]
+        return token
 
-    def lookup_self(self) -> dict:
-        return self.client.auth.token.lookup_self()["data"]
+    def trainer_token_wrapped(self, partner: str, ttl: str = "1h", wrap_ttl: str = "5m") -> str:
+        """(operator) Like :meth:`trainer_token`, but response-wrapped: a single-use *wrapping* token
+        valid for ``wrap_ttl``. Only :func:`unwrap_token` (once) turns it into the trainer token, so a
+        wrapping token read later from ``docker inspect`` is useless, and one used by someone else first
+        makes the trainer's own unwrap fail loudly."""
+        res = self.client.auth.token.create(
+            role_name=TRAINER_ROLE,
+            policies=[partner_policy_name(partner)],
+            ttl=ttl,
+            explicit_max_ttl=ttl,
+            renewable=False,
+            display_name=f"trainer-{partner}",
+            no_default_policy=True,
+            wrap_ttl=wrap_ttl,
+        )
+        wrap = (res or {}).get("wrap_info") or {}
+        if not wrap.get("token"):
+            raise VaultError(
+                f"Vault did not wrap the trainer token for {partner} (no wrap_info in its answer)"
+            )
+        return str(wrap["token"])
+
+    def lookup_self(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.client.auth.token.lookup_self()["data"]
+        return data
+
+
+# response wrapping --------------------------------------------------------------------------------
+#: where a trainer's wrapped token must come from (checked before unwrapping: a substituted token is refused)
+TRAINER_CREATION_PATH = f"auth/token/create/{TRAINER_ROLE}"
+
+
+def lookup_wrapping(addr: str, wrapping_token: str, *, timeout: int = 30) -> dict[str, Any]:
+    """``sys/wrapping/lookup`` of a wrapping token (creation path, ttl) without consuming it."""
+    client = hvac.Client(url=addr, timeout=timeout)
+    try:  # hvac has no call for it; the endpoint needs no token beyond the wrapping token itself
+        res = client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
+        data: dict[str, Any] = res["data"]
+        return data
+    except hvac.exceptions.VaultError as exc:
+        raise VaultError(
+            "the Vault wrapping token is not valid (already used, expired or never issued): "
+            f"{type(exc).__name__}"
+        ) from exc
+
+
+def unwrap(addr: str, wrapping_token: str, *, timeout: int = 30) -> dict[str, Any]:
+    """Unwrap a response-wrapping token, once: ``sys/wrapping/unwrap`` authenticated by the wrapping token
+    itself (no other credential needed). Returns the wrapped response (for a token: ``{"auth": {...}}``).
+
+    Raises :class:`VaultError` when the token was already used, has expired or never existed — for a trainer
+    that means its job may have been intercepted: treat it as a security failure.
+    """
+    client = hvac.Client(url=addr, token=wrapping_token, timeout=timeout)
+    try:
+        res = client.sys.unwrap()
+    except hvac.exceptions.VaultError as exc:
+        raise VaultError(
+            "cannot unwrap the Vault wrapping token (already used, expired or never issued — "
+            f"possibly intercepted): {type(exc).__name__}"
+        ) from exc
+    if not isinstance(res, dict):
+        raise VaultError("Vault's unwrap answer is empty")
+    return res
+
+
+def unwrap_token(
+    addr: str,
+    wrapping_token: str,
+    *,
+    expected_creation_path: str | None = TRAINER_CREATION_PATH,
+    timeout: int = 30,
+) -> str:
+    """The client token inside a wrapping token (see :meth:`Vault.trainer_token_wrapped`), unwrapped once.
+
+    When ``expected_creation_path`` is set (default: the trainer token role), the wrapping token's creation
+    path is checked first, so a token wrapped elsewhere (a substitute) is refused. Raises :class:`VaultError`.
+    """
+    if expected_creation_path is not None:
+        path = str(lookup_wrapping(addr, wrapping_token, timeout=timeout).get("creation_path", ""))
+        if path != expected_creation_path:
+            raise VaultError(
+                f"the wrapping token was created at {path!r}, not {expected_creation_path!r}: refused"
+            )
+    auth = unwrap(addr, wrapping_token, timeout=timeout).get("auth") or {}
+    token = auth.get("client_token")
+    if not token:
+        raise VaultError("the wrapping token does not wrap a Vault token")
+    return str(token)

@@ -13,15 +13,23 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
     "ALLOWED_EXTENSIONS",
     "MAX_KEY_LENGTH",
+    "MAX_LISTED",
+    "MAX_MESSAGE",
     "MAX_SAMPLES",
+    "MAX_VALUE_CHARS",
     "DropError",
     "DropKey",
+    "batch_drops",
+    "batch_label",
+    "cap_list",
+    "clip_text",
     "neutralize_formula",
     "parse_drop_key",
 ]
@@ -30,6 +38,12 @@ __all__ = [
 ALLOWED_EXTENSIONS: dict[str, str] = {".csv": "csv", ".parquet": "parquet"}
 #: at most this many failing rows travel with an error (keeps ``reason.json`` small and limits data exposure)
 MAX_SAMPLES = 5
+#: a message lists at most this many values (column names, datasets, allowed values…), then "… and N more"
+MAX_LISTED = 10
+#: one value quoted in a message or a sample is cut to this many characters (a CSV cell may be 1 MiB long)
+MAX_VALUE_CHARS = 200
+#: backstop: a message or fix longer than this is cut (every list in one is already capped by cap_list)
+MAX_MESSAGE = 2000
 #: S3 allows 1024 bytes; we use the same bound
 MAX_KEY_LENGTH = 1024
 MAX_NAME_LENGTH = 255
@@ -41,10 +55,54 @@ _INVISIBLE = frozenset("\u00ad\u034f\u180e\u200b\u200c\u200d\u2060\u2061\u2062\u
 _COMPRESSED_SUFFIXES = (".gz", ".gzip", ".zip", ".bz2", ".xz", ".zst", ".zstd", ".7z", ".tgz", ".lz4", ".br")
 
 
+def clip_text(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+
+
+def cap_list(
+    values: Iterable[Any], limit: int = MAX_LISTED, *, fmt: Callable[[Any], str] = str, sep: str = ", "
+) -> str:
+    """``values`` joined for a message, at most ``limit`` of them: ``a, b, c … and 1,990 more``.
+
+    ``fmt`` formats one value (``repr`` to quote names); each formatted value is cut by :func:`clip_text`.
+    Every message that lists values goes through this, so a 2,000-column file gives a short message.
+    """
+    items = list(values)
+    shown = sep.join(clip_text(fmt(v)) for v in items[:limit])
+    more = len(items) - limit
+    return f"{shown} … and {more:,} more" if more > 0 else shown
+
+
+def batch_drops(drops: Sequence[dict[str, str]], max_batches: int) -> list[list[dict[str, str]]]:
+    """Split ``drops`` into at most ``max_batches`` in-order batches of ``ceil(n / max_batches)`` drops each.
+
+    Airflow fails a mapping over more than ``[core] max_map_length`` (1,024) items, so the ingest DAG maps
+    over batches: up to ``max_batches`` drops, one drop per task (the usual case); beyond, a few drops per
+    task, ingested one after the other.
+    """
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    size = max(1, -(-len(drops) // max_batches))
+    return [list(drops[i : i + size]) for i in range(0, len(drops), size)]
+
+
+def batch_label(batch: Sequence[dict[str, str]]) -> str:
+    """What the Airflow grid shows for a batch: ``partner/key``, plus ``(+N more)`` past the first drop."""
+    if not batch:
+        return "(empty)"
+    first = f"{batch[0]['partner']}/{batch[0]['key']}"
+    return first if len(batch) == 1 else f"{first} (+{len(batch) - 1} more)"
+
+
 def _jsonable(value: Any) -> Any:
-    """Best-effort conversion of a sample value to something ``json.dumps`` accepts (numpy scalars, NaN...)."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """Best-effort conversion of a sample value to something ``json.dumps`` accepts (numpy scalars, NaN)."""
+    if value is None or isinstance(value, (bool, int)):
         return value
+    if isinstance(value, str):
+        return clip_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     item = getattr(value, "item", None)  # numpy scalar
@@ -54,9 +112,9 @@ def _jsonable(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
+        return clip_text(value.decode("utf-8", "backslashreplace"))
     text = str(value)
-    return None if text in ("nan", "NaT", "<NA>", "None") else text
+    return None if text in ("nan", "NaT", "<NA>", "None") else clip_text(text)
 
 
 class DropError(Exception):
@@ -79,14 +137,15 @@ class DropError(Exception):
         details: dict[str, Any] | None = None,
     ) -> None:
         self.code = code
-        self.message = message
+        self.message = clip_text(message, MAX_MESSAGE)
         self.file = file
         self.row = row
-        self.column = column
-        self.fix = fix
+        self.column = None if column is None else clip_text(column)
+        self.fix = clip_text(fix, MAX_MESSAGE)
         self.samples = [{str(k): _jsonable(v) for k, v in s.items()} for s in (samples or [])[:MAX_SAMPLES]]
         self.details = {str(k): _jsonable(v) for k, v in (details or {}).items()}
-        #: an HTML validation report, attached by :func:`lepton_tasks.ingest.prepare.prepare_drop` (not in reason.json)
+        #: an HTML validation report, attached by :func:`lepton_tasks.ingest.prepare.prepare_drop` (not in
+        #: reason.json)
         self.validation_html: str | None = None
         super().__init__(self.__str__())
 
@@ -108,7 +167,8 @@ class DropError(Exception):
     def __repr__(self) -> str:
         return f"DropError(code={self.code!r}, file={self.file!r}, row={self.row!r}, column={self.column!r})"
 
-    def __reduce__(self):  # picklable (Airflow / multiprocessing move exceptions across processes)
+    # picklable (Airflow / multiprocessing move exceptions across processes)
+    def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_drop_error,
             (self.code, self.message, self.file, self.row, self.column, self.fix, self.samples, self.details),
@@ -130,7 +190,16 @@ class DropError(Exception):
         return reason
 
 
-def _rebuild_drop_error(code, message, file, row, column, fix, samples, details) -> DropError:
+def _rebuild_drop_error(
+    code: str,
+    message: str,
+    file: str,
+    row: int | None,
+    column: str | None,
+    fix: str,
+    samples: list[dict[str, Any]],
+    details: dict[str, Any],
+) -> DropError:
     return DropError(
         code, message, file=file, row=row, column=column, fix=fix, samples=samples, details=details
     )
@@ -233,7 +302,7 @@ def parse_drop_key(key: str, known_datasets: list[str]) -> DropKey:
         raise fail(
             "key_outside_dataset",
             "the file is at the bucket root, not inside a dataset folder",
-            f"Move it into one of the dataset folders: {', '.join(sorted(known_datasets)) or '(none)'}/.",
+            f"Move it into one of the dataset folders: {cap_list(sorted(known_datasets)) or '(none)'}/.",
         )
     if len(parts) > 2:
         raise fail(
@@ -245,7 +314,8 @@ def parse_drop_key(key: str, known_datasets: list[str]) -> DropKey:
         if bad:
             raise fail(
                 "key_bad_name",
-                f"the {label} {name!r} contains characters that are not allowed: {''.join(bad)!r}",
+                f"the {label} {clip_text(name)!r} contains characters that are not allowed: "
+                f"{cap_list(bad, 20, fmt=repr)}",
                 "Use only ASCII letters, digits, '.', '_' and '-' in dataset and file names.",
             )
         if len(name) > MAX_NAME_LENGTH:
@@ -256,7 +326,7 @@ def parse_drop_key(key: str, known_datasets: list[str]) -> DropKey:
         raise fail(
             "unknown_dataset",
             f"there is no dataset {dataset!r}",
-            f"Known datasets are: {', '.join(sorted(known_datasets)) or '(none)'}.",
+            f"Known datasets are: {cap_list(sorted(known_datasets)) or '(none)'}.",
         )
     lower = filename.lower()
     ext = "." + lower.rsplit(".", 1)[1] if "." in lower else ""

@@ -1,4 +1,4 @@
-"""Stable 64-bit hashes of DataFrame columns and rows: one implementation for dedupe, uniqueness and the split.
+"""Stable 64-bit hashes of DataFrame columns and rows: one implementation for dedupe, uniqueness, the split.
 
 Every hash here is exactly ``pandas.util.hash_pandas_object(..., index=False, hash_key=key)`` — SipHash-2-4
 of each value with a 16-byte key, then pandas' column combination — so it depends only on the values, not on
@@ -52,7 +52,7 @@ def _repetitive(arr: pa.Array) -> bool:
     """
     n = min(len(arr), _SAMPLE)
     sample = arr.take(np.linspace(0, len(arr) - 1, n).astype(np.int64)) if len(arr) > n else arr
-    repeats = n - pc.count_distinct(sample, mode="all").as_py()
+    repeats: int = n - pc.count_distinct(sample, mode="all").as_py()
     return repeats > 0 and n * n / (2 * repeats) < len(arr) / 2
 
 
@@ -60,7 +60,8 @@ def _as_bytes_objects(arr: pa.Array) -> np.ndarray:
     """The values as an object array of UTF-8 ``bytes``: pandas hashes ``bytes`` without encoding each ``str``
     first (same SipHash input, so the same hashes; ~3.5x faster on 12-character ids)."""
     binary = pa.large_binary() if pa.types.is_large_string(arr.type) else pa.binary()
-    return arr.cast(binary).to_numpy(zero_copy_only=False)
+    out: np.ndarray = arr.cast(binary).to_numpy(zero_copy_only=False)
+    return out
 
 
 def _string_hash(s: pd.Series, hash_key: str) -> np.ndarray | None:
@@ -90,12 +91,13 @@ def _string_hash(s: pd.Series, hash_key: str) -> np.ndarray | None:
 
 
 def column_hash(s: pd.Series, hash_key: str) -> np.ndarray:
-    """``hash_pandas_object(s, index=False, hash_key=hash_key)`` as a uint64 array, fast for string columns."""
+    """``hash_pandas_object(s, index=False, hash_key=hash_key)`` as a uint64 array, fast for strings."""
     if _is_string(s):
         out = _string_hash(s, hash_key)
         if out is not None:
             return out
-    return pd.util.hash_pandas_object(s, index=False, hash_key=hash_key).to_numpy(dtype=np.uint64)
+    hashed = pd.util.hash_pandas_object(s, index=False, hash_key=hash_key)
+    return np.asarray(hashed.to_numpy(dtype=np.uint64))
 
 
 def combine(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -125,7 +127,7 @@ class ChunkHashes:
     def _positions(self, labels: pd.Index | None) -> np.ndarray | slice:
         if labels is None or labels is self._index or labels.equals(self._index):
             return slice(None)
-        pos = self._index.get_indexer(labels)
+        pos: np.ndarray = self._index.get_indexer(labels)
         if (pos < 0).any():
             raise KeyError("ChunkHashes: rows that are not in the chunk it was built from")
         return pos
@@ -154,11 +156,12 @@ class SeenHashes:
     * a fixed-size blocked Bloom filter (``bloom_bytes``; 6 bits in one 64-bit word per hash): a hash that
       was never added is rejected without touching disk, except for a small false-positive rate (measured
       by ``tests/unit/test_hashing.py``) that grows with the number of hashes per word;
-    * a fence index (every ``BLOCK``-th hash of the run, 8 bytes per 512 hashes): a hash that passed the filter
-      costs one 4 KiB ``pread`` per run until found.
+    * a fence index (every ``BLOCK``-th hash of the run, 8 bytes per 512 hashes): a hash that passed the
+      filter costs one 4 KiB ``pread`` per run until found.
 
-    ``contains``, ``add`` and ``add_new`` take whole arrays (vectorized). 64-bit hashes make a false "seen" possible but
-    negligible (≈ n²/2⁶⁵: 3·10⁻⁶ for 10 million rows). Call :meth:`close` (or use ``with``) to delete the runs.
+    ``contains``, ``add`` and ``add_new`` take whole arrays (vectorized). 64-bit hashes make a false "seen"
+    possible but negligible (≈ n²/2⁶⁵: 3·10⁻⁶ for 10 million rows). Call :meth:`close` (or use ``with``) to
+    delete the runs.
     """
 
     BLOCK = 512  # hashes per fence / per disk read (4 KiB)
@@ -213,10 +216,10 @@ class SeenHashes:
         return sum(r.length for r in self._runs)
 
     # ------------------------------------------------------------------------------------------ bloom
-    # A blocked Bloom filter: each hash picks one 64-bit word (its HIGH bits) and sets PROBES bits in it (6-bit
-    # fields of the low bits). Word = high bits means ascending hashes touch the filter in ascending order
-    # (cache- and prefetch-friendly), and hashes sharing a word are adjacent, so an insert ORs their masks
-    # together (``reduceat``) and writes each word once, vectorized, without ``ufunc.at``.
+    # A blocked Bloom filter: each hash picks one 64-bit word (its HIGH bits) and sets PROBES bits in it
+    # (6-bit fields of the low bits). Word = high bits means ascending hashes touch the filter in ascending
+    # order (cache- and prefetch-friendly), and hashes sharing a word are adjacent, so an insert ORs their
+    # masks together (``reduceat``) and writes each word once, vectorized, without ``ufunc.at``.
 
     def _word_and_mask(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         assert self._bloom is not None
@@ -242,7 +245,8 @@ class SeenHashes:
     def _bloom_maybe(self, hashes: np.ndarray) -> np.ndarray:
         assert self._bloom is not None
         words, masks = self._word_and_mask(hashes)
-        return (self._bloom[words] & masks) == masks
+        maybe: np.ndarray = (self._bloom[words] & masks) == masks
+        return maybe
 
     # ------------------------------------------------------------------------------------------- disk
 
@@ -317,7 +321,7 @@ class SeenHashes:
             return np.zeros(len(probe), dtype=bool)
         if len(self._mem):
             pos = np.minimum(np.searchsorted(self._mem, probe), len(self._mem) - 1)
-            found = self._mem[pos] == probe
+            found: np.ndarray = self._mem[pos] == probe
         else:
             found = np.zeros(len(probe), dtype=bool)
         if self._runs:
@@ -332,8 +336,8 @@ class SeenHashes:
 
     def add_new(self, hashes: np.ndarray, *, within: bool = True) -> np.ndarray:
         """Add ``hashes``; return which of them were already there — added before, or (``within``) equal to
-        an earlier element of ``hashes`` itself (like ``pandas.Series.duplicated(keep="first")`` over the whole
-        history). With ``within=False`` only hashes added by earlier calls count.
+        an earlier element of ``hashes`` itself (like ``pandas.Series.duplicated(keep="first")`` over the
+        whole history). With ``within=False`` only hashes added by earlier calls count.
 
         One membership test per distinct hash: the cheap way to ask ``contains`` and then ``add``.
         """

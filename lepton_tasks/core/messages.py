@@ -158,6 +158,40 @@ class QuarantineReason(Message):
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: the smallest DP-SGD noise multiplier a run may ask for: below it one round's epsilon runs into the
+#: hundreds (no meaningful guarantee) and the RDP accountant's orders grid is outside its good regime
+MIN_NOISE_MULTIPLIER = 0.3
+
+
+class DPTraining(BaseModel):
+    """Record-level DP-SGD of a site's local training (:mod:`lepton_tasks.trainer.dp_sgd`): each example's
+    gradient is clipped to ``l2_clip`` and Gaussian noise of std ``noise_multiplier x l2_clip`` is added to
+    the sum of a Poisson-sampled batch. The privacy unit is one record of the site's training data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise_multiplier: float = Field(ge=MIN_NOISE_MULTIPLIER, allow_inf_nan=False)
+    l2_clip: float = Field(1.0, gt=0, allow_inf_nan=False)
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which epsilon is reported")
+
+
+class PrivacyCharge(BaseModel):
+    """What one DP-SGD training cost the site: ``steps`` Poisson-sampled Gaussian steps (the parameters of a
+    :class:`lepton_tasks.core.privacy.Charge`) and their epsilon at ``delta`` (RDP accountant,
+    :func:`lepton_tasks.core.privacy.epsilon_spent`) for this training alone: a site's ledger composes every
+    charge; summing these epsilons over-states the total."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    sampling_rate: float = Field(gt=0, le=1)
+    steps: int = Field(ge=0)
+    sampling: Literal["poisson", "shuffle"] = "poisson"
+    l2_clip: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    epsilon_this_update: float = Field(ge=0, allow_inf_nan=False)
+
+
 class HParams(Message):
     """A run's hyper-parameters (from the trigger form; defaults from the dataset's contract)."""
 
@@ -171,6 +205,27 @@ class HParams(Message):
     fedprox_mu: float = Field(0.0, ge=0)
     trim_beta: float = Field(0.2, ge=0, lt=0.5)
     krum_f: int = Field(0, ge=0)
+    dp_noise_multiplier: float | None = Field(
+        None,
+        ge=MIN_NOISE_MULTIPLIER,
+        allow_inf_nan=False,
+        description="record-level DP-SGD at every site: the Gaussian noise multiplier sigma (noise std = "
+        "sigma x dp_l2_clip); None trains without differential privacy",
+    )
+    dp_l2_clip: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="DP-SGD: each example's gradient is clipped to this norm"
+    )
+    dp_delta: float = Field(
+        1e-5, gt=0, lt=1, description="DP-SGD: the delta at which each update's epsilon is reported"
+    )
+
+    def dp_training(self) -> DPTraining | None:
+        """The DP-SGD settings the trainers get, or None when the run trains without DP."""
+        if self.dp_noise_multiplier is None:
+            return None
+        return DPTraining(
+            noise_multiplier=self.dp_noise_multiplier, l2_clip=self.dp_l2_clip, delta=self.dp_delta
+        )
 
 
 class PlanDrop(BaseModel):
@@ -218,6 +273,7 @@ class TrainerHParams(BaseModel):
     learning_rate: float = Field(gt=0)
     seed: int = Field(ge=0)
     fedprox_mu: float = Field(ge=0)
+    dp: DPTraining | None = Field(None, description="record-level DP-SGD settings; None: no DP")
 
 
 class JobObject(BaseModel):
@@ -277,6 +333,7 @@ class UpdateMeta(Message):
     metrics: dict[str, float | int | None]
     drops: list[str] = Field(description="SHA-256 of every drop that fed this update")
     global_prev_holdout: MetricBlock | None = None
+    privacy: PrivacyCharge | None = Field(None, description="the DP-SGD charge of this update; None: no DP")
 
 
 class LocalModelMeta(Message):
@@ -287,6 +344,9 @@ class LocalModelMeta(Message):
     run_id: str
     n_samples: int = Field(gt=0)
     metrics: dict[str, float | int | None]
+    privacy: PrivacyCharge | None = Field(
+        None, description="the DP-SGD charge of this model (it leaves the site for evaluation); None: no DP"
+    )
 
 
 class GlobalWeightsMeta(Message):

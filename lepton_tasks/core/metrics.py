@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 EPS = 1e-7
 THRESHOLD = 0.5
@@ -36,7 +37,7 @@ N_BINS = 2048
 METRIC_KEYS = ("n", "positives", "positive_rate", "auc", "pr_auc", "accuracy", "log_loss")
 
 
-def _as_arrays(y_true, y_prob) -> tuple[np.ndarray, np.ndarray]:
+def _as_arrays(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true, dtype=np.float64).reshape(-1)
     p = np.asarray(y_prob, dtype=np.float64).reshape(-1)
     if y.shape != p.shape:
@@ -81,11 +82,11 @@ def _empty(notes: list[str]) -> dict[str, Any]:
         "pr_auc": None,
         "accuracy": None,
         "log_loss": None,
-        "notes": notes + ["no samples"],
+        "notes": [*notes, "no samples"],
     }
 
 
-def log_loss(y_true, y_prob, eps: float = EPS) -> float:
+def log_loss(y_true: ArrayLike, y_prob: ArrayLike, eps: float = EPS) -> float:
     """Mean binary cross-entropy with probabilities clipped to ``[eps, 1 - eps]``."""
     y, p = _as_arrays(y_true, y_prob)
     if y.size == 0:
@@ -94,7 +95,9 @@ def log_loss(y_true, y_prob, eps: float = EPS) -> float:
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
-def binary_metrics(y_true, y_prob, *, threshold: float = THRESHOLD, eps: float = EPS) -> dict[str, Any]:
+def binary_metrics(
+    y_true: ArrayLike, y_prob: ArrayLike, *, threshold: float = THRESHOLD, eps: float = EPS
+) -> dict[str, Any]:
     """Metrics of predicted probabilities ``y_prob`` against 0/1 labels ``y_true``.
 
     ``auc`` (ROC AUC) and ``pr_auc`` (average precision) are ``None`` with a note when ``y_true`` has one
@@ -121,7 +124,7 @@ def binary_metrics(y_true, y_prob, *, threshold: float = THRESHOLD, eps: float =
 
 def pooled_metrics(
     pairs: Iterable[tuple[Sequence[float] | np.ndarray, Sequence[float] | np.ndarray]],
-) -> dict:
+) -> dict[str, Any]:
     """:func:`binary_metrics` of all ``(y_true, y_prob)`` pairs concatenated (needs raw predictions)."""
     ys, ps = [], []
     for y, p in pairs:
@@ -181,10 +184,12 @@ def _bin_index(p: np.ndarray, eps: float) -> np.ndarray:
     pc = np.clip(p, eps, 1.0 - eps)
     logit = np.log(pc) - np.log1p(-pc)
     scaled = (logit + LOGIT_RANGE) / (2 * LOGIT_RANGE) * N_BINS
-    return np.clip(np.floor(scaled), 0, N_BINS - 1).astype(np.int64)
+    return np.asarray(np.clip(np.floor(scaled), 0, N_BINS - 1), dtype=np.int64)
 
 
-def score_summary(y_true, y_prob, *, threshold: float = THRESHOLD, eps: float = EPS) -> dict[str, Any]:
+def score_summary(
+    y_true: ArrayLike, y_prob: ArrayLike, *, threshold: float = THRESHOLD, eps: float = EPS
+) -> dict[str, Any]:
     """An aggregate of held-out predictions that a partner can share instead of rows (JSON-serializable).
 
     Holds per-class counts of predictions in :data:`N_BINS` log-odds bins (sparse ``[[bin, count], ...]``),

@@ -40,13 +40,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import special
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 #: RDP orders: the grid of dp_accounting's RdpAccountant (DEFAULT_RDP_ORDERS), good for the Gaussian mechanism
 #: in the usual regime (sigma >~ 0.5, eps <~ 50).
@@ -142,7 +142,9 @@ def rdp_curve(
     return int(steps) * _rdp_step(float(noise_multiplier), float(sampling_rate), tuple(map(float, orders)))
 
 
-def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
+def rdp_to_epsilon(
+    orders: Sequence[float], rdp: Sequence[float] | np.ndarray, delta: float
+) -> tuple[float, float]:
     """(eps, best order) for ``delta`` from an RDP curve, by Canonne, Kamath & Steinke 2020, Prop. 12."""
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")

@@ -5,9 +5,9 @@ the meta as a UTF-8 JSON document stored in a ``uint8`` array named ``__meta__``
 version and every array's dtype and shape; :func:`loads` reads with ``allow_pickle=False`` (an object array
 raises instead of executing a pickle) and checks every array against that record.
 
-The bytes of two :func:`dumps` calls on the same arrays can differ (zip timestamps), so use :func:`fingerprint`
-to identify *content* (e.g. "which global model was this update computed from") and :func:`sha256` to
-identify *an object* (e.g. a checksum stored beside an uploaded file).
+The bytes of two :func:`dumps` calls on the same arrays can differ (zip timestamps), so use
+:func:`fingerprint` to identify *content* (e.g. "which global model was this update computed from") and
+:func:`sha256` to identify *an object* (e.g. a checksum stored beside an uploaded file).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def dumps(arrays: Sequence[np.ndarray], meta: Mapping[str, Any] | None = None) -
     buf = io.BytesIO()
     payload = {_key(i): a for i, a in enumerate(arrs)}
     payload[_META_KEY] = np.frombuffer(meta_bytes, dtype=np.uint8)
-    np.savez(buf, **payload)
+    np.savez(buf, allow_pickle=False, **payload)
     return buf.getvalue()
 
 

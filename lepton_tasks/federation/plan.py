@@ -308,6 +308,7 @@ def trainer_job(
             learning_rate=hp.learning_rate,
             seed=hp.seed,
             fedprox_mu=hp.fedprox_mu if hp.strategy == "fedprox" else 0.0,
+            dp=hp.dp_training(),
         ),
     )
     return job
@@ -455,6 +456,9 @@ def aggregate_round(settings: Settings, storage: Storage, *, run_id: str, round_
     )
     storage.put_bytes(mb, f"{rp}global.npz", wio.dumps(global_w, dump(meta_out)))
     partners_metrics = {p: {**m.metrics, "n": m.n_samples} for p, m in metas.items()}
+    for p, m in metas.items():  # this update's epsilon alone: a site's ledger composes them (never sum them)
+        if m.privacy is not None:
+            partners_metrics[p]["dp_epsilon"] = m.privacy.epsilon_this_update
     prev_eval = {p: dict(m.global_prev_holdout) for p, m in metas.items() if m.global_prev_holdout}
     global_prev_holdout = None
     if prev_eval:  # the previous round's global model, scored on each contributing partner's holdout

@@ -16,14 +16,14 @@ inert text), ``timestamp`` → ``datetime64[us, UTC]`` (ISO-8601; naive values a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
 from lepton_tasks.core.contracts import ColumnSpec, Contract
-from lepton_tasks.core.drops import MAX_SAMPLES, DropError
+from lepton_tasks.core.drops import MAX_SAMPLES, DropError, clip_text
 from lepton_tasks.core.hashing import ChunkHashes, SeenHashes
 from lepton_tasks.core.hashing import row_hashes as _row_hashes
 
@@ -57,19 +57,32 @@ def _fail_values(
     }.get(spec.dtype, "Fix the value.")
     return DropError(
         "wrong_type",
-        f"{first_val!r} is not a valid {spec.dtype}{why} ({int(bad.sum())} bad value(s) in this chunk)",
+        f"{clip_text(repr(first_val))} is not a valid {spec.dtype}{why} "
+        f"({int(bad.sum()):,} bad value(s) in this chunk)",
         file=key,
         row=first_row,
         column=column,
         fix=fix,
-        samples=[{"row": int(r), column: v} for r, v in zip(rows[:MAX_SAMPLES], values.iloc[:MAX_SAMPLES])],
+        samples=[
+            {"row": int(r), column: v}
+            for r, v in zip(rows[:MAX_SAMPLES], values.iloc[:MAX_SAMPLES], strict=True)
+        ],
         details={"dtype": spec.dtype, "bad_values_in_chunk": int(bad.sum())},
     )
 
 
+class _FailWhere(TypedDict):
+    """Where a bad value is: the keyword arguments of :func:`_fail_values` other than ``why``."""
+
+    column: str
+    spec: ColumnSpec
+    key: str
+    row_offset: int
+
+
 def _coerce_numeric(s: pd.Series, spec: ColumnSpec, column: str, key: str, row_offset: int) -> pd.Series:
     present = s.notna().to_numpy()
-    kw = {"column": column, "spec": spec, "key": key, "row_offset": row_offset}
+    kw: _FailWhere = {"column": column, "spec": spec, "key": key, "row_offset": row_offset}
     if pd.api.types.is_bool_dtype(s.dtype):
         if present.any():
             raise _fail_values(s, present, why=" (a boolean)", **kw)
@@ -198,7 +211,7 @@ class Cleaner:
         self._columns = list(contract.columns)
 
     def drop_duplicates(self, df: pd.DataFrame, hashes: ChunkHashes | None = None) -> pd.DataFrame:
-        """Remove rows equal to an earlier row of the drop. ``hashes``: the chunk's, to reuse column hashes."""
+        """Remove rows equal to an earlier row of the drop. ``hashes``: the chunk's (reuses column hashes)."""
         self.report.rows_in += len(df)
         if df.empty:
             return df

@@ -9,17 +9,17 @@ This is what the Airflow ingest task calls between downloading a drop and encryp
 Memory stays bounded: each chunk of ``chunk_rows`` rows is processed and appended to two Parquet files with
 ``pyarrow.parquet.ParquetWriter``; the per-drop hash sets (exact duplicates, ``unique`` columns) keep at most
 2 M hashes in RAM and spill the rest to sorted run files in ``out_dir``
-(:class:`lepton_tasks.core.hashing.SeenHashes`). Three threads overlap the work: the next chunk is parsed while
-this one is validated (:class:`_Prefetch`), Parquet encoding runs behind (:class:`_BackgroundWriter`), and the
-hash sets merge their runs in the background. On a critical problem it raises
-:class:`~lepton_tasks.core.drops.DropError` (with ``validation_html`` attached for the quarantine) and leaves no
-partial output behind.
+(:class:`lepton_tasks.core.hashing.SeenHashes`). Three threads overlap the work: the next chunk is parsed
+while this one is validated (:class:`_Prefetch`), Parquet encoding runs behind (:class:`_BackgroundWriter`),
+and the hash sets merge their runs in the background. On a critical problem it raises
+:class:`~lepton_tasks.core.drops.DropError` (with ``validation_html`` attached for the quarantine) and leaves
+no partial output behind.
 
 Order of steps per chunk, and why: types are coerced first so every later message can name a typed value;
-exact duplicate rows are removed *before* validation so a re-sent identical row is cleaned, not rejected by the
-uniqueness check (a duplicate id with different content is still rejected); validation runs on every row that
-will be kept; cleaning (missing policy, clipping) runs on validated rows; the split is a per-row hash, so it
-does not depend on chunking.
+exact duplicate rows are removed *before* validation so a re-sent identical row is cleaned, not rejected by
+the uniqueness check (a duplicate id with different content is still rejected); validation runs on every row
+that will be kept; cleaning (missing policy, clipping) runs on validated rows; the split is a per-row hash, so
+it does not depend on chunking.
 
 Top-level imports are standard library only (safe for DAG files); the heavy modules load inside the function.
 """
@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from lepton_tasks.core.drops import DropError
 
@@ -101,7 +101,7 @@ class _Prefetch(Iterator[T]):
                 raise exc
             raise StopIteration
         self._slots.release()  # the producer may start on the next item while this one is processed
-        return item  # type: ignore[no-any-return]
+        return item
 
     def close(self) -> None:
         self._stop.set()
@@ -198,25 +198,34 @@ def prepare_drop(
     chunk_rows: int = CHUNK_ROWS,
     salt: str = "",
 ) -> PreparedDrop:
-    """Validate, clean and split the drop at ``path``; write ``train.parquet``/``holdout.parquet`` to ``out_dir``.
+    """Validate, clean and split the drop at ``path`` into ``out_dir``/``{train,holdout}.parquet``.
 
     Raises :class:`DropError` for the first critical problem (bad file, bad type, failed critical expectation,
     row count out of bounds).
 
     A CSV is first read in *typed* mode (Arrow converts the cells while parsing, on all cores). If Arrow
     cannot convert some cell, the file is processed again from the start in string mode, where
-    :func:`~lepton_tasks.ingest.clean.coerce_types` either accepts the value (string mode is more lenient: spaces
-    around numbers, ``1.0`` for an int, naive timestamps) or names its row, column and value. Both modes give
-    the same output for the same file (``tests/unit/test_prepare.py``).
+    :func:`~lepton_tasks.ingest.clean.coerce_types` either accepts the value (string mode is more lenient:
+    spaces around numbers, ``1.0`` for an int, naive timestamps) or names its row, column and value. Both
+    modes give the same output for the same file (``tests/unit/test_prepare.py``).
     """
     from lepton_tasks.ingest.readers import TypedParseFallback
 
-    kw = {"object_key": object_key, "out_dir": out_dir, "chunk_rows": chunk_rows, "salt": salt}
+    kw: _PrepareArgs = {"object_key": object_key, "out_dir": out_dir, "chunk_rows": chunk_rows, "salt": salt}
     try:
         return _prepare(path, contract, typed=True, **kw)
     except TypedParseFallback as why:
         log.info("%s: typed read stopped (%s); reading it again as text to name the value", object_key, why)
         return _prepare(path, contract, typed=False, **kw)
+
+
+class _PrepareArgs(TypedDict):
+    """The keyword arguments :func:`prepare_drop` passes to both :func:`_prepare` attempts."""
+
+    object_key: str
+    out_dir: Path
+    chunk_rows: int
+    salt: str
 
 
 def _prepare(

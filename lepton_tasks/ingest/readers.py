@@ -3,19 +3,22 @@
 :func:`iter_chunks` is the only entry point. It
 
 1. sniffs the format from the **magic bytes** (``PAR1`` → Parquet; gzip/zip/bzip2/xz/zstd/7z/lz4 →
-   ``unsupported_compression``, never decompressed, which also defuses decompression bombs; UTF-16/32 BOMs →
-   ``unsupported_encoding``; mostly-control-byte content → ``unrecognized_format``) and checks it agrees with
-   the extension of the object key (``format_mismatch``);
+   ``unsupported_compression``, never decompressed, which also defuses decompression bombs; UTF-16/32 with a
+   BOM, or without one but with the telltale NUL byte in every other position → ``unsupported_encoding``;
+   mostly-control-byte content → ``unrecognized_format``) and checks it agrees with the extension of the
+   object key (``format_mismatch``);
 2. for CSV: checks the header line (``wrong_delimiter``, ``bad_header``, ``duplicate_column``,
    ``missing_column``, ``unexpected_column``), then scans the raw bytes once in 8 MiB blocks
    (``nul_bytes``, ``not_utf8``, ``line_too_long``), then parses with ``pyarrow.csv.open_csv``. In the
    default string mode **every column is read as a string** so that type coercion can name the exact row,
-   column and value; in typed mode (``typed=True``, the fast path of :func:`lepton_tasks.ingest.prepare.prepare_drop`)
-   Arrow converts cells to the contract's types on all cores and any conversion problem raises
-   :class:`TypedParseFallback` so the caller re-reads in string mode. A row with the wrong number of fields
-   is ``ragged_row`` (``truncated_last_row`` when it is the unterminated last line);
-3. for Parquet: checks the schema (``missing_column``, ``unexpected_column``, ``duplicate_column``,
-   ``wrong_schema`` for incompatible types) and streams ``ParquetFile.iter_batches``;
+   column and value; in typed mode (``typed=True``, the fast path of
+   :func:`lepton_tasks.ingest.prepare.prepare_drop`) Arrow converts cells to the contract's types on all cores
+   and any conversion problem raises :class:`TypedParseFallback` so the caller re-reads in string mode. A
+   row with the wrong number of fields is ``ragged_row`` (``truncated_last_row`` when it is the unterminated
+   last line);
+3. for Parquet: ignores the columns pandas stored for a DataFrame's index (``__index_level_0__``, named in
+   the file's ``pandas`` metadata), checks the schema (``missing_column``, ``unexpected_column``,
+   ``duplicate_column``, ``wrong_schema`` for incompatible types) and streams ``ParquetFile.iter_batches``;
 4. yields DataFrames of at most ``chunk_rows`` rows, each with a fresh ``RangeIndex`` and
    ``df.attrs["row_offset"]`` = number of data rows before it. Data row ``row_offset + i + 1`` is the
    ``i``-th row of the chunk; row 1 is the first record after the CSV header. Row numbers count *records*:
@@ -24,8 +27,9 @@
 5. raises ``no_data_rows`` at the end when the file had a header but no data.
 
 Values are never interpreted beyond their type: a string cell such as ``=cmd|' /C calc'!A0`` (CSV/formula
-injection) is kept as inert text and round-trips unchanged. Anything Lepton later writes for humans must escape
-it (``html.escape`` in HTML reports, :func:`lepton_tasks.core.drops.neutralize_formula` in spreadsheet exports).
+injection) is kept as inert text and round-trips unchanged. Anything Lepton later writes for humans must
+escape it (``html.escape`` in HTML reports, :func:`lepton_tasks.core.drops.neutralize_formula` in spreadsheet
+exports).
 
 Memory is bounded by ``chunk_rows`` (plus one 8 MiB parse block): files of any size stream.
 """
@@ -42,7 +46,7 @@ import pandas as pd
 import pyarrow as pa
 
 from lepton_tasks.core.contracts import Contract
-from lepton_tasks.core.drops import ALLOWED_EXTENSIONS, DropError
+from lepton_tasks.core.drops import ALLOWED_EXTENSIONS, DropError, cap_list, clip_text
 
 __all__ = ["MAX_LINE_BYTES", "TypedParseFallback", "iter_chunks", "sniff_format"]
 
@@ -102,6 +106,30 @@ def _looks_binary(head: bytes) -> bool:
     return bool(ctrl.mean() > 0.05)
 
 
+def _wide_encoding(head: bytes) -> str | None:
+    """``"UTF-16 (little-endian)"`` etc. when ``head`` looks like UTF-16/32 text without a byte-order mark.
+
+    ASCII-range text in UTF-16 has a NUL byte in every other position (odd positions little-endian, even
+    ones big-endian); in UTF-32 three of every four bytes are NUL. Heuristic: at least 16 bytes, and in one
+    phase at least 30% NUL bytes while the other phase has almost none.
+    """
+    n = len(head) - len(head) % 4
+    if n < 16:
+        return None
+    arr = np.frombuffer(head[:n], dtype=np.uint8).reshape(-1, 4) == 0
+    by_position = arr.mean(axis=0)  # share of NUL bytes at positions 0, 1, 2, 3 (mod 4)
+    if by_position[1:].min() > 0.3 and by_position[0] < 0.05:
+        return "UTF-32 (little-endian)"
+    if by_position[:3].min() > 0.3 and by_position[3] < 0.05:
+        return "UTF-32 (big-endian)"
+    even, odd = by_position[[0, 2]].mean(), by_position[[1, 3]].mean()
+    if odd > 0.3 and even < 0.05:
+        return "UTF-16 (little-endian)"
+    if even > 0.3 and odd < 0.05:
+        return "UTF-16 (big-endian)"
+    return None
+
+
 def sniff_format(path: Path, *, object_key: str) -> str:
     """Return ``"csv"`` or ``"parquet"`` from the file's magic bytes, or raise :class:`DropError`.
 
@@ -150,6 +178,18 @@ def sniff_format(path: Path, *, object_key: str) -> str:
                     object_key,
                     "Upload a .csv (UTF-8) or .parquet file.",
                 )
+        wide = _wide_encoding(head)
+        if wide is not None:
+            codec = wide.replace(" (little-endian)", "LE").replace(" (big-endian)", "BE").replace("-", "")
+            raise _err(
+                "unsupported_encoding",
+                f"the file is probably {wide} text without a byte-order mark (every "
+                f"{'fourth' if 'UTF-32' in wide else 'other'} byte is NUL); only UTF-8 is accepted",
+                object_key,
+                "Re-save the file as UTF-8: in Excel 'Save as' → 'CSV UTF-8 (comma delimited)', or convert "
+                f"it with `iconv -f {codec} -t UTF-8 in.csv > out.csv`.",
+                details={"encoding": wide},
+            )
         if _looks_binary(head):
             raise _err(
                 "unrecognized_format",
@@ -178,7 +218,7 @@ def _check_header_names(names: list[str], contract: Contract, key: str) -> list[
         if name in seen:
             raise _err(
                 "duplicate_column",
-                f"the column {name!r} appears more than once in the header",
+                f"the column {clip_text(name)!r} appears more than once in the header",
                 key,
                 "Give every column a unique name.",
                 column=name,
@@ -187,27 +227,29 @@ def _check_header_names(names: list[str], contract: Contract, key: str) -> list[
     missing = [c for c in contract.required_columns() if c not in seen]
     if missing:
         lower = {n.lower().strip(): n for n in names}
-        hints = [f"{lower[m.lower()]!r} → {m!r}" for m in missing if m.lower() in lower]
-        fix = f"Add the column(s) {', '.join(missing)} (expected: {', '.join(contract.columns)})."
+        hints = [f"{clip_text(lower[m.lower()])!r} → {m!r}" for m in missing if m.lower() in lower]
+        fix = f"Add the column(s) {cap_list(missing)} (expected: {cap_list(contract.columns)})."
         if hints:
-            fix += f" Column names are case-sensitive: rename {', '.join(hints)}."
+            fix += f" Column names are case-sensitive: rename {cap_list(hints)}."
         raise _err(
             "missing_column",
-            f"required column(s) missing: {', '.join(repr(m) for m in missing)}",
+            f"required column(s) missing: {cap_list(missing, fmt=repr)}",
             key,
             fix,
             column=missing[0],
-            details={"missing": ", ".join(missing), "found": ", ".join(names)},
+            details={"missing": cap_list(missing), "found": cap_list(names), "found_count": len(names)},
         )
     extra = [n for n in names if n not in contract.columns]
     if extra and not contract.allow_extra_columns:
         raise _err(
             "unexpected_column",
-            f"unexpected column(s) not in the {contract.version_tag} contract: {', '.join(repr(e) for e in extra)}",
+            f"{len(extra):,} unexpected column(s) not in the {contract.version_tag} contract: "
+            f"{cap_list(extra, fmt=repr)}",
             key,
             f"Remove the column(s), or ask the operator to add them to the contract. Expected columns: "
-            f"{', '.join(contract.columns)}.",
+            f"{cap_list(contract.columns)}.",
             column=extra[0],
+            details={"unexpected_count": len(extra)},
         )
     return [c for c in contract.columns if c in seen]
 
@@ -265,7 +307,7 @@ def _read_header(path: Path, key: str, max_line_bytes: int) -> tuple[list[str], 
         pos = [i + 1 for i, n in enumerate(names) if n == ""]
         raise _err(
             "bad_header",
-            f"the header has empty column name(s) at position(s) {pos}",
+            f"the header has {len(pos):,} empty column name(s) at position(s) {cap_list(pos)}",
             key,
             "Give every column a name; remove trailing delimiters from the header.",
         )
@@ -317,7 +359,8 @@ def _scan_bytes(path: Path, key: str, max_line_bytes: int) -> None:
                 row = line - 1 if line > 1 else None
                 fix = {
                     "nul_bytes": "Remove NUL bytes; make sure the file is a text CSV, not a binary export.",
-                    "line_too_long": "Check the line endings and that no value is a huge blob; one record per line.",
+                    "line_too_long": "Check the line endings and that no value is a huge blob; one record "
+                    "per line.",
                     "not_utf8": "Re-export the file as UTF-8 (e.g. 'CSV UTF-8' in Excel, iconv -t UTF-8).",
                 }[code]
                 where = f"line {line} (data row {row})" if row else f"line {line} (the header)"
@@ -390,13 +433,14 @@ def _ragged(key: str, row: int, line: int, n_fields: int, record: list[str], fh,
 class TypedParseFallback(Exception):
     """Typed mode only: Arrow could not convert some cell to the contract's type (or the file is malformed).
 
-    Not an error about the drop: :func:`lepton_tasks.ingest.prepare.prepare_drop` catches it and processes the file
-    again in string mode, where :func:`lepton_tasks.ingest.clean.coerce_types` names the exact row, column and value
-    (or accepts it: string mode is more lenient, e.g. ``" 12 "``, ``1.0`` for an int, naive timestamps).
+    Not an error about the drop: :func:`lepton_tasks.ingest.prepare.prepare_drop` catches it and processes the
+    file again in string mode, where :func:`lepton_tasks.ingest.clean.coerce_types` names the exact row,
+    column and value (or accepts it: string mode is more lenient, e.g. ``" 12 "``, ``1.0`` for an int, naive
+    timestamps).
     """
 
 
-#: what typed mode reads as a boolean; anything else falls back to string mode (see ``clean._TRUE``/``_FALSE``)
+#: what typed mode reads as a boolean; anything else falls back to string mode (``clean._TRUE``/``_FALSE``)
 _TYPED_TRUE = ["true", "True", "TRUE", "t", "T", "yes", "Yes", "YES", "y", "Y", "1"]
 _TYPED_FALSE = ["false", "False", "FALSE", "f", "F", "no", "No", "NO", "n", "N", "0"]
 
@@ -474,6 +518,18 @@ def _parquet_type_ok(dtype: str, t: pa.DataType) -> bool:
     return False  # pragma: no cover
 
 
+def _pandas_index_columns(schema: pa.Schema, contract: Contract) -> set[str]:
+    """Columns that pandas stored for a DataFrame's index (``df.to_parquet()`` keeps a filtered or sorted
+    frame's index as ``__index_level_0__``), read from the ``pandas`` schema metadata. They are not data and
+    are ignored, unless the index is a contract column (``df.set_index("customer_id")``): then it is data."""
+    try:
+        meta = schema.pandas_metadata or {}
+    except (ValueError, TypeError):  # metadata that is not valid JSON: treat as absent
+        return set()
+    stored = {c for c in meta.get("index_columns") or [] if isinstance(c, str)}  # a RangeIndex is a dict
+    return {c for c in stored if c in schema.names and c not in contract.columns}
+
+
 def _iter_parquet_tables(path: Path, contract: Contract, key: str, chunk_rows: int) -> Iterator[pa.Table]:
     import pyarrow.parquet as pq
 
@@ -488,7 +544,8 @@ def _iter_parquet_tables(path: Path, contract: Contract, key: str, chunk_rows: i
             key,
             "Upload a complete Parquet file.",
         ) from None
-    names = list(schema.names)
+    index_columns = _pandas_index_columns(schema, contract)
+    names = [n for n in schema.names if n not in index_columns]
     present = _check_header_names(names, contract, key)
     wrong = []
     for name in present:
@@ -500,7 +557,7 @@ def _iter_parquet_tables(path: Path, contract: Contract, key: str, chunk_rows: i
         raise _err(
             "wrong_schema",
             "incompatible Parquet column type(s): "
-            + "; ".join(f"{n!r} is {g}, the contract wants {w}" for n, w, g in wrong),
+            + cap_list((f"{n!r} is {g}, the contract wants {w}" for n, w, g in wrong), sep="; "),
             key,
             fix,
             column=name,
@@ -554,8 +611,9 @@ def iter_chunks(
     """Yield the drop at ``path`` as DataFrames of at most ``chunk_rows`` rows (contract columns, in order).
 
     CSV cells are strings (missing = NaN, per ``contract.null_values``); Parquet columns keep their stored
-    types (strings for string/category columns). Feed each chunk to :func:`lepton_tasks.ingest.clean.coerce_types`
-    with ``row_offset=df.attrs["row_offset"]``. Raises :class:`DropError` (see the module docstring for codes).
+    types (strings for string/category columns). Feed each chunk to
+    :func:`lepton_tasks.ingest.clean.coerce_types` with ``row_offset=df.attrs["row_offset"]``. Raises
+    :class:`DropError` (see the module docstring for codes).
 
     ``typed=True`` (CSV only; the fast path): Arrow converts the cells to the contract's types while parsing,
     on all cores, and the chunks arrive with their canonical dtypes (``Int64``, ``float64``, ``boolean``,

@@ -3,10 +3,11 @@
 A row is held out when ``hash(row_key values) / 2**64 < holdout_fraction``. The hash
 (:mod:`lepton_tasks.core.hashing`) is pandas' ``hash_pandas_object`` — SipHash-2-4 of each value's UTF-8 bytes
 with a fixed 16-byte key, combined across columns — which depends only on the values (not on the platform,
-the process, ``PYTHONHASHSEED``, the row's position, the chunking or the order of rows). Key values are hashed as their canonical *string* form so a key
-read from CSV (text) and from Parquet (typed) splits the same way. Golden values in ``tests/unit/test_split.py``
-pin the function: if a pandas upgrade ever changed it, the test fails instead of silently moving rows between
-train and holdout (which would leak holdout rows into training across drops).
+the process, ``PYTHONHASHSEED``, the row's position, the chunking or the order of rows). Key values are hashed
+as their canonical *string* form so a key read from CSV (text) and from Parquet (typed) splits the same way.
+Golden values in ``tests/unit/test_split.py`` pin the function: if a pandas upgrade ever changed it, the test
+fails instead of silently moving rows between train and holdout (which would leak holdout rows into training
+across drops).
 
 ``salt`` changes the split (e.g. per experiment); the empty salt is the default everyone uses.
 """

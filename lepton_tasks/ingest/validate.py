@@ -4,8 +4,8 @@ The expectation suite is built **from the contract at run time** in an *ephemera
 (:class:`Validator`), and reused for every chunk — never at import time (GX takes seconds to import, so it is
 imported lazily; this module's top level is standard library only and safe to import from DAG files).
 
-Expectations per contract column (on the output of :func:`lepton_tasks.ingest.clean.coerce_types`, which already
-enforced the dtypes and named any bad value):
+Expectations per contract column (on the output of :func:`lepton_tasks.ingest.clean.coerce_types`, which
+already enforced the dtypes and named any bad value):
 
 * ``expect_column_to_exist``;
 * ``expect_column_values_to_not_be_null`` unless ``nullable``;
@@ -19,8 +19,8 @@ enforced the dtypes and named any bad value):
 * the row-count bounds (``contract.rows``) are checked once on the **total** at :meth:`Validator.finish`.
 
 A failure on a ``critical`` column is critical (the drop is quarantined by :func:`raise_for_critical`);
-otherwise it is a warning. Failing rows are reported as 1-based file rows: ``row_offset + index + 1`` (keep the
-reader's index; filtered frames keep their labels).
+otherwise it is a warning. Failing rows are reported as 1-based file rows: ``row_offset + index + 1`` (keep
+the reader's index; filtered frames keep their labels).
 
 Cost: GX's import takes ~2.5 s once per process; building the context+suite ~20 ms per drop; validating one
 chunk of 200,000 rows against the 7-column ``ecommerce`` suite takes ~0.15–0.3 s on one core (measured by
@@ -29,7 +29,7 @@ chunk of 200,000 rows against the 7-column ``ecommerce`` suite takes ~0.15–0.3
 
 from __future__ import annotations
 
-import html
+import contextlib
 import math
 import os
 import time
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from lepton_tasks.core.contracts import Contract
-from lepton_tasks.core.drops import MAX_SAMPLES, DropError
+from lepton_tasks.core.drops import MAX_SAMPLES, DropError, cap_list, clip_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -59,6 +59,19 @@ __all__ = [
 _QUICK_FORMAT = {"result_format": "BOOLEAN_ONLY"}
 _UNIQUE_KEY = "lepton-unique-v1"  # 16 bytes: siphash key when no ChunkHashes is given
 _HASH_ALIAS = "__lepton_value_hash__"  # + column name: the column GX checks uniqueness on
+
+
+#: GX loggers whose INFO lines are noise in a task log: ``_docs_decorators`` logs ~220 "Skipping registering
+#: function …" lines while GX is imported. Their warnings and errors still come through.
+_NOISY_GX_LOGGERS = ("great_expectations._docs_decorators",)
+
+
+def _quiet_gx_logs() -> None:
+    """Raise the noisy GX loggers to WARNING; called before GX is imported (repeats are free)."""
+    import logging
+
+    for name in _NOISY_GX_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _unalias(column: str | None) -> str | None:
@@ -118,16 +131,16 @@ class ChunkValidation(BaseModel):
 def _sample(value: Any) -> Any:
     item = getattr(value, "item", None)
     if callable(item):
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             value = item()
-        except (TypeError, ValueError):
-            pass
     if isinstance(value, float) and math.isnan(value):
         return None
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if isinstance(value, str):
+        return clip_text(value)
+    if value is None or isinstance(value, (bool, int, float)):
         return value
     text = str(value)
-    return None if text in ("<NA>", "NaT", "nan", "None") else text
+    return None if text in ("<NA>", "NaT", "nan", "None") else clip_text(text)
 
 
 def _describe(spec_min: float | None, spec_max: float | None) -> str:
@@ -143,6 +156,7 @@ class Validator:
 
     def __init__(self, contract: Contract, *, object_key: str, spill_dir: str | None = None) -> None:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        _quiet_gx_logs()
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
         from great_expectations.execution_engine import pandas_execution_engine
@@ -184,7 +198,7 @@ class Validator:
                 suite.add_expectation(
                     E.ExpectColumnValuesToBeInSet(column=column, value_set=list(spec.allowed))
                 )
-                self._described.append(f"{column}: in {{{', '.join(spec.allowed)}}}")
+                self._described.append(f"{column}: in {{{cap_list(spec.allowed)}}}")
             if spec.unique:
                 suite.add_expectation(E.ExpectColumnValuesToBeUnique(column=_HASH_ALIAS + column))
                 self._described.append(f"{column}: unique (across the whole drop)")
@@ -302,9 +316,11 @@ class Validator:
                 rows=failing_rows,
                 samples=samples,
                 message=f"{count} missing value(s) in the non-nullable column {column!r}",
-                fix=f"Fill in every value of {column!r} (empty cells and {', '.join(repr(v) for v in self.contract.null_values if v)} count as missing).",
+                fix=f"Fill in every value of {column!r} (empty cells and "
+                f"{cap_list((v for v in self.contract.null_values if v), fmt=repr)} count as missing).",
             )
         if etype == "expect_column_values_to_be_between":
+            assert spec is not None, f"{etype} is only built from a contract column's min/max"
             bounds = _describe(spec.min, spec.max)
             return Failure(
                 code="out_of_range",
@@ -318,7 +334,8 @@ class Validator:
                 fix=f"Values of {column!r} must be {bounds}.",
             )
         if etype == "expect_column_values_to_be_in_set":
-            allowed = ", ".join(repr(a) for a in spec.allowed or [])
+            assert spec is not None, f"{etype} is only built from a contract column's allowed values"
+            allowed = cap_list(spec.allowed or [], fmt=repr)
             return Failure(
                 code="not_allowed",
                 expectation=etype,
@@ -376,8 +393,8 @@ class Validator:
             unexpected_count=int(dup.sum()),
             rows=[int(rows[p]) for p in positions[:MAX_SAMPLES]],
             samples=samples,
-            message=f"{int(dup.sum())} value(s) of the unique column {column!r} already appeared earlier in the "
-            f"file, e.g. {samples[0][column]!r}",
+            message=f"{int(dup.sum())} value(s) of the unique column {column!r} already appeared earlier in "
+            f"the file, e.g. {samples[0][column]!r}",
             fix=f"Every value of {column!r} must appear once per file.",
         )
 
@@ -406,8 +423,8 @@ def check_row_count(total_rows: int, contract: Contract, *, object_key: str) -> 
             Failure(
                 code="too_few_rows",
                 expectation="expect_table_row_count_to_be_between (whole drop)",
-                message=f"the file has {total_rows} data row(s); the {contract.version_tag} contract needs at "
-                f"least {lo}",
+                message=f"the file has {total_rows} data row(s); the {contract.version_tag} contract needs "
+                f"at least {lo}",
                 fix=f"Send files with at least {lo} rows (batch small exports together).",
             )
         )
@@ -427,7 +444,7 @@ def check_row_count(total_rows: int, contract: Contract, *, object_key: str) -> 
 def validate_chunk(
     df: pd.DataFrame, contract: Contract, *, object_key: str, row_offset: int = 0
 ) -> ChunkValidation:
-    """Validate one chunk with a fresh :class:`Validator` (convenience; for a whole drop keep one Validator)."""
+    """Validate one chunk with a fresh :class:`Validator` (convenience; a whole drop keeps one Validator)."""
     return Validator(contract, object_key=object_key).validate_chunk(df, row_offset=row_offset)
 
 
@@ -451,21 +468,20 @@ def raise_for_critical(
     raise err
 
 
-_STYLE = (
-    "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-    "text-align:left;vertical-align:top}th{background:#f3f3f3}code{background:#f6f6f6}</style>"
-)
-
-
-def _cell(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+_REPORT_TEMPLATE = "validation_report.html"  # in lepton_tasks/templates/
 
 
 def render_html(
     validations: Iterable[ChunkValidation], object_key: str, *, error: DropError | None = None
 ) -> str:
-    """A self-contained, readable HTML validation report. Every value is ``html.escape``-d."""
+    """A self-contained, readable HTML validation report.
+
+    The page is the Jinja2 template ``lepton_tasks/templates/validation_report.html``, rendered with
+    autoescape (every value is text, never markup) and ``StrictUndefined``: see :mod:`lepton_tasks.templates`.
+    Jinja2 is imported on the first call, not with this module.
+    """
+    from lepton_tasks import templates
+
     items = list(validations)
     rows = sum(v.rows for v in items)
     failures = [f for v in items for f in v.failures]
@@ -474,65 +490,52 @@ def render_html(
     status = "REJECTED" if (failures or error) else ("PASSED WITH WARNINGS" if warnings else "PASSED")
     color = {"REJECTED": "#b00020", "PASSED WITH WARNINGS": "#a15c00", "PASSED": "#1b5e20"}[status]
     expectations = next((v.expectations for v in items if v.rows), items[0].expectations if items else [])
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>Validation report: {_cell(object_key)}</title>",
-        _STYLE,
-        "</head><body>",
-        f"<h1>Validation report</h1><p>File: <code>{_cell(object_key)}</code></p>",
-        f'<p style="font-size:1.3em;color:{color}"><strong>{_cell(status)}</strong></p>',
-        (
-            f"<p>{rows} data rows validated in {len(items)} part(s) · {len(failures)} critical failure(s) · "
-            f"{len(warnings)} warning(s) · {seconds:.2f} s</p>"
-        ),
-    ]
+    error_rows = None
     if error is not None:
-        parts += [
-            "<h2>Why the file was rejected</h2><table>",
-            *(
-                f"<tr><th>{_cell(k)}</th><td>{_cell(v)}</td></tr>"
-                for k, v in (
-                    ("check", error.code),
-                    ("row", error.row if error.row is not None else "—"),
-                    ("column", error.column if error.column is not None else "—"),
-                    ("problem", error.message),
-                    ("how to fix", error.fix),
-                )
-            ),
-            "</table>",
+        error_rows = [
+            ("check", str(error.code)),
+            ("row", str(error.row if error.row is not None else "—")),
+            ("column", str(error.column if error.column is not None else "—")),
+            ("problem", str(error.message)),
+            ("how to fix", str(error.fix)),
         ]
-        if error.samples:
-            parts.append(_samples_table(error.samples))
-    for title, group in (("Critical failures", failures), ("Warnings", warnings)):
-        if not group:
-            continue
-        parts.append(
-            f"<h2>{title}</h2><table><tr><th>check</th><th>column</th><th>count</th><th>first rows</th>"
-            "<th>problem</th><th>how to fix</th><th>samples</th></tr>"
-        )
-        for f in group:
-            samples = "; ".join(", ".join(f"{k}={v!r}" for k, v in s.items()) for s in f.samples)
-            parts.append(
-                f"<tr><td>{_cell(f.code)}</td><td>{_cell(f.column or '—')}</td><td>{f.unexpected_count}</td>"
-                f"<td>{_cell(', '.join(map(str, f.rows)) or '—')}</td><td>{_cell(f.message)}</td>"
-                f"<td>{_cell(f.fix)}</td><td>{_cell(samples)}</td></tr>"
-            )
-        parts.append("</table>")
-    if expectations:
-        parts.append("<h2>Checks (from the dataset contract)</h2><ul>")
-        parts += [f"<li>{_cell(e)}</li>" for e in expectations]
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return templates.render(
+        _REPORT_TEMPLATE,
+        object_key=str(object_key),
+        status=status,
+        color=color,
+        rows=rows,
+        parts=len(items),
+        n_failures=len(failures),
+        n_warnings=len(warnings),
+        seconds=seconds,
+        error=error_rows,
+        error_samples=_samples_table(error.samples) if error is not None and error.samples else None,
+        groups=[
+            (title, [_failure_row(f) for f in group])
+            for title, group in (("Critical failures", failures), ("Warnings", warnings))
+            if group
+        ],
+        expectations=[str(e) for e in expectations],
+    )
 
 
-def _samples_table(samples: list[dict[str, Any]]) -> str:
+def _failure_row(f: Failure) -> dict[str, Any]:
+    """One row of a failures table, as plain text (the template escapes it)."""
+    return {
+        "code": f.code,
+        "column": f.column or "—",
+        "count": f.unexpected_count,
+        "rows": ", ".join(map(str, f.rows)) or "—",
+        "message": f.message,
+        "fix": f.fix,
+        "samples": "; ".join(", ".join(f"{k}={v!r}" for k, v in s.items()) for s in f.samples),
+    }
+
+
+def _samples_table(samples: list[dict[str, Any]]) -> dict[str, list]:
+    """``{"columns": [...], "rows": [[...]]}`` of sample rows (a key missing from a sample: empty cell)."""
     keys: list[str] = []
     for s in samples:
         keys += [k for k in s if k not in keys]
-    head = "".join(f"<th>{_cell(k)}</th>" for k in keys)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(s.get(k, ''))}</td>" for k in keys) + "</tr>" for s in samples
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return {"columns": [str(k) for k in keys], "rows": [[str(s.get(k, "")) for k in keys] for s in samples]}

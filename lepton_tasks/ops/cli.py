@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
+from lepton_tasks.ops.contracts_cli import contracts_app, schemas_app
 from lepton_tasks.ops.embedded.process import ServiceError
 
 app = typer.Typer(
@@ -21,6 +22,8 @@ demo_app = typer.Typer(
 app.add_typer(partners_app, name="partners")
 app.add_typer(images_app, name="images")
 app.add_typer(demo_app, name="demo")
+app.add_typer(contracts_app, name="contracts")
+app.add_typer(schemas_app, name="schemas")
 console = Console(soft_wrap=True)
 
 
@@ -35,6 +38,21 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Rows with every value in full: a table whose cells fold (never "…") on a terminal; plain aligned
+    columns, one row per line and never wrapped, when the output is piped (grep/copy-paste friendly)."""
+    if console.is_terminal:
+        table = Table(*[Column(h, overflow="fold") for h in headers])
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max(len(str(v)) for v in col) for col in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        line = "  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)).rstrip()
+        console.print(line, markup=False, highlight=False, soft_wrap=True, overflow="ignore", crop=False)
+
+
 @app.command()
 def up(airflow: Annotated[bool, typer.Option(help="Also start Airflow.")] = True) -> None:
     """Start the embedded stack (OpenBao, SeaweedFS, Airflow) on 127.0.0.1. Idempotent."""
@@ -46,7 +64,7 @@ def up(airflow: Annotated[bool, typer.Option(help="Also start Airflow.")] = True
     except ServiceError as exc:
         _fail(str(exc))
     for service, now in started.items():
-        console.print(f"  {service:10s} {'[green]started[/]' if now else 'already running (unchanged)'}")
+        console.print(f"  {service:22s} {'[green]started[/]' if now else 'already running (unchanged)'}")
     if not any(started.values()):
         console.print("[bold]Nothing to do:[/] the stack was already up.")
     settings = stack.settings()
@@ -55,16 +73,19 @@ def up(airflow: Annotated[bool, typer.Option(help="Also start Airflow.")] = True
         console.print(f"Airflow UI: {af.url}  (user admin)")
         pw_marker = settings.data_dir / "airflow" / ".password-shown"
         pw = af.admin_password()
-        if pw and not pw_marker.exists():
+        if pw and console.is_terminal and not pw_marker.exists():  # never into a pipe, a CI log or a file
             console.print(f"Admin password (shown once; stored 0600 in {af.password_file()}): {pw}")
             pw_marker.touch()
+        elif pw:
+            console.print(f"Admin password: stored 0600 in {af.password_file()}")
     ds = docker_status()
     console.print(f"Trainer runtime: {'docker' if ds.available else 'local (subprocess)'} — {ds.reason}")
 
 
 @app.command()
 def down() -> None:
-    """Stop exactly the processes `lepton up` started (pid files; never by name)."""
+    """Stop exactly the processes `lepton up` started, with everything they forked (their sessions, found
+    through pid files; never by name)."""
     stopped = _stack().down()
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
@@ -74,10 +95,8 @@ def status() -> None:
     """Show each service's pid, address, health and log file, and whether trainers run in Docker."""
     from lepton_tasks.ops.embedded.docker import docker_status
 
-    table = Table("service", "pid", "address", "health", "log")
-    for row in _stack().status():
-        table.add_row(row["service"], row["pid"], row["address"], row["health"], row["log"])
-    console.print(table)
+    headers = ["service", "pid", "address", "health", "log"]
+    print_table(headers, [[row[h] for h in headers] for row in _stack().status()])
     ds = docker_status()
     console.print(f"docker: {'available' if ds.available else 'not available'} — {ds.reason}")
 
@@ -91,6 +110,38 @@ def logs(service: str, lines: Annotated[int, typer.Option("-n")] = 50) -> None:
     if not proc.log_file.exists():
         _fail(f"no log for {service!r} at {proc.log_file}")
     console.print(proc.log_tail(lines), markup=False, highlight=False)
+
+
+@contracts_app.command("restage")
+def contracts_restage(dataset: Annotated[str, typer.Option("--dataset", "-d")]) -> None:
+    """Validate again, under DATASET's current contract, every drop staged under an older one."""
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.adapters.vault import Vault
+    from lepton_tasks.ingest.stage import restage
+    from lepton_tasks.ops.partners import Registry
+
+    stack = _stack()
+    settings = stack.settings()
+    if not stack.seaweedfs.proc.running():
+        _fail("the stack is not running: run `lepton up` first")
+    vault = Vault.connect(
+        settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
+    )
+    results = restage(
+        settings,
+        Storage.from_settings(settings),
+        vault,
+        dataset,
+        allowed=Registry(settings.registry_file).allowed_datasets(),
+    )
+    print_table(
+        ["partner", "object", "status", "error"],
+        [[r.partner, r.object_key, r.status, str(getattr(r, "error", "") or "")] for r in results],
+    )
+    if not results:
+        console.print(f"every staged {dataset} drop is already under the current contract")
+    if any(r.status in ("quarantined", "failed") for r in results):
+        raise typer.Exit(1)
 
 
 # partners ---------------------------------------------------------------------------------------------------
@@ -151,10 +202,11 @@ def partners_list() -> None:
     """List onboarded partners."""
     from lepton_tasks.ops.partners import Registry
 
-    table = Table("partner", "datasets", "inbox", "vault key")
-    for p in Registry(_stack().settings().registry_file).load().values():
-        table.add_row(p.name, ",".join(p.datasets), p.inbox_bucket, p.transit_key)
-    console.print(table)
+    rows = [
+        [p.name, ",".join(p.datasets), p.inbox_bucket, p.transit_key]
+        for p in Registry(_stack().settings().registry_file).load().values()
+    ]
+    print_table(["partner", "datasets", "inbox", "vault key"], rows)
 
 
 @partners_app.command("show")

@@ -12,11 +12,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
+from lepton_tasks.ops.scenarios import SCENARIOS, Scenario, to_csv_bytes
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the centralized reference trains in this process
+if TYPE_CHECKING:
+    from lepton_tasks.adapters.settings import Settings
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.ops.airflow_api import AirflowAPI
+    from lepton_tasks.ops.embedded.stack import Stack
+
+# the centralized reference trains in this process (see trainer/__init__)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def partner_name(raw: str) -> str:
@@ -24,14 +31,14 @@ def partner_name(raw: str) -> str:
     return raw.replace("_", "-")
 
 
-def _scenario(name: str):
+def _scenario(name: str) -> Scenario:
     if name not in SCENARIOS:
         raise SystemExit(f"unknown scenario {name!r}; choose one of {', '.join(SCENARIOS)}")
     return SCENARIOS[name]
 
 
 def drop_scenario(
-    stack, scenario: str, *, seed: int = 7, dropped: dict[str, str] | None = None
+    stack: Stack, scenario: str, *, seed: int = 7, dropped: dict[str, str] | None = None
 ) -> Iterator[str]:
     """Onboard missing partners and upload each partner's file with that partner's own credentials.
 
@@ -65,13 +72,16 @@ def drop_scenario(
         drop_as_partner(settings, name, key, data)
         if dropped is not None:
             dropped[name] = drop_id_of(hashlib.sha256(data).hexdigest())
-        yield f"{name} dropped s3://{settings.inbox_bucket(name)}/{key} ({len(df)} rows) with its own credentials"
+        yield (
+            f"{name} dropped s3://{settings.inbox_bucket(name)}/{key} ({len(df)} rows)"
+            " with its own credentials"
+        )
 
 
 def _training_run(
-    api,
-    storage,
-    settings,
+    api: AirflowAPI,
+    storage: Storage,
+    settings: Settings,
     train_dag: str,
     before: set[str],
     expected: set[str],
@@ -119,7 +129,7 @@ def _training_run(
 
 
 def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
-    """REFERENCE ONLY: the same pipeline on the union of all partners' data (not possible in a real federation)."""
+    """REFERENCE ONLY: the same pipeline on the union of all partners' data (impossible in a federation)."""
     import pandas as pd
 
     from lepton_tasks.core.contracts import load_contract
@@ -161,7 +171,7 @@ def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) 
 
 
 def run_demo(
-    stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0
+    stack: Stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0
 ) -> Iterator[str]:
     """The whole mission on the embedded stack; yields progress lines."""
     from lepton_tasks.adapters.storage import Storage
@@ -200,7 +210,8 @@ def run_demo(
     yield (
         "these files were staged before (same content): starting a training run"
         if known
-        else f"all {len(dropped)} partners staged in {time.monotonic() - t0:.0f}s; waiting for the training run"
+        else f"all {len(dropped)} partners staged in {time.monotonic() - t0:.0f}s; "
+        "waiting for the training run"
     )
     run_id = None
     for line in _training_run(
@@ -217,6 +228,8 @@ def run_demo(
             run_id = line[4:]
         else:
             yield line
+    if run_id is None:  # _training_run yields "run:<id>" last, or raises
+        raise SystemExit(f"no training run of {train_dag} was found or started")
     yield f"training run {run_id}: {af.url}/dags/{train_dag}/runs/{run_id}"
     state = api.wait_run(train_dag, run_id, timeout)
     if state != "success":
@@ -229,7 +242,8 @@ def run_demo(
     fed_auc = m["final"]["overall"].get("auc")
     lo_auc = m["local_only"]["overall"].get("auc")
     yield (
-        f"federated AUC (union of holdouts) {fed_auc:.4f} | centralized reference {ref['overall']['auc']:.4f} | "
+        f"federated AUC (union of holdouts) {fed_auc:.4f} | "
+        f"centralized reference {ref['overall']['auc']:.4f} | "
         f"mean local-only (on the union) {lo_auc:.4f}"
         if fed_auc is not None and lo_auc is not None
         else json.dumps(m["final"])

@@ -1,7 +1,7 @@
 """Build the per-partner trainer image hermetically, and skip the build when nothing changed.
 
-The trainer image (``docker/trainer/Dockerfile``) runs ``python -m lepton_tasks.trainer`` inside each partner's
-container. It is built without any network access during ``docker build``:
+The trainer image (``docker/trainer/Dockerfile``) runs ``python -m lepton_tasks.trainer`` inside each
+partner's container. It is built without any network access during ``docker build``:
 
 1. a *wheelhouse* of every pinned runtime dependency (``requirements-trainer.txt``) is downloaded on the host
    with the host's ``pip`` for the image's interpreter (CPython 3.11, manylinux up to glibc 2.36 = Debian
@@ -10,8 +10,8 @@ container. It is built without any network access during ``docker build``:
 2. a wheel of the project itself is built from a private copy of exactly the hashed sources;
 3. the base image is ``python:3.11-slim-bookworm`` when it exists locally, else ``lepton-base:bookworm``, a
    Debian bookworm root file system made once with ``debootstrap`` and ``docker import`` (no registry needed);
-4. a small build context (Dockerfile, requirements, hard links to the needed wheels, the project wheel) is sent
-   to the daemon and built with ``network_mode="none"``.
+4. a small build context (Dockerfile, requirements, hard links to the needed wheels, the project wheel) is
+   sent to the daemon and built with ``network_mode="none"``.
 
 The image is tagged ``lepton-trainer:<hash12>`` where the hash covers every build input (see
 :func:`trainer_build_inputs` and :func:`content_hash`), and ``lepton-trainer:latest``. When the content tag
@@ -94,16 +94,17 @@ class BuildResult:
     steps: dict[str, float] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # content hash (pure)
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def trainer_build_inputs(repo_root: Path) -> list[Path]:
     """Every file whose bytes go into the trainer image, sorted by repo-relative path.
 
     The Dockerfile, ``requirements-trainer.txt``, ``pyproject.toml``, ``lepton_tasks/__init__.py`` and the
-    ``*.py`` files of :data:`TRAINER_PACKAGES` (``__pycache__`` excluded). Raises :class:`FileNotFoundError` when one of the first three is missing.
+    ``*.py`` files of :data:`TRAINER_PACKAGES` (``__pycache__`` excluded). Raises :class:`FileNotFoundError`
+    when one of the first three is missing.
     """
     root = Path(repo_root).resolve()
     fixed = [root / DOCKERFILE, root / REQUIREMENTS, root / PYPROJECT]
@@ -147,7 +148,8 @@ def snapshot_hash(snapshot: dict[str, bytes], *, base_ref: str, gpu: bool) -> st
 
 
 def content_hash(repo_root: Path, *, base_ref: str, gpu: bool) -> str:
-    """sha256 (hex) over the build inputs (relative path + bytes, sorted by path), the base image and the GPU flag.
+    """sha256 (hex) over the build inputs (relative path + bytes, sorted by path), the base image and the GPU
+    flag.
 
     ``base_ref`` identifies the base image, e.g. ``"lepton-base:bookworm@sha256:…"`` (name and image id), so
     a rebuilt base gives a new tag. The encoding is length-prefixed, so no two different inputs collide by
@@ -164,7 +166,8 @@ def trainer_tag(digest: str) -> str:
 
 
 def gpu_requirements(text: str) -> str:
-    """``requirements-trainer.txt`` for a GPU image: ``tensorflow-cpu==X`` becomes ``tensorflow[and-cuda]==X``.
+    """``requirements-trainer.txt`` for a GPU image: ``tensorflow-cpu==X`` becomes
+    ``tensorflow[and-cuda]==X``.
 
     The Dockerfile applies the same substitution (with sed) when ``GPU=1``.
     """
@@ -184,9 +187,9 @@ def gpu_requirements(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Docker client helpers
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def docker_client(*, base_url: str | None = None, timeout: int = 60) -> docker.DockerClient:
@@ -212,9 +215,75 @@ def image_id(client: docker.DockerClient, name: str) -> str | None:
         return None
 
 
-# --------------------------------------------------------------------------------------------------------------
+class StaleImageError(RuntimeError):
+    """The trainer image does not hold the trainer code of this checkout; the message says what to run."""
+
+
+@dataclass(frozen=True)
+class ImageFreshness:
+    """Whether an image holds the current trainer sources (see :func:`trainer_image_freshness`).
+
+    ``stale`` is True only when it is known not to; ``reason`` says why (or why it cannot be told: an image
+    not built by ``lepton images build``, sources not present on this machine). ``tag`` is the image's
+    content tag (``lepton-trainer:<hash12>``), ``sources_hash`` what this checkout hashes to with the image's
+    own base and GPU flag.
+    """
+
+    image: str
+    stale: bool
+    reason: str
+    tag: str | None = None
+    sources_hash: str | None = None
+
+
+def default_repo_root() -> Path:
+    """The checkout these modules were imported from (the sources the trainer image must hold)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def trainer_image_freshness(client: Any, image: str, repo_root: Path | None = None) -> ImageFreshness:
+    """Compare ``image``'s content-hash label with the hash of the current sources (same base image and GPU
+    flag as the image, from its labels): a trainer changed since the last ``lepton images build`` makes the
+    image stale. ``client``: a ``docker.DockerClient`` or ``docker.APIClient``. Pure reads: one image
+    inspect and the trainer's source files (a few ms)."""
+    import docker.errors
+
+    api = getattr(client, "api", client)  # a DockerClient or its low-level APIClient
+    try:
+        labels = (api.inspect_image(image).get("Config") or {}).get("Labels") or {}
+    except docker.errors.ImageNotFound:
+        return ImageFreshness(image, True, f"trainer image {image} is missing: run `lepton images build`")
+    label_hash, base_ref = labels.get(LABEL_HASH), labels.get(LABEL_BASE)
+    if not label_hash or not base_ref:
+        return ImageFreshness(image, False, f"{image} has no {LABEL_HASH} label: freshness unknown")
+    tag = trainer_tag(label_hash)
+    root = Path(repo_root or default_repo_root())
+    try:
+        current = snapshot_hash(snapshot_inputs(root), base_ref=base_ref, gpu=labels.get(LABEL_GPU) == "1")
+    except FileNotFoundError as exc:
+        return ImageFreshness(image, False, f"sources not found here ({exc}): freshness unknown", tag)
+    if current != label_hash:
+        return ImageFreshness(
+            image,
+            True,
+            f"trainer image {tag} is stale (sources hash to {current[:12]}): run `lepton images build`",
+            tag,
+            current,
+        )
+    return ImageFreshness(image, False, f"trainer image {tag} holds the current sources", tag, current)
+
+
+def check_trainer_image(client: Any, image: str, repo_root: Path | None = None) -> str:
+    """Raise :class:`StaleImageError` when ``image`` is missing or stale; return the freshness reason."""
+    fresh = trainer_image_freshness(client, image, repo_root)
+    if fresh.stale:
+        raise StaleImageError(fresh.reason)
+    return fresh.reason
+
+
+# ------------------------------------------------------------------------------------------------------------
 # build steps
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:
@@ -260,7 +329,8 @@ def _run_logged(cmd: list[str], log: IO[str], *, step: str, log_path: Path, **kw
 def _resolve_offline(
     req_file: Path, wheelhouse: Path, pip_target: list[str], log: IO[str], log_path: Path, *, check: bool
 ) -> list[Path] | None:
-    """Resolve ``req_file`` against the wheelhouse only; the wheel files needed, or None when some are missing."""
+    """Resolve ``req_file`` against the wheelhouse only; the wheel files needed, or None when some are
+    missing."""
     report = wheelhouse.parent / "resolve-report.json"
     cmd = [
         sys.executable,
@@ -309,9 +379,9 @@ def ensure_wheelhouse(
 ) -> list[Path]:
     """Make ``cache_dir/wheelhouse`` hold every wheel ``requirements`` needs; return exactly those files.
 
-    Offline first: when the wheelhouse already satisfies the requirements, nothing is downloaded and the network
-    is not used. Otherwise ``pip download`` (host pip, target CPython 3.11 manylinux wheels) fetches the missing
-    ones (files already present are not downloaded again).
+    Offline first: when the wheelhouse already satisfies the requirements, nothing is downloaded and the
+    network is not used. Otherwise ``pip download`` (host pip, target CPython 3.11 manylinux wheels) fetches
+    the missing ones (files already present are not downloaded again).
     """
     wheelhouse = cache_dir / "wheelhouse"
     wheelhouse.mkdir(parents=True, exist_ok=True)
@@ -353,8 +423,8 @@ def build_project_wheel(
     log: IO[str],
     log_path: Path,
 ) -> Path:
-    """Build the ``lepton`` wheel from a private copy of exactly the hashed sources (never the live tree, so the
-    image matches its tag and no ``build/`` or ``*.egg-info`` appears in the checkout). The build backend
+    """Build the ``lepton`` wheel from a private copy of exactly the hashed sources (never the live tree, so
+    the image matches its tag and no ``build/`` or ``*.egg-info`` appears in the checkout). The build backend
     (setuptools) comes from the wheelhouse, so this works offline."""
     root = Path(repo_root).resolve()
     if out_dir.exists():
@@ -430,8 +500,8 @@ def build_debootstrap_base(
 
     ``debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm DIR MIRROR``, then
     (``security_updates``) apt-get upgrade inside the chroot from bookworm-updates and bookworm-security, then
-    the tree is streamed into ``docker import``. Needs root and ``debootstrap`` on the host, and http access to
-    the Debian mirror; no registry.
+    the tree is streamed into ``docker import``. Needs root and ``debootstrap`` on the host, and http access
+    to the Debian mirror; no registry.
     """
     if os.geteuid() != 0:
         raise ImageBuildError("building the debootstrap base image needs root (debootstrap creates a chroot)")
@@ -539,9 +609,10 @@ def resolve_base(
 ) -> tuple[str, str, float]:
     """Pick (and if needed create) the base image; returns ``(name, image id, seconds spent building it)``.
 
-    ``"auto"``: ``python:3.11-slim-bookworm`` if present locally, else ``lepton-base:bookworm`` (built once with
-    debootstrap when missing and possible), else a pull of ``python:3.11-slim-bookworm``. ``lepton-base:bookworm``:
-    that image, built when missing. Any other name: that local image, else a pull of it.
+    ``"auto"``: ``python:3.11-slim-bookworm`` if present locally, else ``lepton-base:bookworm`` (built once
+    with debootstrap when missing and possible), else a pull of ``python:3.11-slim-bookworm``.
+    ``lepton-base:bookworm``: that image, built when missing. Any other name: that local image, else a pull
+    of it.
     """
     import docker
 
@@ -597,7 +668,8 @@ def _docker_build(
 ) -> str:
     """Legacy-builder build of ``ctx`` with no network; streams the log; returns the image id."""
     log.write(
-        f"\n$ docker build --network none --tag {tag} {' '.join(f'--build-arg {k}={v}' for k, v in buildargs.items())} {ctx}\n"
+        f"\n$ docker build --network none --tag {tag} "
+        f"{' '.join(f'--build-arg {k}={v}' for k, v in buildargs.items())} {ctx}\n"
     )
     log.flush()
     image: str | None = None

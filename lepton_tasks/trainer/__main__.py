@@ -9,8 +9,10 @@ decrypt/verify with only this partner's key, and the dataset's contract (checked
 2. downloads the encrypted splits, checks their SHA-256 against the manifest, decrypts them (Tink + Vault)
    to a private temp dir;
 3. normalizes with the merged federated statistics; then
-   - ``train``: trains locally from the current global weights and PUTs ``weights + n + metrics``;
-   - ``local``: trains a local-only model (this partner's data alone, for comparison) and PUTs its weights;
+   - ``train``: trains locally from the current global weights and PUTs ``weights + n + metrics`` (and, when
+     the job sets ``hparams.dp``, trains with DP-SGD and adds its privacy charge: sigma, q, steps, epsilon);
+   - ``local``: trains a local-only model (this partner's data alone, for comparison) and PUTs its weights
+     (with DP-SGD too under ``hparams.dp``: those weights go to every partner's evaluation);
    - ``evaluate``: evaluates the final global model and every partner's local-only model on this partner's
      held-out split and PUTs metrics + score histograms (aggregates, never rows).
 
@@ -197,15 +199,17 @@ def run_job(job: TrainerJob) -> dict[str, Any]:
             seed=hp.seed + job.round,
             fedprox_mu=hp.fedprox_mu,
             tie_break=contract.row_key,
+            dp=hp.dp,
         )
         update = UpdateMeta(
             partner=job.partner,
             round=job.round,
             run_id=job.run_id,
             n_samples=res.n_samples,
-            metrics=res.metrics,
+            metrics=_scalars(res.metrics),
             drops=hashes,
             global_prev_holdout=_jsonable(held_out),
+            privacy=res.privacy,
         )
         _put(job.output_url, wio.dumps(res.weights, dump(update)), "application/octet-stream")
         return {"partner": job.partner, "round": job.round, "run_id": job.run_id, "n_samples": res.n_samples}
@@ -220,9 +224,14 @@ def run_job(job: TrainerJob) -> dict[str, Any]:
             learning_rate=hp.learning_rate,
             seed=hp.seed,
             tie_break=contract.row_key,
+            dp=hp.dp,  # its weights leave the site (every partner's evaluate job scores them): DP too
         )
         meta = LocalModelMeta(
-            partner=job.partner, run_id=job.run_id, n_samples=res.n_samples, metrics=res.metrics
+            partner=job.partner,
+            run_id=job.run_id,
+            n_samples=res.n_samples,
+            metrics=_scalars(res.metrics),
+            privacy=res.privacy,
         )
         _put(job.output_url, wio.dumps(res.weights, dump(meta)), "application/octet-stream")
         return {
@@ -248,6 +257,16 @@ def run_job(job: TrainerJob) -> dict[str, Any]:
     )
     _put(job.output_url, json.dumps(dump(out)).encode(), "application/json")
     return {"partner": job.partner, "global_auc": g.get("auc"), "local_models_scored": sorted(local_models)}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float | int | None]:
+    """The numeric entries of a training-metrics dict (what an update's metadata carries): ``notes`` (a list
+    of strings) and a ``class_weight`` name or mapping stay out."""
+    return {
+        k: v if isinstance(v, (int, type(None))) else float(v)
+        for k, v in _jsonable(metrics).items()
+        if isinstance(v, (int, float, type(None)))
+    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -307,9 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     log.info("partner %s: %s (run %s, round %s)", args.partner, args.mode, job.run_id, job.round)
     try:
         if job.vault_token_wrapped:
-            from lepton_tasks.adapters.vault import unwrap_token
+            from lepton_tasks.adapters.vault import VaultError, unwrap_token
 
-            job = job.model_copy(update={"vault_token": unwrap_token(job.vault_addr, job.vault_token)})
+            try:  # a used or substituted wrapping token may mean the job was intercepted: a security failure
+                token = unwrap_token(job.vault_addr, job.vault_token)
+            except VaultError as exc:
+                raise SecurityError(f"the job's Vault token could not be unwrapped: {exc}") from exc
+            job = job.model_copy(update={"vault_token": token})
         summary = run_job(job)
     except SecurityError as exc:
         print(f"security error: {exc}", file=sys.stderr)

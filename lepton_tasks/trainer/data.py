@@ -9,13 +9,13 @@ order is kept, whatever the sort used to build histories), so predictions line u
 
 - ``mlp``: ``x`` is a float32 matrix ``(n, len(feature_names))``.
 - ``sequence``: ``x`` is a dict (see :mod:`lepton_tasks.trainer.model`):
-  ``items`` int32 ``(n, L)``, ``features`` float32 ``(n, L, len(feature_names) + 2)``, ``item`` int32 ``(n,)``,
-  ``user`` int32 ``(n,)``. A row's history is its user's events sorted by timestamp, then by the
+  ``items`` int32 ``(n, L)``, ``features`` float32 ``(n, L, len(feature_names) + 2)``, ``item`` int32
+  ``(n,)``, ``user`` int32 ``(n,)``. A row's history is its user's events sorted by timestamp, then by the
   ``tie_break`` columns, then by frame position (a total, deterministic order); the window holds the last
   ``L`` events up to and including the row's own event, oldest first, zero-padded on the right. Two channels
   follow the contract features (:data:`EXTRA_CHANNELS`): ``prev_label``, the label of the event *before* each
-  step (0 for a user's first event), so a row's own label is never among its inputs; and ``same_item``, 1 where
-  a *past* step shows the row's own item (a repeat view — a signal hashed-id embeddings learn poorly).
+  step (0 for a user's first event), so a row's own label is never among its inputs; and ``same_item``, 1
+  where a *past* step shows the row's own item (a repeat view — a signal hashed-id embeddings learn poorly).
 
 ``y`` is float32 ``(n,)`` or ``None`` when the frame has no ``label`` column (prediction only; sequence
 histories then see 0 for every past label).
@@ -44,7 +44,10 @@ ModelX = np.ndarray | dict[str, np.ndarray]
 
 
 def hash_ids(values: Sequence | np.ndarray | pd.Series, buckets: int) -> np.ndarray:
-    """Hash ids (compared as strings) into ``1..buckets-1`` as int32; deterministic across processes/machines."""
+    """Hash ids (compared as strings) into ``1..buckets-1`` as int32.
+
+    Deterministic across processes and machines.
+    """
     if buckets < 2:
         raise ValueError(f"hash_buckets must be >= 2 (bucket 0 is padding), got {buckets}")
     arr = pd.Series(values, copy=False)
@@ -70,7 +73,10 @@ def labels(frame: pd.DataFrame) -> np.ndarray | None:
 
 
 def feature_matrix(frame: pd.DataFrame, feature_names: Sequence[str]) -> np.ndarray:
-    """The float32 matrix of ``feature_names`` (in that order); raises on missing columns or non-finite values."""
+    """The float32 matrix of ``feature_names`` (in that order).
+
+    Raises on missing columns or non-finite values.
+    """
     names = list(feature_names)
     missing = [c for c in names if c not in frame.columns]
     if missing:
@@ -223,6 +229,7 @@ def target_mask(targets: np.ndarray | None, n: int) -> np.ndarray | None:
     keep = np.asarray(targets)
     if keep.dtype != bool or keep.shape != (n,):
         raise ValueError(
-            f"targets must be a boolean array with one value per frame row ({n}), got {keep.dtype}{keep.shape}"
+            f"targets must be a boolean array with one value per frame row ({n}), "
+            f"got {keep.dtype}{keep.shape}"
         )
     return keep

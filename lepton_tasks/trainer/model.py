@@ -9,8 +9,8 @@ Two kinds:
 ``sequence`` (e-commerce: will this event be a purchase, given the user's ordered history?)
     Inputs (built by :func:`lepton_tasks.trainer.data.to_model_inputs`):
 
-    - ``items``    int32 ``(L,)``: hashed item ids of the user's last ``L = spec.sequence_length`` events up to
-      and including the current one, oldest first, padded with ``0`` (the padding id) *after* the current
+    - ``items``    int32 ``(L,)``: hashed item ids of the user's last ``L = spec.sequence_length`` events up
+      to and including the current one, oldest first, padded with ``0`` (the padding id) *after* the current
       event when the user has fewer than ``L`` events. Padding is masked, so where it sits does not change
       the result on CPU; it sits on the right because cuDNN's GRU kernel only accepts right-padded masks
       (a left-padded mask fails a runtime assertion on GPU);
@@ -21,9 +21,9 @@ Two kinds:
     - ``item``, ``user`` int32 scalars: hashed ids of the current event's item and user.
 
     ``items`` → ``Embedding(hash_buckets, embedding_dim)`` (shared with ``item``) → ``Dropout``, concatenated
-    with ``features`` → ``GRU(gru_units)`` with the mask ``items != 0`` (so it returns the state after the current
-    event and padding gets no gradient) → concatenated with the current item and user embeddings → the same
-    Dense stack as ``mlp`` → ``Dense(1, sigmoid)``. The mask is passed explicitly: an Embedding's
+    with ``features`` → ``GRU(gru_units)`` with the mask ``items != 0`` (so it returns the state after the
+    current event and padding gets no gradient) → concatenated with the current item and user embeddings → the
+    same Dense stack as ``mlp`` → ``Dense(1, sigmoid)``. The mask is passed explicitly: an Embedding's
     ``mask_zero`` mask would not survive ``Concatenate`` with the unmasked ``features``.
 
     Ids are hashed in ``data.py`` (a fixed-key SipHash, the same on every machine), not by min-max scaling.
@@ -94,7 +94,7 @@ def set_determinism(seed: int) -> None:
 
 
 def sequence_feature_width(n_features: int) -> int:
-    """Width of the per-event ``features`` input of the sequence model for ``n_features`` contract features."""
+    """Width of the sequence model's per-event ``features`` input for ``n_features`` contract features."""
     return int(n_features) + EXTRA_SEQUENCE_CHANNELS
 
 

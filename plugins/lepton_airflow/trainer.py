@@ -1,8 +1,34 @@
-"""The per-partner trainer task: a DockerOperator whose secrets are minted at execute time.
+"""The per-partner trainer task: a hardened container whose secrets are minted at execute time.
 
 ``LeptonTrainerOperator`` is mapped over partners. In ``execute`` (never at parse time, never in XCom) it
 builds the partner's job — presigned URLs for that partner's objects only and a short-lived Vault token
-that can decrypt only that partner's key — and passes it in the container's *private* environment.
+that can decrypt only that partner's key, **response-wrapped**: the job carries a single-use wrapping token
+that the trainer unwraps once at start, so what ``docker inspect`` shows afterwards cannot be used.
+
+The container (see :func:`container_spec`):
+
+- runs the trainer image's non-root user on the trainers' own network (``LEPTON_TRAINER_NETWORK``, default
+  ``lepton-trainers``: an internal bridge with no route out, created when missing). Embedded services bound
+  to 127.0.0.1 are reached through the trainer gateway on that network's gateway address (``lepton up``
+  runs it), so the job's Vault address and presigned URLs name the gateway, not 127.0.0.1. ``host`` is
+  still accepted (weaker: the container then shares the host's network namespace);
+- has a read-only root file system with private tmpfs mounts for ``/tmp`` and its home (the work dir), no
+  capabilities (``cap_drop=ALL``), ``no-new-privileges``, a memory limit without swap, a CPU limit and a
+  pids limit (``LEPTON_TRAINER_MEMORY``, ``LEPTON_TRAINER_CPUS``);
+- is removed once it ended, whatever the outcome (its environment held the job).
+
+Before anything is minted, the image is checked against the trainer sources of this checkout: a stale image
+fails the task at once (``run `lepton images build```) instead of failing inside the container. A failing
+trainer's last stderr lines are in the task's failure message; its documented exit codes 2 (bad job) and 3
+(security failure) fail the task without retries (``AirflowFailException``), other codes fail it normally
+(retried).
+
+Why not ``DockerOperator.execute``: ``apache-airflow-providers-docker`` 4.6.1 (the latest) has no
+constructor parameter for a read-only root file system, ``cap_drop``, ``security_opt`` or tmpfs mounts,
+and its private environment can only be given at construction (the job exists only at execute time). So
+this operator keeps DockerOperator's connection handling (``docker_url``/``docker_conn_id``/TLS, through its
+public ``cli`` client) and creates the container itself with the Docker SDK; it writes no private
+attribute of DockerOperator.
 
 Runtime: ``docker`` when a daemon answers and the trainer image exists; otherwise the explicit ``local``
 runtime runs the same entrypoint (``python -m lepton_tasks.trainer``) as a subprocess, with a loud warning in
@@ -11,17 +37,44 @@ the task log (and in the run's report). ``LEPTON_TRAINER_RUNTIME=docker`` makes 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from airflow.providers.docker.operators.docker import DockerOperator
 
 log = logging.getLogger(__name__)
+
+#: the trainer's documented exit codes that no retry can fix (see ``lepton_tasks.trainer.__main__``)
+NO_RETRY_EXIT_CODES = {2: "bad job", 3: "security failure"}
+EXIT_MEANINGS = {1: "unexpected error", 2: "bad job", 3: "security failure", 4: "transient failure"}
+#: how many of a failed trainer's last stderr lines go into the task's failure message
+STDERR_TAIL_LINES = 20
+#: how long the wrapping token in a container's environment can be unwrapped (the trainer does it at start)
+WRAP_TTL = timedelta(minutes=5)
+#: the trainer image's user and home (its WORKDIR)
+TRAINER_USER = "10001:10001"
+TRAINER_HOME = "/home/lepton"
+PIDS_LIMIT = 1024
+LABEL = "org.lepton.trainer"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+_SECRETS = [
+    (re.compile(r"(X-Amz-(?:Signature|Credential|Security-Token)=)[^&\s\"']+"), r"\1[redacted]"),
+    (re.compile(r"\b(?:s|hvs|hvb|b)\.[A-Za-z0-9_-]{20,}\b"), "[redacted-token]"),
+]
+
+
+def scrub(line: str) -> str:
+    """``line`` without presigned-URL signatures or Vault tokens (a trainer's output is logged)."""
+    for pattern, repl in _SECRETS:
+        line = pattern.sub(repl, line)
+    return line
 
 
 def choose_runtime(settings) -> tuple[str, str]:
@@ -38,11 +91,91 @@ def choose_runtime(settings) -> tuple[str, str]:
     return "local", status.reason
 
 
-class LeptonTrainerOperator(DockerOperator):
-    """Train (or evaluate) one partner's model in its own container.
+def _replace_host(netloc: str, host: str) -> str:
+    port = netloc.rpartition(":")[2] if netloc.count(":") == 1 else ""
+    return f"{host}:{port}" if port else host
 
-    Image, network and GPUs come from Lepton's settings (``LEPTON_TRAINER_IMAGE``, ``LEPTON_TRAINER_NETWORK``,
-    ``LEPTON_TRAINER_GPUS``), resolved in :meth:`execute`, like the connections — never at parse time.
+
+def via_gateway(settings, gateway: str):
+    """``settings`` whose loopback Vault and S3 addresses are replaced by ``gateway`` (the trainer network's
+    gateway address, where the trainer gateway forwards to 127.0.0.1). Other addresses are left alone (in
+    compose mode the services have names on the trainers' network)."""
+    update: dict[str, str] = {}
+    vault = urlsplit(settings.vault_addr)
+    if vault.hostname in LOOPBACK:
+        update["vault_addr"] = urlunsplit(vault._replace(netloc=_replace_host(vault.netloc, gateway)))
+    s3_host = settings.s3_endpoint.rpartition(":")[0] or settings.s3_endpoint
+    if s3_host in LOOPBACK:
+        update["s3_endpoint"] = _replace_host(settings.s3_endpoint, gateway)
+    return settings.model_copy(update=update) if update else settings
+
+
+def container_spec(settings, *, network: str) -> dict[str, Any]:
+    """Keyword arguments of ``APIClient.create_host_config`` for a trainer container."""
+    mem = settings.trainer_memory
+    spec: dict[str, Any] = {
+        "network_mode": network,
+        "read_only": True,
+        "tmpfs": {
+            "/tmp": "rw,noexec,nosuid,nodev,mode=1777",
+            TRAINER_HOME: f"rw,noexec,nosuid,nodev,mode=0700,uid={TRAINER_USER.split(':')[0]},"
+            f"gid={TRAINER_USER.split(':')[1]}",
+        },
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "mem_limit": mem,
+        "memswap_limit": mem,  # no swap beyond the limit (tmpfs pages count against it too)
+        "nano_cpus": int(float(settings.trainer_cpus) * 1e9),
+        "pids_limit": PIDS_LIMIT,
+        "auto_remove": False,  # removed by the operator once its logs were read
+        "privileged": False,
+    }
+    if settings.trainer_gpus:
+        from docker.types import DeviceRequest
+
+        spec["device_requests"] = [DeviceRequest(count=settings.trainer_gpus, capabilities=[["gpu"]])]
+    return spec
+
+
+class _WrappedTokenVault:
+    """The operator's Vault as :func:`~lepton_tasks.federation.plan.trainer_job` sees it: its
+    ``trainer_token`` returns a *response-wrapped* trainer token (single use, valid :data:`WRAP_TTL`)."""
+
+    def __init__(self, vault) -> None:
+        self._vault = vault
+
+    def trainer_token(self, partner: str, ttl: str = "1h") -> str:
+        return self._vault.trainer_token_wrapped(
+            partner, ttl=ttl, wrap_ttl=f"{int(WRAP_TTL.total_seconds())}s"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vault, name)
+
+
+class TrainerFailed(RuntimeError):
+    """A trainer exited with a code that a retry may fix (the message holds its last stderr lines)."""
+
+
+def failure(partner: str, code: int, stderr_tail: list[str]):
+    """The exception for a trainer that exited with ``code``: no retry for 2 and 3, a normal failure else."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    meaning = EXIT_MEANINGS.get(code, "killed" if code >= 128 else "error")
+    tail = "\n".join(scrub(line) for line in stderr_tail[-STDERR_TAIL_LINES:]) or "(no stderr output)"
+    message = f"trainer for {partner} failed: {meaning} (exit code {code}); its last stderr lines:\n{tail}"
+    if code in NO_RETRY_EXIT_CODES:
+        return AirflowFailException(message + "\n(not retried: a retry cannot fix this)")
+    return TrainerFailed(message)
+
+
+class LeptonTrainerOperator(DockerOperator):
+    """Train (or evaluate) one partner's model in its own hardened container.
+
+    Image, network, limits and GPUs come from Lepton's settings (``LEPTON_TRAINER_IMAGE``,
+    ``LEPTON_TRAINER_NETWORK``, ``LEPTON_TRAINER_MEMORY``, ``LEPTON_TRAINER_CPUS``, ``LEPTON_TRAINER_GPUS``),
+    resolved in :meth:`execute`, like the connections — never at parse time. DockerOperator's parameters
+    that say how to reach the daemon (``docker_url``, ``docker_conn_id``, TLS, ``timeout``) are honoured.
     """
 
     template_fields = (*DockerOperator.template_fields, "run_id_", "partner")
@@ -51,9 +184,9 @@ class LeptonTrainerOperator(DockerOperator):
         self, *, partner: str, mode: str, round_number: int = 0, run_id_: str = "{{ run_id }}", **kwargs: Any
     ) -> None:
         super().__init__(
-            image="lepton-trainer",  # replaced by settings.trainer_image in execute()
+            image="lepton-trainer",  # the image actually run is settings.trainer_image, chosen in execute()
             command=None,
-            auto_remove="success",
+            auto_remove="force",
             mount_tmp_dir=False,
             do_xcom_push=False,
             **kwargs,
@@ -71,21 +204,6 @@ class LeptonTrainerOperator(DockerOperator):
 
         settings = lepton_settings()
         runtime, why = choose_runtime(settings)
-        storage = Storage.from_settings(settings)
-        vault = Vault.connect(
-            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
-        )
-        ttl = self.execution_timeout or timedelta(hours=1)
-        job = trainer_job(
-            settings,
-            storage,
-            vault,
-            run_id=self.run_id_,
-            partner=self.partner,
-            mode=self.mode,
-            round_number=self.round_number,
-            ttl=ttl,
-        )
         args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
         log.info(
             "trainer for %s (%s, round %s) runtime=%s (%s)",
@@ -95,35 +213,162 @@ class LeptonTrainerOperator(DockerOperator):
             runtime,
             why,
         )
+        job_settings, network = settings, None
         if runtime == "docker":
-            self.image = settings.trainer_image
-            self.network_mode = settings.trainer_network
-            if settings.trainer_gpus:
-                from docker.types import DeviceRequest
-
-                self.device_requests = [DeviceRequest(count=settings.trainer_gpus, capabilities=[["gpu"]])]
-            self.command = args
-            self._private_environment = {"LEPTON_JOB": json.dumps(job)}
-            super().execute(context)
-        else:
-            log.warning(
-                "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
-                "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
-                why,
-            )
-            env = {**os.environ, "LEPTON_JOB": json.dumps(job), "TF_CPP_MIN_LOG_LEVEL": "2"}
-            for k in [k for k in env if k.startswith(("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_"))]:
-                env.pop(k)  # the trainer gets nothing but its job, like in a container
-            proc = subprocess.run(
-                [sys.executable, "-m", "lepton_tasks.trainer", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=ttl.total_seconds(),
-            )
-            for line in (proc.stdout + proc.stderr).splitlines():
-                log.info("trainer: %s", line)
-            if proc.returncode != 0:
-                raise RuntimeError(f"trainer for {self.partner} exited with {proc.returncode}")
+            self._check_image(settings.trainer_image)  # before any secret is minted or container started
+            job_settings, network = self._network(settings)
+        vault = Vault.connect(
+            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
+        )
+        ttl = self.execution_timeout or timedelta(hours=1)
+        job = trainer_job(
+            job_settings,
+            Storage.from_settings(job_settings),
+            _WrappedTokenVault(vault),
+            run_id=self.run_id_,
+            partner=self.partner,
+            mode=self.mode,
+            round_number=self.round_number,
+            ttl=ttl,
+        ).model_copy(update={"vault_token_wrapped": True})
+        try:
+            if runtime == "docker":
+                assert network is not None
+                self._run_container(settings, network, args, {"LEPTON_JOB": job.model_dump_json()})
+            else:
+                self._run_local(args, job.model_dump_json(), ttl, why)
+        except Exception as exc:
+            # the report and `aggregate` say why this partner is missing (the message is already scrubbed)
+            self._record_failure(settings, str(exc))
+            raise
         return {"partner": self.partner, "mode": self.mode, "round": self.round_number, "runtime": runtime}
+
+    def _record_failure(self, settings: Any, reason: str) -> None:
+        from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.federation.plan import record_failure
+
+        record_failure(
+            settings,
+            Storage.from_settings(settings),
+            run_id=self.run_id_,
+            mode=self.mode,
+            round_number=self.round_number,
+            partner=self.partner,
+            reason=reason,
+        )
+
+    # docker ------------------------------------------------------------------------------------------------
+    def _check_image(self, image: str) -> None:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from lepton_tasks.ops.images import StaleImageError, check_trainer_image
+
+        try:
+            log.info("%s", check_trainer_image(self.cli, image))
+        except StaleImageError as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    def _network(self, settings):
+        """(settings with the addresses a container uses, network name) for ``settings.trainer_network``."""
+        from lepton_tasks.ops.embedded.docker import BUILTIN_NETWORKS, ensure_trainer_network
+
+        name = settings.trainer_network
+        if name in BUILTIN_NETWORKS:
+            if name == "host":
+                log.warning("trainer containers share the HOST network (LEPTON_TRAINER_NETWORK=host)")
+            return settings, name
+        net = ensure_trainer_network(name, client=self.cli)
+        if not net.internal:
+            log.warning("trainer network %s is not internal: its containers can reach other networks", name)
+        if not net.gateway:
+            return settings, name
+        job_settings = via_gateway(settings, net.gateway)
+        if job_settings is not settings:
+            self._require_gateway(job_settings, net.gateway)
+        return job_settings, name
+
+    @staticmethod
+    def _require_gateway(job_settings, gateway: str) -> None:
+        import socket
+
+        for addr in (urlsplit(job_settings.vault_addr).netloc, job_settings.s3_endpoint):
+            host, _, port = addr.rpartition(":")
+            with socket.socket() as s:
+                s.settimeout(3)
+                if s.connect_ex((host, int(port))) != 0:
+                    raise RuntimeError(
+                        f"nothing answers on the trainer network's gateway {addr}: the trainer gateway is "
+                        f"not running; run `lepton up` (it forwards {gateway} to the services on 127.0.0.1)"
+                    )
+
+    def _run_container(self, settings, network: str, args: list[str], env: dict[str, str]) -> None:
+        cli = self.cli
+        host_config = cli.create_host_config(**container_spec(settings, network=network))
+        self.container = cli.create_container(
+            image=settings.trainer_image,
+            command=args,
+            environment=env,
+            host_config=host_config,
+            user=TRAINER_USER,
+            working_dir=TRAINER_HOME,
+            labels={
+                LABEL: "1",
+                f"{LABEL}.partner": self.partner,
+                f"{LABEL}.mode": self.mode,
+                f"{LABEL}.round": str(self.round_number),
+            },
+        )
+        cid = self.container["Id"]
+        try:
+            stream = cli.attach(container=cid, stdout=True, stderr=True, stream=True, logs=True)
+            cli.start(cid)
+            buffer = ""
+            for chunk in stream:
+                buffer += chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk
+                *lines, buffer = buffer.split("\n")
+                for line in lines:
+                    log.info("trainer: %s", scrub(line.rstrip()))
+            if buffer:
+                log.info("trainer: %s", scrub(buffer.rstrip()))
+            code = int(cli.wait(cid).get("StatusCode", -1))
+            if code != 0:
+                raw = cli.logs(cid, stdout=False, stderr=True, tail=STDERR_TAIL_LINES)
+                text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+                raise failure(self.partner, code, text.splitlines())
+        finally:
+            try:
+                cli.remove_container(cid, force=True)
+            except Exception as exc:  # noqa: BLE001 - never mask the task's own outcome; logged
+                log.warning("could not remove trainer container %s: %s", cid[:12], exc)
+            self.container = None  # type: ignore[assignment]
+
+    def on_kill(self) -> None:
+        if self.container is not None and self.hook.client_created:
+            log.info("stopping and removing trainer container %s", self.container["Id"][:12])
+            try:
+                self.cli.remove_container(self.container["Id"], force=True)
+            except Exception as exc:  # noqa: BLE001 - best effort while being killed
+                log.info("trainer container already gone: %s", exc)
+
+    # local -------------------------------------------------------------------------------------------------
+    def _run_local(self, args: list[str], job_json: str, ttl: timedelta, why: str) -> None:
+        log.warning(
+            "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
+            "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
+            why,
+        )
+        env = {**os.environ, "LEPTON_JOB": job_json, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        for k in [k for k in env if k.startswith(("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_"))]:
+            env.pop(k)  # the trainer gets nothing but its job, like in a container
+        proc = subprocess.run(
+            [sys.executable, "-m", "lepton_tasks.trainer", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=ttl.total_seconds(),
+        )
+        for line in (proc.stdout + proc.stderr).splitlines():
+            log.info("trainer: %s", scrub(line))
+        if proc.returncode != 0:
+            raise failure(self.partner, proc.returncode, proc.stderr.splitlines())

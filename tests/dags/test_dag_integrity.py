@@ -1,4 +1,4 @@
-"""DAG integrity: every DAG file imports, has tags, retries >= 2 and docs, and imports nothing heavy at parse."""
+"""DAG integrity: every DAG file imports, has tags, retries >= 2 and docs, imports nothing heavy at parse."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """End to end under ``dag.test()``: the ingest DAG on each scenario's drops, then the training DAG with real
-DockerOperator trainer containers (3 partners, 2 rounds), one partner made to fail → excluded with its reason."""
+DockerOperator trainer containers (3 partners, 2 rounds), one partner made to fail → excluded with its
+reason."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def airflow_db(settings):
+def airflow_db(settings, services):
     from lepton_tasks.ops.embedded.airflow import airflow_connections
 
-    os.environ.update(airflow_connections(settings))
+    # the DAGs run with Airflow's own least-privilege S3 identity, as in the embedded stack
+    os.environ.update(airflow_connections(services.airflow_settings()))
     os.environ["LEPTON_DATA_DIR"] = str(settings.data_dir)
     from airflow.utils import db
 

@@ -1,4 +1,5 @@
-"""The `lepton` command against the session's real stack (found through LEPTON_DATA_DIR and its ports.json)."""
+"""The `lepton` command against the session's real stack (found through LEPTON_DATA_DIR and its
+ports.json)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,16 @@ def test_partners_add_list_show_remove(cli, services):
 def test_logs_prints_a_service_log(cli):
     res = cli("logs", "openbao", "-n", "5")
     assert res.exit_code == 0 and res.output.strip()
+
+
+def test_status_prints_full_values_in_a_narrow_or_piped_terminal(cli, services, monkeypatch):
+    """No address or path is cut to "…" (80 columns, output piped): every value can be copied as is."""
+    monkeypatch.setenv("COLUMNS", "80")
+    res = cli("status")
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output
+    for row in services.status():
+        line = next((ln for ln in res.output.splitlines() if ln.startswith(row["service"] + " ")), None)
+        assert line is not None, f"no line for {row['service']}:\n{res.output}"
+        for value in (row["address"], row["log"]):
+            assert value in line, f"{value} is not printed in full:\n{res.output}"

@@ -36,10 +36,10 @@ async def _next_event(trigger, timeout: float):
 
 
 @pytest.fixture
-def trigger_env(settings, monkeypatch):
+def trigger_env(services, monkeypatch):
     from lepton_tasks.ops.embedded.airflow import airflow_connections
 
-    for k, v in airflow_connections(settings).items():
+    for k, v in airflow_connections(services.airflow_settings()).items():
         monkeypatch.setenv(k, v)
     yield
 
@@ -82,3 +82,60 @@ def test_a_drop_is_new_until_announced_with_the_same_etag():
     assert new_drops(found, {}) == [found["p/banks/x.csv"]]
     assert new_drops(found, {"p/banks/x.csv": "1"}) == []
     assert new_drops(found, {"p/banks/x.csv": "0"}) == [found["p/banks/x.csv"]]  # re-uploaded content
+
+
+async def _events_for(trigger, seconds: float) -> list:
+    """Every event the trigger yields within ``seconds``."""
+    events = []
+    gen = trigger.run()
+
+    async def collect():
+        async for event in gen:
+            events.append(event)
+
+    try:
+        await asyncio.wait_for(collect(), seconds)
+    except TimeoutError:
+        pass
+    finally:
+        await gen.aclose()
+    return events
+
+
+def test_an_announced_drop_that_was_not_ingested_is_announced_again_until_handled(
+    trigger_env, settings, onboard, admin_storage
+):
+    """The ingest of an announced drop failed (storage down…): it was stranded until the daily sweep; now the
+    trigger announces it again once ``retry_after`` has passed, and stops once ingest recorded it."""
+    from lepton_airflow.inbox_trigger import InboxTrigger
+    from lepton_tasks.ingest.stage import mark_announced
+
+    onboard("trig-r")
+    drop_as_partner(settings, "trig-r", "banks/retry.csv", b"a,b\n5,6\n")
+    mine = ("trig-r", "banks/retry.csv")
+    store = MemoryStateStore()
+    t = InboxTrigger(poll_interval=0.2, retry_after=0.5)
+    t.asset_state_store = store
+    events = asyncio.run(_events_for(t, 4))
+    announced = [e for e in events if mine in {(d["partner"], d["key"]) for d in e.payload["drops"]}]
+    assert len(announced) >= 2  # announced, then again (nothing ingested it): was announced once, ever
+
+    etag = admin_storage.stat("inbox-trig-r", "banks/retry.csv").etag
+    mark_announced(
+        admin_storage,
+        settings,
+        [
+            {
+                "status": "staged",
+                "partner": "trig-r",
+                "object_key": "banks/retry.csv",
+                "etag": etag,
+                "drop_id": "x",
+            }
+        ],
+    )
+    t2 = InboxTrigger(poll_interval=0.2, retry_after=0.5)
+    t2.asset_state_store = store
+    events = asyncio.run(_events_for(t2, 3))
+    assert not [e for e in events if mine in {(d["partner"], d["key"]) for d in e.payload["drops"]}]
+    assert store.data["announced"]["trig-r/banks/retry.csv"]["handled"] is True

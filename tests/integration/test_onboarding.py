@@ -159,3 +159,115 @@ def test_seaweed_shell_errors_never_echo_secret_keys(services):
     assert "TOPSECRET0123456789" not in str(err.value)
     with pytest.raises(ServiceError, match="flag provided but not defined"):  # exit 0, but it did nothing
         services.seaweedfs.shell("s3.configure -user=ghost-user -badflag")
+
+
+def test_onboarding_works_when_the_virtualenv_is_not_on_path(
+    settings, services, admin_storage, root_vault, monkeypatch
+):
+    """`lepton partners add` from `.venv/bin/lepton` without activating the venv: `weed` is found beside
+    this Python (it failed with a raw FileNotFoundError and left the bucket, key and policy behind)."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    p = add_partner(
+        settings,
+        "nopath-a",
+        ["banks"],
+        storage=admin_storage,
+        root_vault=root_vault,
+        identities=SeaweedIdentities(services.seaweedfs.shell),
+    )
+    assert p.name in Registry(settings.registry_file).load()
+    s = partner_storage(settings, "nopath-a")
+    _retry(lambda: s.put_bytes("inbox-nopath-a", "banks/x.csv", b"a"))
+
+
+class RecordingIdentities:
+    """The real SeaweedFS identities, recording what was granted and revoked; optionally failing a grant
+    after applying it (a half-applied step)."""
+
+    def __init__(self, services, *, fail_grant: bool = False) -> None:
+        self.real = SeaweedIdentities(services.seaweedfs.shell)
+        self.fail_grant = fail_grant
+        self.granted: list[tuple[str, str]] = []
+        self.revoked: list[str] = []
+
+    def preflight(self) -> None:
+        self.real.preflight()
+
+    def grant_bucket(self, user, access_key, secret_key, bucket) -> None:
+        self.real.grant_bucket(user, access_key, secret_key, bucket)
+        self.granted.append((access_key, secret_key))
+        if self.fail_grant:
+            raise RuntimeError("the identity service timed out")
+
+    def revoke(self, user, access_key) -> None:
+        self.real.revoke(user, access_key)
+        self.revoked.append(user)
+
+
+def _nothing_left(settings, admin_storage, root_vault, name: str, before: dict) -> None:
+    from lepton_tasks.ops.partners import credentials_file
+
+    assert not admin_storage.client.bucket_exists(f"inbox-{name}")
+    assert not root_vault.key_exists(f"lepton-{name}")
+    assert not root_vault.policy_exists(f"lepton-partner-{name}")
+    assert not credentials_file(settings, name).exists()
+    assert Registry(settings.registry_file).load() == before
+
+
+def _credentials_stop_working(settings, access_key: str, secret_key: str, bucket: str) -> None:
+    from lepton_tasks.adapters.storage import Storage
+
+    s = Storage(
+        settings.s3_endpoint, access_key, secret_key, secure=settings.s3_secure, region=settings.s3_region
+    )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            s.put_bytes(bucket, "banks/y.csv", b"b")
+        except S3Error:
+            return
+        time.sleep(0.5)
+    pytest.fail("credentials of a rolled-back onboarding still work after 15 s")
+
+
+def test_a_failing_grant_undoes_the_bucket_key_policy_and_identity(
+    settings, services, admin_storage, root_vault
+):
+    from lepton_tasks.ops.partners import OnboardingError
+
+    before = Registry(settings.registry_file).load()
+    ids = RecordingIdentities(services, fail_grant=True)
+    with pytest.raises(OnboardingError, match="failed while granting the inbox-only S3 credentials") as err:
+        add_partner(
+            settings, "undo-a", ["banks"], storage=admin_storage, root_vault=root_vault, identities=ids
+        )
+    assert "Removed again:" in str(err.value) and "bucket inbox-undo-a" in str(err.value)
+    _nothing_left(settings, admin_storage, root_vault, "undo-a", before)
+    assert ids.revoked == ["partner-undo-a"]
+    _credentials_stop_working(settings, *ids.granted[0], "inbox-undo-a")
+
+
+def test_a_failing_registry_write_undoes_everything(
+    settings, services, admin_storage, root_vault, monkeypatch
+):
+    from lepton_tasks.ops.partners import OnboardingError
+
+    before = Registry(settings.registry_file).load()
+
+    def disk_full(self, partners):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Registry, "save", disk_full)
+    ids = RecordingIdentities(services)
+    with pytest.raises(OnboardingError, match="failed while saving the registry"):
+        add_partner(
+            settings, "undo-b", ["banks"], storage=admin_storage, root_vault=root_vault, identities=ids
+        )
+    monkeypatch.undo()
+    _nothing_left(settings, admin_storage, root_vault, "undo-b", before)
+    assert ids.revoked == ["partner-undo-b"]
+    _credentials_stop_working(settings, *ids.granted[0], "inbox-undo-b")
+    # and the name is free again: onboarding it now works
+    add_partner(
+        settings, "undo-b", ["banks"], storage=admin_storage, root_vault=root_vault, identities=ids.real
+    )

@@ -1,5 +1,6 @@
 """The data path against real SeaweedFS + OpenBao: ingest → staged (manifest last) → plan → trainer jobs
-(in-process, with the partner's scoped token) → aggregation with quorum → publish. Plus tamper and isolation."""
+(in-process, with the partner's scoped token) → aggregation with quorum → publish. Plus tamper and
+isolation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import json
 
 import pytest
 
-from lepton_tasks.ingest.stage import MANIFEST, ingest_drop, read_manifest, staged_manifests
+from lepton_tasks.core.messages import dump
+from lepton_tasks.federation.plan import read_manifest
+from lepton_tasks.ingest.stage import MANIFEST, ingest_drop, staged_manifests
 from lepton_tasks.ops.demo import partner_name
 from lepton_tasks.ops.partners import drop_as_partner, partner_storage
 from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
@@ -37,11 +40,11 @@ def test_drops_are_staged_encrypted_with_manifest_last(staged, settings, admin_s
     assert set(found) == set(PARTNERS)
     for partner, keys in found.items():
         m = read_manifest(admin_storage, settings, operator_vault, partner, keys[0])
-        assert m["contract"] == "banks@v1" and m["rows"]["train"] > 0 and m["rows"]["holdout"] > 0
-        assert m["encryption"]["key_name"] == f"lepton-{partner}"
-        assert "balance" in json.dumps(m["statistics_train"])
-        for obj in m["objects"].values():
-            blob = admin_storage.get_bytes(settings.staging_bucket, obj["key"])
+        assert m.contract == "banks@v1" and m.rows.train > 0 and m.rows.holdout > 0
+        assert m.encryption.key_name == f"lepton-{partner}"
+        assert "balance" in json.dumps(dump(m)["statistics_train"])
+        for obj in m.objects.values():
+            blob = admin_storage.get_bytes(settings.staging_bucket, obj.key)
             assert blob.startswith(b"LEPTON-ENV1\n")
             assert (
                 b"PAR1" not in blob[:64] and b"customer_id" not in blob
@@ -83,7 +86,7 @@ def test_bad_drop_is_quarantined_with_reason_and_original(staged, settings, admi
 
 
 def test_tampered_manifest_is_rejected(staged, settings, admin_storage, operator_vault):
-    from lepton_tasks.ingest.stage import ManifestError
+    from lepton_tasks.adapters.manifest import ManifestError
 
     name = PARTNERS[0]
     key = staged_manifests(admin_storage, settings, "banks", [name])[name][0]
@@ -109,7 +112,7 @@ def test_staged_object_decrypts_only_with_own_token_and_fails_when_tampered(
         a,
         staged_manifests(admin_storage, settings, "banks", [a])[a][0],
     )
-    obj = m["objects"]["train"]["key"]
+    obj = m.objects["train"].key
     enc = admin_storage.download(settings.staging_bucket, obj, tmp_path / "t.enc")
     ad = associated_data(a, settings.staging_bucket, obj)
     own = Vault.connect(settings.vault_addr, operator_vault.trainer_token(a, "2m"))
@@ -156,7 +159,7 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
     plan = plan_run(
         settings, admin_storage, operator_vault, run_id=run_id, dataset="banks", partners=PARTNERS, hparams=hp
     )
-    assert plan["partners"] == sorted(PARTNERS)
+    assert plan.partners == sorted(PARTNERS)
     for k in (1, 2):
         for p in PARTNERS:
             if k == 2 and p == PARTNERS[2]:
@@ -187,7 +190,7 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
                 )
             )  # clearing the task: only that partner re-runs
         summary = aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
-        assert summary["excluded"] == []
+        assert summary.excluded == {}
     for mode in ("local", "evaluate"):
         for p in PARTNERS:
             run_job(
@@ -218,7 +221,7 @@ def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, op
     assert m["rounds"][1]["global_prev_holdout"]["round"] == 1 and m["rounds"][0]["global"]["auc"] > 0.8
     staged_sha = read_manifest(
         admin_storage, settings, operator_vault, PARTNERS[0], staged[PARTNERS[0]].manifest_key
-    )["drop_sha256"]
+    ).drop_sha256
     assert staged_sha in m["lineage"]["drops"][PARTNERS[0]]
     for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
         assert admin_storage.exists(settings.models_bucket, f"{run_id}/{suffix}")
@@ -245,13 +248,13 @@ def test_trainer_entrypoint_refuses_another_partners_token(
     job = trainer_job(
         settings, admin_storage, operator_vault, run_id="deny-run", partner=a, mode="train", round_number=1
     )
-    job["vault_token"] = operator_vault.trainer_token(b, ttl="2m")
-    monkeypatch.setenv("LEPTON_JOB", json.dumps(job))
+    job = job.model_copy(update={"vault_token": operator_vault.trainer_token(b, ttl="2m")})
+    monkeypatch.setenv("LEPTON_JOB", json.dumps(dump(job)))
     assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 3
     err = capsys.readouterr().err
-    assert "security error" in err and job["vault_token"] not in err
-    assert not admin_storage.exists(settings.models_bucket, job["output_key"])
-    monkeypatch.setenv("LEPTON_JOB", json.dumps({**job, "partner": b}))
+    assert "security error" in err and job.vault_token not in err
+    assert not admin_storage.exists(settings.models_bucket, job.output_key)
+    monkeypatch.setenv("LEPTON_JOB", json.dumps({**dump(job), "partner": b}))
     assert main(["--partner", a, "--mode", "train", "--round", "1"]) == 2  # a job for someone else is refused
 
 
@@ -339,10 +342,11 @@ def test_a_file_uploaded_again_replaces_its_earlier_version_in_the_next_run(
         hparams=HParams(rounds=1, min_partners=3),
     )
     # other test modules may have staged more files for this partner (other keys): those add up, untouched
-    planned = {d["manifest"]: d for d in plan["drops"][name]}
+    planned = {d.manifest: d for d in plan.drops[name]}
     assert res.manifest_key in planned and staged[name].manifest_key not in planned
-    assert plan["superseded"][name] == [staged[name].manifest_key]
-    assert sum(planned[res.manifest_key]["rows"].values()) == sum(staged[name].rows.values()) - 50
+    assert plan.superseded[name] == [staged[name].manifest_key]
+    rows = planned[res.manifest_key].rows
+    assert rows.train + rows.holdout == sum(staged[name].rows.values()) - 50
     for other in PARTNERS[1:]:  # the other partners' drops are untouched
-        assert staged[other].manifest_key in {d["manifest"] for d in plan["drops"][other]}
-        assert other not in plan["superseded"]
+        assert staged[other].manifest_key in {d.manifest for d in plan.drops[other]}
+        assert other not in plan.superseded

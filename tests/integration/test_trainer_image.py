@@ -1,6 +1,7 @@
 """The trainer image: hermetic build (or reuse), no-op rebuild, imports, non-root user. Needs a Docker daemon.
 
-Policy (fixture ``require_docker``): with ``CI=true`` a missing Docker daemon FAILS the test; elsewhere it skips.
+Policy (fixture ``require_docker``): with ``CI=true`` a missing Docker daemon FAILS the test; elsewhere it
+skips.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def trainer_image(require_docker: docker.DockerClient, repo_snapshot: Path) -> B
 
 
 def _run(client: docker.DockerClient, tag: str, *args: str, entrypoint: str | None = None) -> str:
-    """``docker run --rm --network none [--entrypoint E] TAG ARGS…``; returns stdout+stderr, raises on exit != 0."""
+    """``docker run --rm --network none [--entrypoint E] TAG ARGS…``; returns stdout+stderr, raises on
+    exit != 0."""
     out = client.containers.run(
         tag, list(args), entrypoint=entrypoint, network_mode="none", remove=True, stdout=True, stderr=True
     )
@@ -116,7 +118,7 @@ def test_runs_as_non_root(require_docker: docker.DockerClient, trainer_image: Bu
     assert config["User"] == "10001:10001"
     assert config["Entrypoint"] == ["python", "-m", "lepton_tasks.trainer"]
     env = dict(item.split("=", 1) for item in config["Env"])
-    assert env["PYTHONUNBUFFERED"] == "1" and env["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert env["PYTHONUNBUFFERED"] == "1" and env["TF_CPP_MIN_LOG_LEVEL"] == "3"
     assert env["PATH"].startswith("/opt/venv/bin:")
 
 
@@ -130,3 +132,23 @@ def test_image_is_hermetic_and_clean(require_docker: docker.DockerClient, traine
         entrypoint="sh",
     )
     assert "No broken requirements found" in out and out.strip().endswith("clean"), out
+
+
+def test_stale_image_is_detected_against_changed_sources(
+    require_docker: docker.DockerClient, trainer_image: BuildResult, repo_snapshot: Path, tmp_path: Path
+) -> None:
+    """The image just built holds its sources; a trainer edited since makes it stale, with the fix named."""
+    from lepton_tasks.ops.images import StaleImageError, check_trainer_image, trainer_image_freshness
+
+    fresh = trainer_image_freshness(require_docker, trainer_image.tag, repo_snapshot)
+    assert not fresh.stale and fresh.tag == trainer_image.tag, fresh
+    edited = tmp_path / "edited"
+    shutil.copytree(repo_snapshot, edited)
+    main = edited / "lepton_tasks/trainer/__main__.py"
+    main.write_text(main.read_text() + "\n# changed after the last build\n")
+    with pytest.raises(
+        StaleImageError,
+        match=r"^trainer image lepton-trainer:[0-9a-f]{12} is stale \(sources hash to [0-9a-f]{12}\): "
+        r"run `lepton images build`$",
+    ):
+        check_trainer_image(require_docker.api, trainer_image.tag, edited)

@@ -110,7 +110,7 @@ class Contract(BaseModel):
     null_values: list[str] = Field(default_factory=lambda: ["", "NA", "N/A", "NULL", "null", "NaN", "nan"])
     columns: dict[str, ColumnSpec]
     model: ModelSpec
-    training: TrainingDefaults = Field(default_factory=TrainingDefaults)
+    training: TrainingDefaults = Field(default_factory=lambda: TrainingDefaults())
 
     @model_validator(mode="after")
     def _check(self) -> Contract:

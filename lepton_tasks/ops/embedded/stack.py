@@ -1,4 +1,11 @@
-"""The embedded stack as a whole: ``up`` (idempotent), ``down`` (only what we started), ``status``."""
+"""The embedded stack as a whole: ``up`` (idempotent), ``down`` (only what we started), ``status``.
+
+``up`` starts what is not running and only that: an Airflow component that died is restarted alone (with
+its orphans stopped first), the others keep running. When a Docker daemon answers, ``up`` also makes sure
+the trainers' internal network exists and runs the trainer gateway on its gateway address (see
+:mod:`~lepton_tasks.ops.embedded.gateway`), so trainer containers reach OpenBao and SeaweedFS while both stay
+bound to 127.0.0.1. The data directory is private (0700; services run with umask 077).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,17 @@ from pathlib import Path
 from lepton_tasks.adapters.settings import Settings, load_settings
 from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.adapters.vault import Vault
-from lepton_tasks.ops.embedded.airflow import EmbeddedAirflow
+from lepton_tasks.ops.embedded.airflow import COMPONENTS, EmbeddedAirflow, secure_data_dir
+from lepton_tasks.ops.embedded.docker import (
+    BUILTIN_NETWORKS,
+    DEFAULT_TRAINER_NETWORK,
+    TrainerNetworkError,
+    docker_status,
+    ensure_trainer_network,
+)
+from lepton_tasks.ops.embedded.gateway import TrainerGateway
 from lepton_tasks.ops.embedded.openbao import OpenBao
-from lepton_tasks.ops.embedded.process import write_secret
+from lepton_tasks.ops.embedded.process import ManagedProcess, ServiceError, write_secret
 from lepton_tasks.ops.embedded.seaweedfs import SeaweedFS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -57,7 +72,8 @@ class Ports:
 
     @classmethod
     def load(cls, data_dir: Path) -> Ports:
-        """The ports ``lepton up`` used for this data dir (``ports.json``), overridden by ``LEPTON_PORT_*``."""
+        """The ports ``lepton up`` used for this data dir (``ports.json``), overridden by
+        ``LEPTON_PORT_*``."""
         p = cls()
         saved = data_dir / "ports.json"
         if saved.is_file():
@@ -74,6 +90,12 @@ class Ports:
             if val:
                 setattr(p, name, int(val))
         return p
+
+
+def trainer_network_name() -> str:
+    """The embedded stack's trainer network: ``LEPTON_TRAINER_NETWORK`` when set (``host`` opts out of the
+    isolated network), else :data:`DEFAULT_TRAINER_NETWORK`."""
+    return os.environ.get("LEPTON_TRAINER_NETWORK") or DEFAULT_TRAINER_NETWORK
 
 
 @dataclass
@@ -93,7 +115,28 @@ class Stack:
         return SeaweedFS(self.data_dir, self.host, p.s3, p.s3_master, p.s3_volume, p.s3_filer, p.s3_admin)
 
     def airflow(self, settings: Settings) -> EmbeddedAirflow:
-        return EmbeddedAirflow(settings, self.repo_root)
+        """The embedded Airflow; its S3 connection carries Airflow's own identity, not the admin's."""
+        return EmbeddedAirflow(settings, self.repo_root, s3_identity=self.seaweedfs.airflow_credentials())
+
+    def airflow_settings(self) -> Settings:
+        """The settings Airflow's tasks work with (what its connections carry): Airflow's own S3 identity
+        and the operator Vault token. Use this, not :meth:`settings` (the CLI's admin view), to act as
+        Airflow would."""
+        return self.airflow(self.settings()).task_settings()
+
+    @property
+    def gateway_proc(self) -> ManagedProcess:
+        return ManagedProcess("trainer-gateway", self.data_dir / "run")
+
+    def trainer_gateway(self, network_name: str = DEFAULT_TRAINER_NETWORK) -> TrainerGateway | None:
+        """The gateway for the trainer network (created when missing), or None without a Docker daemon."""
+        if network_name in BUILTIN_NETWORKS or not docker_status().daemon_ok:
+            return None
+        net = ensure_trainer_network(network_name)
+        if not net.gateway or not net.subnet:
+            raise ServiceError(f"the trainer network {net.name} has no IPv4 gateway/subnet")
+        p = self.ports
+        return TrainerGateway(self.data_dir, net.gateway, net.subnet, ((p.vault, p.vault), (p.s3, p.s3)))
 
     @property
     def operator_token_file(self) -> Path:
@@ -108,6 +151,7 @@ class Stack:
             "s3_master_port": self.ports.s3_master,
             "vault_addr": self.openbao.addr,
             "airflow_port": self.ports.airflow,
+            "trainer_network": trainer_network_name(),
         }
         if self.seaweedfs.credentials_file.exists():
             access, secret = self.seaweedfs.admin_credentials()
@@ -120,8 +164,9 @@ class Stack:
         return Vault.connect(self.openbao.addr, self.openbao.root_token())
 
     def up(self, *, with_airflow: bool = True) -> dict[str, bool]:
-        """Start what is not running; return ``{service: started_now}``."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Start what is not running; return ``{service: started_now}`` (Airflow: one entry per component,
+        ``airflow-scheduler`` etc.; ``trainer-gateway`` when a Docker daemon answers)."""
+        secure_data_dir(self.data_dir)
         if not (self.openbao.proc.running() or self.seaweedfs.proc.running()):  # record where we listen
             (self.data_dir / "ports.json").write_text(json.dumps(asdict(self.ports), indent=1))
         started = {"openbao": self.openbao.start()}
@@ -133,13 +178,22 @@ class Stack:
         storage = Storage.from_settings(settings)
         for bucket in settings.shared_buckets():
             storage.ensure_bucket(bucket)
-        self.write_env(settings)
+        self.write_env(self.airflow(settings).task_settings())  # Airflow's identity, never the admin's
+        try:
+            gateway = self.trainer_gateway(settings.trainer_network)
+        except TrainerNetworkError as exc:
+            raise ServiceError(f"trainer network: {exc}") from exc
+        if gateway is not None:
+            started["trainer-gateway"] = gateway.start()
         if with_airflow:
-            started["airflow"] = self.airflow(settings).start()
+            restarted = self.airflow(settings).start_components()
+            started |= {f"airflow-{c}": c in restarted for c in COMPONENTS}
         return started
 
     def write_env(self, settings: Settings) -> Path:
-        """``<data_dir>/lepton.env`` (0600): what every Lepton process reads to find the stack."""
+        """``<data_dir>/lepton.env`` (0600): what every Lepton process reads to find the stack. :meth:`up`
+        writes Airflow's S3 identity into it, not the storage admin's (the CLI reads those from
+        ``seaweedfs/admin-credentials.json``)."""
         lines = {
             "LEPTON_DATA_DIR": str(settings.data_dir),
             "LEPTON_S3_ENDPOINT": settings.s3_endpoint,
@@ -149,6 +203,8 @@ class Stack:
             "LEPTON_VAULT_ADDR": settings.vault_addr,
             "LEPTON_VAULT_TOKEN": settings.vault_token.get_secret_value(),
             "LEPTON_AIRFLOW_PORT": str(settings.airflow_port),
+            # trainers join the internal network reached through the trainer gateway, not the host network
+            "LEPTON_TRAINER_NETWORK": settings.trainer_network,
         }
         body = "".join(f"{k}={v}\n" for k, v in lines.items())
         write_secret(settings.env_file, body.encode())
@@ -157,6 +213,8 @@ class Stack:
     def down(self) -> list[str]:
         """Stop the processes this stack started (pid files), newest first."""
         stopped = [f"airflow-{c}" for c in self.airflow(self.settings()).stop()]
+        if self.gateway_proc.stop():
+            stopped.append("trainer-gateway")
         if self.seaweedfs.stop():
             stopped.append("seaweedfs")
         if self.openbao.stop():
@@ -187,6 +245,17 @@ class Stack:
                 "log": str(sw.proc.log_file),
             }
         )
+        gw = self.gateway_proc
+        if gw.pid_file.exists():
+            rows.append(
+                {
+                    "service": "trainer-gateway",
+                    "pid": str(gw.pid() or "-"),
+                    "address": "-",
+                    "health": _health(gw),
+                    "log": str(gw.log_file),
+                }
+            )
         af = self.airflow(settings)
         for name, proc in af.procs().items():
             rows.append(
@@ -194,11 +263,21 @@ class Stack:
                     "service": f"airflow-{name}",
                     "pid": str(proc.pid() or "-"),
                     "address": af.url if name == "api-server" else "-",
-                    "health": "running" if proc.running() else "down",
+                    "health": _health(proc),
                     "log": str(proc.log_file),
                 }
             )
         return rows
+
+
+def _health(proc: ManagedProcess) -> str:
+    """running | down | crashed (with the pids its session left behind: `lepton up`/`down` stop them)."""
+    if proc.running():
+        return "running"
+    left = proc.leftovers()
+    if left:
+        return f"crashed; {len(left)} orphaned process(es) {','.join(map(str, left))}: run `lepton up`"
+    return "down"
 
 
 def default_stack() -> Stack:

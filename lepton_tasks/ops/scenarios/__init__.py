@@ -2,8 +2,9 @@
 (synthetic event logs). Each scenario splits or generates data per partner, unevenly and non-IID.
 
 ``SCENARIOS[name] = Scenario(dataset, partners, generate)``; ``generate(seed)`` returns
-``{partner: raw DataFrame}`` exactly as each partner would drop it, and :func:`to_csv_bytes` writes such a frame
-as the CSV file a partner uploads (UTF-8, comma, header, ``\\n`` line endings, floats at full precision).
+``{partner: raw DataFrame}`` exactly as each partner would drop it, and :func:`to_csv_bytes` writes such a
+frame as the CSV file a partner uploads (UTF-8, comma, header, ``\\n`` line endings, floats at full
+precision).
 """
 
 from __future__ import annotations
@@ -32,5 +33,5 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def to_csv_bytes(df: pd.DataFrame, *, header: bool = True) -> bytes:
-    """``df`` as a partner's CSV file: UTF-8, ``,``, header line, ``\\n`` endings, no index, empty = missing."""
+    """``df`` as a partner's CSV file: UTF-8, ``,``, a header, ``\\n`` endings, no index, empty = missing."""
     return df.to_csv(index=False, header=header, lineterminator="\n").encode("utf-8")

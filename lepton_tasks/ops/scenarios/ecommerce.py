@@ -13,9 +13,9 @@ and less likely the pricier the item is relative to its category. Retailers are 
 * ``retailer_b`` — electronics-led, high prices, ~3% purchases;
 * ``retailer_c`` — grocery-led, low prices, ~17% purchases.
 
-Everything is a pure function of ``(seed, retailer, block index)``: :func:`generate` and :func:`write_csv` give
-the same rows, and :func:`write_csv` streams ~1 GB (≈15 M rows) in bounded memory. About 0.1% of prices are
-outliers (×40) to exercise clipping.
+Everything is a pure function of ``(seed, retailer, block index)``: :func:`generate` and :func:`write_csv`
+give the same rows, and :func:`write_csv` streams ~1 GB (≈15 M rows) in bounded memory. About 0.1% of
+prices are outliers (×40) to exercise clipping.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hospitals: the real Wisconsin Diagnostic Breast Cancer data (569 patients) split non-IID across 3 hospitals.
+"""Hospitals: the real Wisconsin Diagnostic Breast Cancer data (569 patients), split non-IID over 3 hospitals.
 
 Source: Street, Wolberg & Mangasarian (1993), UCI ML repository, shipped with scikit-learn
 (``sklearn.datasets.load_breast_cancer``, offline). 30 numeric features (names in snake_case, e.g.

@@ -1,4 +1,4 @@
-"""The envelope's ciphertext sink: hashing and writing on background threads must equal a plain write + SHA-256."""
+"""The envelope's ciphertext sink: hashing and writing on background threads equal a plain write + SHA-256."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""hashing: column/row hashes equal pandas' hash_pandas_object; SeenHashes is an exact set that spills to disk."""
+"""hashing: column/row hashes equal pandas' hash_pandas_object; SeenHashes: an exact set spilling to disk."""
 
 from __future__ import annotations
 

@@ -137,3 +137,61 @@ def test_prose_and_form_defaults_do_not_change_the_contract_hash_but_data_rules_
     assert contract_sha256(reworded) == base
     stricter = {**doc, "columns": {**doc["columns"], "balance": {**doc["columns"]["balance"], "min": 1.0}}}
     assert contract_sha256(stricter) != base
+
+
+def test_dp_settings_are_off_by_default_and_travel_to_the_trainer():
+    from lepton_tasks.core.messages import DPTraining, TrainerHParams
+
+    assert HParams().dp_noise_multiplier is None and HParams().dp_training() is None
+    hp = HParams(dp_noise_multiplier=1.1, dp_l2_clip=0.5, dp_delta=1e-6)
+    assert hp.dp_training() == DPTraining(noise_multiplier=1.1, l2_clip=0.5, delta=1e-6)
+    assert DPTraining(noise_multiplier=2.0) == DPTraining(noise_multiplier=2.0, l2_clip=1.0, delta=1e-5)
+    # a job without DP (every job written before DP existed) is unchanged and reads as no DP
+    job = load(TrainerJob, _job(), where="old")
+    assert job.hparams.dp is None and "dp" not in _job()["hparams"]
+    dp_job = load(TrainerJob, _job(hparams={**_job()["hparams"], "dp": {"noise_multiplier": 1.1}}), where="j")
+    assert dp_job.hparams.dp == DPTraining(noise_multiplier=1.1)
+    assert load(TrainerJob, dump(dp_job), where="again") == dp_job
+    with pytest.raises(ValueError, match="dp"):
+        TrainerHParams(**_job()["hparams"], dp={"noise_multiplier": 1.0, "epsilon": 3})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dp_noise_multiplier", 0.2),  # below the floor: one round's epsilon would run into the hundreds
+        ("dp_noise_multiplier", -1.0),
+        ("dp_noise_multiplier", float("inf")),
+        ("dp_noise_multiplier", float("nan")),
+        ("dp_l2_clip", 0.0),
+        ("dp_l2_clip", float("inf")),
+        ("dp_delta", 0.0),
+        ("dp_delta", 1.0),
+    ],
+)
+def test_bad_dp_settings_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        HParams(**{"dp_noise_multiplier": 1.0, field: value})
+
+
+def test_a_privacy_charge_rides_in_the_update_and_the_local_model_meta():
+    from lepton_tasks.core.messages import LocalModelMeta, PrivacyCharge, UpdateMeta
+
+    charge = PrivacyCharge(
+        noise_multiplier=1.1,
+        sampling_rate=0.01,
+        steps=10_000,
+        l2_clip=1.0,
+        delta=1e-5,
+        epsilon_this_update=5.632,
+    )
+    assert charge.sampling == "poisson"
+    update = UpdateMeta(partner="a", round=1, run_id="r", n_samples=5, metrics={}, drops=[], privacy=charge)
+    assert load(UpdateMeta, dump(update), where="u").privacy == charge
+    plain = {k: v for k, v in dump(update).items() if k != "privacy"}
+    assert load(UpdateMeta, plain, where="old").privacy is None  # updates without DP read as before
+    local = LocalModelMeta(partner="a", run_id="r", n_samples=5, metrics={}, privacy=charge)
+    assert load(LocalModelMeta, dump(local), where="l").privacy == charge
+    for bad in ({"sampling": "fixed"}, {"sampling_rate": 1.5}, {"steps": -1}, {"epsilon_this_update": -1}):
+        with pytest.raises(MessageError, match="privacy"):
+            load(UpdateMeta, {**dump(update), "privacy": {**dump(update)["privacy"], **bad}}, where="u")

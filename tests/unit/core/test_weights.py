@@ -32,7 +32,7 @@ def test_round_trip_keeps_dtype_shape_values_and_meta():
     out, got_meta = weights.loads(weights.dumps(arrays, meta))
     assert got_meta == meta
     assert len(out) == len(arrays)
-    for a, b in zip(arrays, out):
+    for a, b in zip(arrays, out, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a, b)
 

@@ -28,7 +28,8 @@ DATASETS = ["banks", "hospitals", "ecommerce"]
 
 def good_rows(n: int, start: int = 1) -> list[str]:
     return [
-        f"c{i:05d},{'Yes' if i % 3 == 0 else 'No'},{100.0 + i:.2f},{20000 + 37 * i},{'Yes' if i % 10 == 0 else 'No'}"
+        f"c{i:05d},{'Yes' if i % 3 == 0 else 'No'},{100.0 + i:.2f},{20000 + 37 * i},"
+        f"{'Yes' if i % 10 == 0 else 'No'}"
         for i in range(start, start + n)
     ]
 

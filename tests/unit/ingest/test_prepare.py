@@ -1,4 +1,5 @@
-"""prepare.prepare_drop: the typed fast path and the string path give the same output; fallback is automatic."""
+"""prepare.prepare_drop: the typed fast path and the string path give the same output; the fallback is
+automatic."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ HEADER = "id,n,x,b,ts,y\n"
 
 def _rows(n: int) -> str:
     return "".join(
-        f"r{i},{i},{i / 4},{'true' if i % 2 else 'false'},2024-01-01T00:00:{i % 60:02d}Z,{'yes' if i % 3 else 'no'}\n"
+        f"r{i},{i},{i / 4},{'true' if i % 2 else 'false'},2024-01-01T00:00:{i % 60:02d}Z,"
+        f"{'yes' if i % 3 else 'no'}\n"
         for i in range(n)
     )
 

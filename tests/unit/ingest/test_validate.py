@@ -148,6 +148,73 @@ def test_render_html_escapes_everything():
     assert "REJECTED" in page and page.startswith("<!DOCTYPE html>")
 
 
+def _hostile_report() -> tuple[list[ChunkValidation], str, DropError]:
+    """Every part of the page filled in, with markup in a column name, a message, a reason and a sample."""
+    evil = "<script>alert(1)</script>"
+    f = Failure(
+        code="not_allowed",
+        expectation="e",
+        column=evil,
+        rows=[3, 4],
+        unexpected_count=2,
+        message=f"2 value(s) of {evil!r} are not allowed",
+        fix=evil,
+        samples=[{"row": 3, evil: evil}, {"row": 4, "other": 1}],
+    )
+    w = Failure(code="null_value", expectation="e", column="x", critical=False, message="1 missing", rows=[2])
+    validations = [
+        ChunkValidation(
+            object_key=KEY, rows=10, seconds=0.25, failures=[f], warnings=[w], expectations=[evil]
+        ),
+        ChunkValidation(object_key=KEY, rows=0, seconds=0.01),
+    ]
+    err = DropError("not_allowed", evil, file=KEY, row=3, column=evil, fix=evil, samples=f.samples)
+    return validations, f"t/{evil}.csv", err
+
+
+def test_render_html_escapes_column_names_reasons_and_samples():
+    validations, key, err = _hostile_report()
+    page = render_html(validations, key, error=err)
+    assert "<script" not in page.lower()
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 8
+    assert "<th>&lt;script&gt;alert(1)&lt;/script&gt;</th>" in page  # a sample's column name: a header
+    assert "10 data rows validated in 2 part(s) · 1 critical failure(s) · 1 warning(s) · 0.26 s" in page
+    for text in ("Why the file was rejected", "Critical failures", "Warnings", "Checks (from the dataset"):
+        assert text in page, text
+
+
+def test_render_html_passes_and_warnings():
+    ok = render_html([ChunkValidation(object_key=KEY, rows=5, expectations=["id: exists"])], KEY)
+    assert "<strong>PASSED</strong>" in ok and "<li>id: exists</li>" in ok and "Critical failures" not in ok
+    w = Failure(code="null_value", expectation="e", column="x", critical=False, message="m")
+    warned = render_html([ChunkValidation(object_key=KEY, rows=5, warnings=[w])], KEY)
+    assert "PASSED WITH WARNINGS" in warned and "<td>—</td>" in warned  # no failing rows listed
+    assert "<h2>Checks" not in render_html([], KEY)
+
+
+def test_render_html_template_variables_are_all_required(monkeypatch):
+    """StrictUndefined: a template typo, or a variable render_html stops passing, fails the render."""
+    import jinja2
+
+    from lepton_tasks import templates
+
+    seen = {}
+    real_render = templates.render
+
+    def capture(name, /, **context):
+        seen.update(name=name, context=context)
+        return real_render(name, **context)
+
+    monkeypatch.setattr(templates, "render", capture)
+    validations, key, err = _hostile_report()
+    page = render_html(validations, key, error=err)
+    assert real_render(seen["name"], **seen["context"]) == page
+    for missing in seen["context"]:
+        rest = {k: v for k, v in seen["context"].items() if k != missing}
+        with pytest.raises(jinja2.UndefinedError, match=missing):
+            real_render(seen["name"], **rest)
+
+
 def test_modules_do_not_import_gx_or_pandas_at_import_time():
     code = (
         "import sys, lepton_tasks.core.drops as d; assert 'pandas' not in sys.modules, 'drops';"

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from lepton_tasks.ops.images import (
+    LABEL_BASE,
+    LABEL_GPU,
+    LABEL_HASH,
+    StaleImageError,
+    check_trainer_image,
     content_hash,
     gpu_requirements,
     trainer_build_inputs,
+    trainer_image_freshness,
     trainer_tag,
 )
 
@@ -132,7 +138,8 @@ def test_hash_ignores_non_inputs(repo: Path) -> None:
     ],
 )
 def test_tag_ignores_what_the_trainer_never_runs(repo: Path, path: str) -> None:
-    """Editing the CLI, the coordinator, ingest, a DAG or a contract (it travels with each job) keeps the tag."""
+    """Editing the CLI, the coordinator, ingest, a DAG or a contract (it travels with each job) keeps the
+    tag."""
     before = _hash(repo)
     (repo / path).write_text("# edited\n")
     assert _hash(repo) == before
@@ -202,3 +209,51 @@ def test_real_repo_requirements_are_pinned() -> None:
         "scikit-learn",
     } <= names
     assert not names & {"apache-airflow", "great-expectations", "matplotlib"}
+
+
+class _FakeAPI:
+    """``inspect_image`` of a low-level Docker client, for one image with ``labels``."""
+
+    def __init__(self, labels: dict[str, str] | None) -> None:
+        self.labels = labels
+
+    def inspect_image(self, name: str) -> dict:
+        if self.labels is None:
+            import docker.errors
+
+            raise docker.errors.ImageNotFound(name)
+        return {"Config": {"Labels": self.labels}}
+
+
+def _labels(digest: str) -> dict[str, str]:
+    return {LABEL_HASH: digest, LABEL_BASE: BASE, LABEL_GPU: "0"}
+
+
+def test_an_image_of_the_current_sources_is_fresh(repo: Path) -> None:
+    digest = _hash(repo)
+    fresh = trainer_image_freshness(_FakeAPI(_labels(digest)), "lepton-trainer:latest", repo)
+    assert not fresh.stale and fresh.tag == trainer_tag(digest) and fresh.sources_hash == digest
+    assert "holds the current sources" in check_trainer_image(_FakeAPI(_labels(digest)), "x", repo)
+
+
+def test_a_changed_trainer_makes_the_image_stale(repo: Path) -> None:
+    old = _hash(repo)
+    (repo / "lepton_tasks/trainer/__main__.py").write_text("print('train v2')\n")
+    new = _hash(repo)
+    with pytest.raises(StaleImageError) as err:
+        check_trainer_image(_FakeAPI(_labels(old)), "lepton-trainer:latest", repo)
+    assert str(err.value) == (
+        f"trainer image lepton-trainer:{old[:12]} is stale (sources hash to {new[:12]}): "
+        "run `lepton images build`"
+    )
+
+
+def test_a_missing_image_is_reported_and_an_unlabelled_one_is_unknown(repo: Path) -> None:
+    assert trainer_image_freshness(_FakeAPI(None), "lepton-trainer:latest", repo).stale
+    unknown = trainer_image_freshness(_FakeAPI({}), "someone/else:1", repo)
+    assert not unknown.stale and "freshness unknown" in unknown.reason
+
+
+def test_sources_absent_here_mean_unknown_not_stale(repo: Path, tmp_path: Path) -> None:
+    fresh = trainer_image_freshness(_FakeAPI(_labels(_hash(repo))), "x", tmp_path / "no-repo")
+    assert not fresh.stale and "freshness unknown" in fresh.reason

@@ -181,7 +181,7 @@ def test_prepare_is_independent_of_chunking(tmp_path, shops):
     path.write_bytes(to_csv_bytes(shops["retailer_b"]))  # pricey: outliers above the clip
     big = process_file(path, contract, "ecommerce/r.csv")
     small = process_file(path, contract, "ecommerce/r.csv", chunk_rows=997)
-    for a, b in zip(big[:2], small[:2]):
+    for a, b in zip(big[:2], small[:2], strict=True):
         pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
     assert big[2].model_dump() == small[2].model_dump()
     assert big[2].values_clipped.get("price", 0) >= 1  # the synthetic outliers were clipped

@@ -50,7 +50,7 @@ def _event_log(users=60, events=8, seed=0) -> pd.DataFrame:
 
 
 def _distance(a, b) -> float:
-    return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b))))
+    return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b, strict=True))))
 
 
 def test_mlp_learns_a_separable_problem_and_generalizes():
@@ -69,13 +69,13 @@ def test_training_is_deterministic_for_a_seed():
     frame = _separable(200)
     a = train_local(frame, MLP, FEATURES, epochs=2, batch_size=32, learning_rate=1e-2, seed=5)
     b = train_local(frame, MLP, FEATURES, epochs=2, batch_size=32, learning_rate=1e-2, seed=5)
-    assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights))
+    assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))
 
 
 def test_global_weights_are_the_starting_point():
     start = build_model(MLP, 3, seed=42).get_weights()
     same = train_local(_separable(100), MLP, FEATURES, global_weights=start, epochs=0, seed=0)
-    assert all(np.array_equal(x, y) for x, y in zip(same.weights, start))
+    assert all(np.array_equal(x, y) for x, y in zip(same.weights, start, strict=True))
     assert same.metrics["update_norm"] == 0.0
     moved = train_local(
         _separable(100), MLP, FEATURES, global_weights=start, epochs=1, learning_rate=1e-2, seed=0

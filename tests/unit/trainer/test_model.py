@@ -27,7 +27,9 @@ MLP = ModelSpec(kind="mlp", hidden=[6, 4], dropout=0.1, l2=1e-4)
 
 
 def _same(a, b) -> bool:
-    return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b, strict=True)
+    )
 
 
 def _seq_batch(n=4, length=3, width=3, seed=0):
@@ -127,7 +129,7 @@ def test_sequence_windows_are_per_user_ordered_and_right_padded():
     x, y = data.to_model_inputs(frame, SEQ, ["price"])
     assert y.tolist() == [1, 0, 1, 1, 0, 0]  # frame order kept
     assert x["items"].shape == (6, 3) and x["features"].shape == (6, 3, 1 + len(data.EXTRA_CHANNELS))
-    h = dict(zip(frame["item_id"], data.hash_ids(frame["item_id"], SEQ.hash_buckets)))
+    h = dict(zip(frame["item_id"], data.hash_ids(frame["item_id"], SEQ.hash_buckets), strict=True))
     expected_items = {  # oldest first, up to and including the row's own event
         "e1": ["i1"],
         "e2": ["i1", "i2"],
