@@ -240,6 +240,8 @@ def run_job(job: TrainerJob) -> dict[str, Any]:
             "kind": "local-only",
             "n_samples": res.n_samples,
         }
+    if global_w is None:
+        raise BadJobError("an evaluate job needs the global weights (global_weights_url is empty)")
     eval_frame, eval_kw = _holdout_frame(train_m, transform(holdout_df, contract, gstats), contract)
     g = evaluate_weights(eval_frame, contract.model, names, global_w, with_summary=True, **eval_kw)
     local_models = {}

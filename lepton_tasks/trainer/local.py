@@ -391,5 +391,7 @@ def evaluate_weights(
     p = predict(frame, spec, feature_names, weights, tie_break=tie_break, targets=targets)
     m = _metrics(y, p)
     if with_summary:
+        if y is None:
+            raise ValueError("a score summary needs labels: this frame has no label column")
         m["score_summary"] = evaluate.score_summary(y, p)
     return m
