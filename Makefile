@@ -14,7 +14,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 # e.g. UNIT_MARKERS="not integration and not docker and not slow" to leave the slow ones out too
 UNIT_MARKERS ?= not integration and not docker
 
-.PHONY: setup image demo test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality clean
+.PHONY: setup image demo test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
 
 # requirements.txt: the runtime pins; requirements-dev.txt: the tools (pytest, ruff, mypy + stubs, coverage),
 # installed into the same venv for development and CI, never into the runtime images.
@@ -79,6 +79,12 @@ bench-round: setup image
 
 bench-quality: setup
 	$(BIN)/python bench/quality/banks.py
+
+# secure aggregation vs plain FedAvg (pure, ~1 min); then DP-SGD utility on the banks data, seed 1 (starts its
+# own OpenBao + SeaweedFS: `bao` and `weed` must be on PATH)
+bench-privacy: setup
+	$(BIN)/python bench/privacy/secagg_bench.py
+	PATH=$(BIN):$$PATH $(BIN)/python bench/privacy/utility.py --seeds 1
 
 clean: down
 	rm -rf .lepton

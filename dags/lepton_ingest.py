@@ -65,7 +65,7 @@ def lepton_ingest():
         """Which drops this run handles (the watcher's payload, the UI's Params, or a sweep), in batches."""
         from airflow.sdk.configuration import conf
 
-        from lepton_airflow.connections import lepton_settings
+        from lepton_airflow.hook import LeptonHook
         from lepton_tasks.adapters.storage import Storage
         from lepton_tasks.core.drops import batch_drops, batch_label, cap_list
         from lepton_tasks.ingest.stage import list_new_drops
@@ -77,7 +77,7 @@ def lepton_ingest():
         for events in (ctx.get("triggering_asset_events") or {}).values():
             for event in events:
                 drops.extend((event.extra or {}).get("payload", {}).get("drops", []))
-        settings = lepton_settings()
+        settings = LeptonHook().get_settings()
         if params.get("partner") and params.get("object_key"):
             drops = [{"partner": params["partner"], "key": params["object_key"]}]
         elif not drops:
@@ -106,16 +106,13 @@ def lepton_ingest():
         """A batch of drops, one after the other (see lepton_tasks.ingest.stage.ingest_batch)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lepton_airflow.connections import lepton_settings
+        from lepton_airflow.hook import LeptonHook
         from lepton_tasks.adapters.storage import Storage
-        from lepton_tasks.adapters.vault import Vault
         from lepton_tasks.ingest.stage import ingest_batch
         from lepton_tasks.ops.partners import Registry
 
-        settings = lepton_settings()
-        vault = Vault.connect(
-            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
-        )
+        settings = LeptonHook().get_settings()
+        vault = LeptonHook().get_vault()
         results = [
             r.to_dict()
             for r in ingest_batch(
@@ -159,7 +156,7 @@ def lepton_ingest():
             drops handled (until then the inbox trigger would announce them again)."""
             from airflow.sdk.exceptions import AirflowSkipException
 
-            from lepton_airflow.connections import lepton_settings
+            from lepton_airflow.hook import LeptonHook
             from lepton_tasks.adapters.storage import Storage
             from lepton_tasks.ingest.stage import mark_announced
 
@@ -176,7 +173,7 @@ def lepton_ingest():
                 "dataset": dataset,
                 "drops": [f"{r['partner']}/{r['drop_id']}" for r in staged],
             }
-            settings = lepton_settings()
+            settings = LeptonHook().get_settings()
             mark_announced(Storage.from_settings(settings), settings, staged)
             print(f"announced {len(staged)} new staged drop(s) for {dataset}")
 

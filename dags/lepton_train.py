@@ -58,11 +58,11 @@ def _param(name: str) -> Any:
 
 def _first_failure(run_id: str) -> str | None:
     """Why the run cannot go on (plan or a round did not complete), or None: the pointer later steps give."""
-    from lepton_airflow.connections import lepton_settings
+    from lepton_airflow.hook import LeptonHook
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.federation.plan import plan_key, run_prefix
 
-    settings = lepton_settings()
+    settings = LeptonHook().get_settings()
     storage = Storage.from_settings(settings)
     if not storage.exists(settings.models_bucket, plan_key(run_id)):
         return "the `plan` task failed (no plan was written): see its log"
@@ -137,18 +137,15 @@ def build(dataset: str) -> Any:
             """Verify manifests, merge federated statistics, write the plan; return the partners."""
             from airflow.sdk.exceptions import AirflowFailException
 
-            from lepton_airflow.connections import lepton_settings
+            from lepton_airflow.hook import LeptonHook
             from lepton_tasks.adapters.storage import Storage
-            from lepton_tasks.adapters.vault import Vault
             from lepton_tasks.core.messages import HParams
             from lepton_tasks.federation.plan import QuorumError, plan_run
 
             ctx = get_current_context()
             p = ctx["params"]
-            settings = lepton_settings()
-            vault = Vault.connect(
-                settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
-            )
+            settings = LeptonHook().get_settings()
+            vault = LeptonHook().get_vault()
             hp = HParams(**{k: p[k] for k in HParams.model_fields if k in p})
             try:
                 result = plan_run(
@@ -194,7 +191,7 @@ def build(dataset: str) -> Any:
                     """Aggregate the updates that arrived; fail the run below the quorum (no retries)."""
                     from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-                    from lepton_airflow.connections import lepton_settings
+                    from lepton_airflow.hook import LeptonHook
                     from lepton_tasks.adapters.storage import Storage
                     from lepton_tasks.federation.plan import (
                         QuorumError,
@@ -206,7 +203,7 @@ def build(dataset: str) -> Any:
                     if k > _param("rounds"):
                         raise AirflowSkipException(f"round {k} not requested")
                     run_id = get_current_context()["run_id"]
-                    settings = lepton_settings()
+                    settings = LeptonHook().get_settings()
                     storage = Storage.from_settings(settings)
                     if not storage.exists(settings.models_bucket, plan_key(run_id)):
                         raise AirflowSkipException("the `plan` task failed: see its log")
@@ -261,7 +258,7 @@ def build(dataset: str) -> Any:
                 """metrics.json, report.html, the best round's model; or fail naming the first failure."""
                 from airflow.sdk.exceptions import AirflowFailException
 
-                from lepton_airflow.connections import lepton_settings
+                from lepton_airflow.hook import LeptonHook
                 from lepton_airflow.trainer import choose_runtime
                 from lepton_tasks.adapters.storage import Storage
                 from lepton_tasks.federation.publish import PublishError, publish_run
@@ -269,7 +266,7 @@ def build(dataset: str) -> Any:
                 why = _first_failure(get_current_context()["run_id"])
                 if why:
                     raise AirflowFailException(f"nothing to publish: {why}")
-                settings = lepton_settings()
+                settings = LeptonHook().get_settings()
                 runtime, _ = choose_runtime(settings)
                 try:
                     out = publish_run(

@@ -40,11 +40,11 @@ def scan_and_check() -> tuple[dict[str, dict[str, str]], Callable[[dict[str, str
     """Every object in every partner inbox (``{"partner/key": {"partner", "key", "etag", "modified"}}``)
     and the function telling whether ingest handled one, is at work on it, or neither (``stage.drop_state``).
     """
-    from lepton_airflow.connections import settings_from_env
+    from lepton_airflow.hook import LeptonHook
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.ingest.stage import drop_state, inbox_objects
 
-    settings = settings_from_env()
+    settings = LeptonHook.from_env()
     storage = Storage.from_settings(settings)
     found = {f"{d['partner']}/{d['key']}": d for d in inbox_objects(storage, settings)}
 

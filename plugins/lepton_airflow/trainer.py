@@ -197,12 +197,11 @@ class LeptonTrainerOperator(DockerOperator):
         self.run_id_ = run_id_
 
     def execute(self, context) -> dict[str, Any]:
-        from lepton_airflow.connections import lepton_settings
+        from lepton_airflow.hook import LeptonHook
         from lepton_tasks.adapters.storage import Storage
-        from lepton_tasks.adapters.vault import Vault
         from lepton_tasks.federation.plan import trainer_job
 
-        settings = lepton_settings()
+        settings = LeptonHook().get_settings()
         runtime, why = choose_runtime(settings)
         args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
         log.info(
@@ -217,9 +216,7 @@ class LeptonTrainerOperator(DockerOperator):
         if runtime == "docker":
             self._check_image(settings.trainer_image)  # before any secret is minted or container started
             job_settings, network = self._network(settings)
-        vault = Vault.connect(
-            settings.vault_addr, settings.vault_token.get_secret_value(), settings.transit_mount
-        )
+        vault = LeptonHook().get_vault()
         ttl = self.execution_timeout or timedelta(hours=1)
         job = trainer_job(
             job_settings,
