@@ -14,6 +14,8 @@ from typing import Any
 
 import hvac.exceptions
 
+from lepton_tasks.adapters.settings import Settings
+from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.adapters.vault import Vault
 from lepton_tasks.core.messages import Manifest, MessageError, SignedManifest, dump, load
 
@@ -62,3 +64,17 @@ def verify_manifest(
         if not obj.key.startswith(f"{partner}/{manifest.dataset}/{manifest.drop_id}/"):
             raise ManifestError(f"{where}: the {split} object {obj.key} is outside this drop's prefix")
     return manifest
+
+
+def read_manifest(
+    storage: Storage, settings: Settings, vault: Vault, partner: str, key: str, dataset: str | None = None
+) -> Manifest:
+    """Read ``key`` from staging and verify it as ``partner``'s manifest (:class:`ManifestError` if not)."""
+    return verify_manifest(
+        vault,
+        settings.transit_key(partner),
+        storage.get_bytes(settings.staging_bucket, key),
+        where=f"s3://{settings.staging_bucket}/{key}",
+        partner=partner,
+        dataset=dataset,
+    )

@@ -169,26 +169,9 @@ class Vault:
         token: str = res["auth"]["client_token"]
         return token
 
-    def trainer_token(self, partner: str, ttl: str = "1h") -> str:
-        """(operator) A non-renewable token that can only decrypt/verify with ``partner``'s key."""
-        res = self.client.auth.token.create(
-            role_name=TRAINER_ROLE,
-            policies=[partner_policy_name(partner)],
-            ttl=ttl,
-            explicit_max_ttl=ttl,
-            renewable=False,
-            display_name=f"trainer-{partner}",
-            no_default_policy=True,
-        )
-        token: str = res["auth"]["client_token"]
-        return token
-
-    def trainer_token_wrapped(self, partner: str, ttl: str = "1h", wrap_ttl: str = "5m") -> str:
-        """(operator) Like :meth:`trainer_token`, but response-wrapped: a single-use *wrapping* token
-        valid for ``wrap_ttl``. Only :func:`unwrap_token` (once) turns it into the trainer token, so a
-        wrapping token read later from ``docker inspect`` is useless, and one used by someone else first
-        makes the trainer's own unwrap fail loudly."""
-        res = self.client.auth.token.create(
+    def _create_trainer_token(self, partner: str, ttl: str, wrap_ttl: str | None = None) -> dict[str, Any]:
+        """The token-create response for a trainer token scoped to ``partner`` (wrapped when ``wrap_ttl``)."""
+        res: dict[str, Any] = self.client.auth.token.create(
             role_name=TRAINER_ROLE,
             policies=[partner_policy_name(partner)],
             ttl=ttl,
@@ -198,6 +181,19 @@ class Vault:
             no_default_policy=True,
             wrap_ttl=wrap_ttl,
         )
+        return res
+
+    def trainer_token(self, partner: str, ttl: str = "1h") -> str:
+        """(operator) A non-renewable token that can only decrypt/verify with ``partner``'s key."""
+        token: str = self._create_trainer_token(partner, ttl)["auth"]["client_token"]
+        return token
+
+    def trainer_token_wrapped(self, partner: str, ttl: str = "1h", wrap_ttl: str = "5m") -> str:
+        """(operator) Like :meth:`trainer_token`, but response-wrapped: a single-use *wrapping* token
+        valid for ``wrap_ttl``. Only :func:`unwrap_token` (once) turns it into the trainer token, so a
+        wrapping token read later from ``docker inspect`` is useless, and one used by someone else first
+        makes the trainer's own unwrap fail loudly."""
+        res = self._create_trainer_token(partner, ttl, wrap_ttl=wrap_ttl)
         wrap = (res or {}).get("wrap_info") or {}
         if not wrap.get("token"):
             raise VaultError(

@@ -18,7 +18,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from lepton_tasks.adapters.manifest import ManifestError, verify_manifest
+from lepton_tasks.adapters.manifest import ManifestError, read_manifest
 from lepton_tasks.adapters.settings import Settings
 from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.adapters.vault import Vault
@@ -49,7 +49,15 @@ from lepton_tasks.core.strategies import STRATEGIES
 from lepton_tasks.ingest.stage import staged_manifests
 
 log = logging.getLogger(__name__)
-__all__ = ["STRATEGIES", "HParams", "QuorumError", "aggregate_round", "plan_run", "trainer_job"]
+__all__ = [
+    "STRATEGIES",
+    "HParams",
+    "QuorumError",
+    "aggregate_round",
+    "plan_run",
+    "read_manifest",
+    "trainer_job",
+]
 
 
 class QuorumError(RuntimeError):
@@ -88,21 +96,6 @@ def latest_per_source(manifests: dict[str, Manifest]) -> tuple[list[str], dict[s
         current.append(keys[-1])
         old.update({k: keys[-1] for k in keys[:-1]})
     return sorted(current), old
-
-
-def read_manifest(
-    storage: Storage, settings: Settings, vault: Vault, partner: str, key: str, dataset: str | None = None
-) -> Manifest:
-    """Read ``key`` from staging and verify it as ``partner``'s manifest (:class:`ManifestError` if not)."""
-    where = f"s3://{settings.staging_bucket}/{key}"
-    return verify_manifest(
-        vault,
-        settings.transit_key(partner),
-        storage.get_bytes(settings.staging_bucket, key),
-        where=where,
-        partner=partner,
-        dataset=dataset,
-    )
 
 
 def read_plan(storage: Storage, settings: Settings, run_id: str) -> Plan:

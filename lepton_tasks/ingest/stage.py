@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lepton_tasks.adapters.envelope import associated_data, encrypt_file
-from lepton_tasks.adapters.manifest import ManifestError, sign_manifest, verify_manifest
+from lepton_tasks.adapters.manifest import ManifestError, read_manifest, sign_manifest
 from lepton_tasks.adapters.settings import Settings
 from lepton_tasks.adapters.storage import Storage, sha256_file
 from lepton_tasks.adapters.vault import Vault
@@ -287,18 +287,10 @@ def _current_manifest(
     the drop is staged again and the bad manifest replaced)."""
     if not storage.exists(settings.staging_bucket, key):
         return None
-    where = f"s3://{settings.staging_bucket}/{key}"
     try:
-        return verify_manifest(
-            vault,
-            settings.transit_key(partner),
-            storage.get_bytes(settings.staging_bucket, key),
-            where=where,
-            partner=partner,
-            dataset=dataset,
-        )
+        return read_manifest(storage, settings, vault, partner, key, dataset)
     except ManifestError as exc:
-        log.error("%s does not verify (%s): the drop is staged again and the manifest replaced", where, exc)
+        log.error("%s does not verify (%s): the drop is staged again and the manifest replaced", key, exc)
         return None
 
 
@@ -715,16 +707,8 @@ def restage(
     results: list[IngestResult] = []
     for partner, keys in staged_manifests(storage, settings, dataset, partners).items():
         for key in keys:
-            where = f"s3://{settings.staging_bucket}/{key}"
             try:
-                m = verify_manifest(
-                    vault,
-                    settings.transit_key(partner),
-                    storage.get_bytes(settings.staging_bucket, key),
-                    where=where,
-                    partner=partner,
-                    dataset=dataset,
-                )
+                m = read_manifest(storage, settings, vault, partner, key, dataset)
             except ManifestError as exc:
                 results.append(IngestResult(partner, "", "failed", None, dataset, key, error=str(exc)))
                 continue
