@@ -6,17 +6,19 @@ SDK's own (urllib3 ``Retry`` in the minio client); multipart upload is the SDK's
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import urllib3.exceptions
 from minio import Minio
 from minio.error import S3Error
 from minio.helpers import DictType
@@ -33,6 +35,33 @@ def _s3_metadata(metadata: dict[str, str] | None) -> DictType | None:
 
 class StorageError(RuntimeError):
     """An S3 operation failed; the message names bucket and key."""
+
+
+class StorageUnavailable(StorageError):
+    """The S3 server did not answer (refused, reset, timed out after the SDK's retries): transient; retry.
+
+    Replaces urllib3's ``MaxRetryError … Connection refused`` tracebacks with one line naming the service,
+    the operation, the bucket and the key.
+    """
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _names_the_object(op: str) -> Callable[[_F], _F]:
+    """Turn a connection failure inside ``op`` into a :class:`StorageUnavailable` naming bucket and key."""
+
+    def deco(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def wrapper(self: Storage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except urllib3.exceptions.HTTPError as exc:
+                raise self._unavailable(op, *args[:2]) from exc
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco
 
 
 def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
@@ -70,6 +99,10 @@ class Storage:
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
 
+    def _unavailable(self, op: str, bucket: Any = "", key: Any = "") -> StorageUnavailable:
+        where = f"s3://{bucket}/{key}" if isinstance(key, str) and key else f"s3://{bucket}"
+        return StorageUnavailable(f"S3 at {self.endpoint} did not answer while trying to {op} {where}")
+
     def __repr__(self) -> str:  # never show the secret
         return f"Storage(endpoint={self.endpoint!r}, access_key={self.access_key!r})"
 
@@ -84,6 +117,7 @@ class Storage:
         )
 
     # buckets -------------------------------------------------------------------------------------------
+    @_names_the_object("create")
     def ensure_bucket(self, bucket: str) -> bool:
         """Create ``bucket`` if missing; return True when it was created."""
         if self.client.bucket_exists(bucket):
@@ -105,6 +139,7 @@ class Storage:
         self.client.remove_bucket(bucket)
 
     # objects ---------------------------------------------------------------------------------------------
+    @_names_the_object("write")
     def put_bytes(
         self,
         bucket: str,
@@ -132,6 +167,7 @@ class Storage:
             content_type="application/json",
         )
 
+    @_names_the_object("write")
     def put_file(
         self,
         bucket: str,
@@ -152,6 +188,7 @@ class Storage:
         )
         return res.etag or ""
 
+    @_names_the_object("read")
     def get_bytes(self, bucket: str, key: str) -> bytes:
         try:
             resp = self.client.get_object(bucket, key)
@@ -166,6 +203,7 @@ class Storage:
     def get_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.get_bytes(bucket, key))
 
+    @_names_the_object("download")
     def download(self, bucket: str, key: str, dest: Path) -> Path:
         """Stream an object to ``dest`` atomically (a temp file renamed on success)."""
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +220,7 @@ class Storage:
                 os.unlink(tmp)
         return dest
 
+    @_names_the_object("look up")
     def exists(self, bucket: str, key: str) -> bool:
         try:
             self.client.stat_object(bucket, key)
@@ -191,6 +230,7 @@ class Storage:
             raise
         return True
 
+    @_names_the_object("stat")
     def stat(self, bucket: str, key: str) -> ObjectInfo:
         st = self.client.stat_object(bucket, key)
         meta = {
@@ -201,17 +241,22 @@ class Storage:
         return ObjectInfo(bucket, key, int(st.size or 0), str(st.etag), meta)
 
     def list(self, bucket: str, prefix: str = "", *, recursive: bool = True) -> Iterator[ObjectInfo]:
-        for obj in self.client.list_objects(bucket, prefix=prefix or None, recursive=recursive):
-            if obj.is_dir:
-                continue
-            yield ObjectInfo(bucket, obj.object_name or "", int(obj.size or 0), str(obj.etag), {})
+        try:
+            for obj in self.client.list_objects(bucket, prefix=prefix or None, recursive=recursive):
+                if obj.is_dir:
+                    continue
+                yield ObjectInfo(bucket, obj.object_name or "", int(obj.size or 0), str(obj.etag), {})
+        except urllib3.exceptions.HTTPError as exc:
+            raise self._unavailable("list", bucket, prefix) from exc
 
+    @_names_the_object("copy")
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> None:
         """Server-side copy, multipart for large objects (SDK ``compose_object`` would also work)."""
         from minio.commonconfig import CopySource
 
         self.client.copy_object(dst_bucket, dst_key, CopySource(src_bucket, src_key))
 
+    @_names_the_object("remove")
     def remove(self, bucket: str, key: str) -> None:
         self.client.remove_object(bucket, key)
 
