@@ -111,8 +111,9 @@ def lepton_ingest():
         from lepton_tasks.ingest.stage import ingest_batch
         from lepton_tasks.ops.partners import Registry
 
-        settings = LeptonHook().get_settings()
-        vault = LeptonHook().get_vault()
+        hook = LeptonHook()
+        settings = hook.get_settings()
+        vault = hook.get_vault()
         results = [
             r.to_dict()
             for r in ingest_batch(

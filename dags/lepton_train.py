@@ -144,8 +144,9 @@ def build(dataset: str) -> Any:
 
             ctx = get_current_context()
             p = ctx["params"]
-            settings = LeptonHook().get_settings()
-            vault = LeptonHook().get_vault()
+            hook = LeptonHook()
+            settings = hook.get_settings()
+            vault = hook.get_vault()
             hp = HParams(**{k: p[k] for k in HParams.model_fields if k in p})
             try:
                 result = plan_run(

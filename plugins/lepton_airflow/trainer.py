@@ -201,7 +201,8 @@ class LeptonTrainerOperator(DockerOperator):
         from lepton_tasks.adapters.storage import Storage
         from lepton_tasks.federation.plan import trainer_job
 
-        settings = LeptonHook().get_settings()
+        hook = LeptonHook()
+        settings = hook.get_settings()
         runtime, why = choose_runtime(settings)
         args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
         log.info(
@@ -216,7 +217,7 @@ class LeptonTrainerOperator(DockerOperator):
         if runtime == "docker":
             self._check_image(settings.trainer_image)  # before any secret is minted or container started
             job_settings, network = self._network(settings)
-        vault = LeptonHook().get_vault()
+        vault = hook.get_vault()
         ttl = self.execution_timeout or timedelta(hours=1)
         job = trainer_job(
             job_settings,
