@@ -1,4 +1,4 @@
-"""A storage outage is one line naming the service, the operation, the bucket and the key (no urllib3 trace)."""
+"""A storage outage is one line naming the service, the operation, the bucket and the key."""
 
 from __future__ import annotations
 
