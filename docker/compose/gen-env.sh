@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Write .env for Lepton's compose mode with fresh random secrets (mode 0600). Never overwrites an existing file.
 #
-#   docker/compose/gen-env.sh [OUT]        # OUT defaults to .env in the repository root
+#   docker/compose/gen-env.sh ROLE [OUT]   # ROLE: site | coordinator; OUT defaults to .env in the repository root
 #
+# ROLE picks the role file (docker/compose/<ROLE>.yml): COMPOSE_FILE in .env names both files, so a plain
+# `docker-compose up -d` starts that role.
 # LEPTON_TRAINER_IMAGE is filled from the newest local lepton-trainer:<hash> tag when a Docker daemon answers,
 # else left empty (compose then refuses to start until you set it). DOCKER_GID comes from /var/run/docker.sock.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT="${1:-.env}"
+ROLE="${1:-}"
+case "$ROLE" in
+  site|coordinator) ;;
+  *) echo "usage: docker/compose/gen-env.sh site|coordinator [OUT]" >&2; exit 2 ;;
+esac
+OUT="${2:-.env}"
 if [ -e "$OUT" ]; then
   echo "gen-env.sh: $OUT exists; not overwriting it (move it away first)" >&2
   exit 1
@@ -25,7 +32,8 @@ if command -v docker >/dev/null && timeout 10 docker info >/dev/null 2>&1; then
 fi
 
 umask 077
-sed -e "s|^AIRFLOW_UID=.*|AIRFLOW_UID=$(id -u)|" \
+sed -e "s|^COMPOSE_FILE=.*|COMPOSE_FILE=docker-compose.yml:docker/compose/${ROLE}.yml|" \
+    -e "s|^AIRFLOW_UID=.*|AIRFLOW_UID=$(id -u)|" \
     -e "s|^DOCKER_GID=.*|DOCKER_GID=${docker_gid}|" \
     -e "s|^POSTGRES_PASSWORD=.*|POSTGRES_PASSWORD=$(rand 24)|" \
     -e "s|^REDIS_PASSWORD=.*|REDIS_PASSWORD=$(rand 24)|" \
@@ -43,5 +51,8 @@ sed -e "s|^AIRFLOW_UID=.*|AIRFLOW_UID=$(id -u)|" \
     docker/compose/env.example > "$OUT"
 chmod 600 "$OUT"
 mkdir -p .lepton/compose && chmod 700 .lepton/compose
-echo "gen-env.sh: wrote $OUT (0600). Not printed: read it with care. Empty required values:"
-grep -E '^(DOCKER_GID|LEPTON_TRAINER_IMAGE)=$' "$OUT" | sed 's/^/  /' || echo "  (none)"
+echo "gen-env.sh: wrote $OUT (0600) for a $ROLE. Not printed: read it with care."
+if [ "$ROLE" = site ]; then
+  echo "Empty values a site requires:"
+  grep -E '^(DOCKER_GID|LEPTON_TRAINER_IMAGE)=$' "$OUT" | sed 's/^/  /' || echo "  (none)"
+fi

@@ -16,7 +16,9 @@ Idempotent; safe to re-run. In order:
    policy and trainer token role (``lepton_tasks.adapters.vault.Vault.setup_operator``: the same code as the
    embedded stack), and installs the operator token whose id is ``LEPTON_VAULT_TOKEN`` from ``.env`` (so
    Airflow's ``AIRFLOW_CONN_LEPTON_VAULT`` and Vault agree without copying tokens around). A re-run renews
-   it.
+   it. With ``LEPTON_ROLE=coordinator`` (docker/compose/coordinator.yml) it writes no operator policy and no
+   trainer role: it creates the coordinator's Ed25519 signing key (``LEPTON_COORDINATOR_KEY``) and installs
+   ``LEPTON_VAULT_TOKEN`` with a policy that can sign with that key and read its public half, nothing else.
 
 It runs in the lepton-airflow image with ``lepton_tasks`` mounted (hvac, pydantic-settings). It prints no
 secret.
@@ -37,10 +39,14 @@ import hvac.exceptions
 import requests
 
 from lepton_tasks.adapters.settings import Settings
+from lepton_tasks.adapters.signing import TransitSigner, signer_policy
 from lepton_tasks.adapters.vault import OPERATOR_POLICY, Vault
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 OPERATOR_PERIOD = "768h"
+#: the coordinator's signing key and the policy of the token Airflow uses there (LEPTON_ROLE=coordinator)
+COORDINATOR_KEY = "coordinator-sign"
+COORDINATOR_SIGNER_POLICY = "coordinator-signer"
 
 
 class InitError(RuntimeError):
@@ -120,9 +126,8 @@ def root_token_from(out: Path) -> str:
     raise InitError(f"no root token: {out} is missing and there is no terminal to ask for it")
 
 
-def configure(
-    root: hvac.Client, operator_token: str, *, transit_mount: str, key_prefix: str, audit: bool
-) -> None:
+def enable_engines(root: hvac.Client, *, transit_mount: str, audit: bool) -> None:
+    """The transit engine, AppRole and (unless ``audit`` is false) a file audit device."""
     mounts = root.sys.list_mounted_secrets_engines()["data"]
     if f"{transit_mount}/" not in mounts:
         root.sys.enable_secrets_engine("transit", path=transit_mount)
@@ -145,34 +150,66 @@ def configure(
     else:
         print("vault-init: WARNING: audit device not managed (LEPTON_VAULT_AUDIT=0)")
 
+
+def install_token(root: hvac.Client, token_id: str, policy: str) -> None:
+    """Install Airflow's token with the id ``LEPTON_VAULT_TOKEN`` and exactly ``policy`` (renew it when it is
+    already there; refuse a token of that id with other policies)."""
+    try:
+        info = root.auth.token.lookup(token_id)["data"]
+    except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
+        info = None
+    if info is None:
+        root.auth.token.create(
+            id=token_id,
+            policies=[policy],
+            no_parent=True,
+            period=OPERATOR_PERIOD,
+            display_name=policy,
+            no_default_policy=True,
+        )
+        print(
+            f"vault-init: installed Airflow's token (LEPTON_VAULT_TOKEN, policy {policy}; "
+            f"periodic, {OPERATOR_PERIOD})"
+        )
+    else:
+        if sorted(info.get("policies") or []) != [policy]:
+            raise InitError(
+                f"a token with the id LEPTON_VAULT_TOKEN exists with policies {info.get('policies')}, "
+                f"not [{policy}]: choose a new LEPTON_VAULT_TOKEN"
+            )
+        root.auth.token.renew(token_id)
+        print(f"vault-init: Airflow's token already installed; renewed (period {OPERATOR_PERIOD})")
+
+
+def configure(
+    root: hvac.Client, operator_token: str, *, transit_mount: str, key_prefix: str, audit: bool
+) -> None:
+    """A site (or the single-stack mode): the operator policy and the trainer token role."""
+    enable_engines(root, transit_mount=transit_mount, audit=audit)
     vault = Vault(root, transit_mount)
     # setup_operator writes the operator policy and the trainer token role (single source of truth, shared
     # with the embedded stack) and mints a token we do not need: revoke that one at once.
     root.auth.token.revoke(vault.setup_operator(key_prefix))
     print(f"vault-init: wrote policy {OPERATOR_POLICY} and the trainer token role")
+    install_token(root, operator_token, OPERATOR_POLICY)
 
-    try:
-        info = root.auth.token.lookup(operator_token)["data"]
-    except (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath):
-        info = None
-    if info is None:
-        root.auth.token.create(
-            id=operator_token,
-            policies=[OPERATOR_POLICY],
-            no_parent=True,
-            period=OPERATOR_PERIOD,
-            display_name="lepton-operator",
-            no_default_policy=True,
-        )
-        print(f"vault-init: installed the operator token (LEPTON_VAULT_TOKEN; periodic, {OPERATOR_PERIOD})")
-    else:
-        if sorted(info.get("policies") or []) != [OPERATOR_POLICY]:
-            raise InitError(
-                f"a token with the id LEPTON_VAULT_TOKEN exists with policies {info.get('policies')}, "
-                f"not [{OPERATOR_POLICY}]: choose a new LEPTON_VAULT_TOKEN"
-            )
-        root.auth.token.renew(operator_token)
-        print(f"vault-init: operator token already installed; renewed (period {OPERATOR_PERIOD})")
+
+def configure_coordinator(
+    root: hvac.Client, token: str, *, transit_mount: str, key_name: str, audit: bool
+) -> None:
+    """The coordinator: its Ed25519 signing key and a token that may sign with it and read its public half,
+    nothing else. No operator policy and no trainer role: nothing here can decrypt partner data."""
+    enable_engines(root, transit_mount=transit_mount, audit=audit)
+    signer = TransitSigner(root, key_name, transit_mount=transit_mount)
+    created = signer.create_key()
+    policy = COORDINATOR_SIGNER_POLICY
+    root.sys.create_or_update_policy(name=policy, policy=signer_policy(transit_mount, key_name))
+    public = signer.public_key()
+    print(
+        f"vault-init: signing key {key_name} {'created' if created else 'already there'}; policy {policy}; "
+        f"public key fingerprint {public.fingerprint} (sites confirm it at enrollment)"
+    )
+    install_token(root, token, policy)
 
 
 def main() -> int:
@@ -209,13 +246,23 @@ def main() -> int:
             "the root token was rejected (revoked?): generate one with `vault operator generate-root` "
             "and enter it when asked"
         ) from exc
-    configure(
-        root,
-        operator_token,
-        transit_mount=settings.transit_mount,
-        key_prefix=settings.key_prefix,
-        audit=os.environ.get("LEPTON_VAULT_AUDIT", "1") != "0",
-    )
+    audit = os.environ.get("LEPTON_VAULT_AUDIT", "1") != "0"
+    role = os.environ.get("LEPTON_ROLE", "site")
+    if role == "coordinator":
+        key_name = os.environ.get("LEPTON_COORDINATOR_KEY", COORDINATOR_KEY)
+        configure_coordinator(
+            root, operator_token, transit_mount=settings.transit_mount, key_name=key_name, audit=audit
+        )
+    elif role == "site":
+        configure(
+            root,
+            operator_token,
+            transit_mount=settings.transit_mount,
+            key_prefix=settings.key_prefix,
+            audit=audit,
+        )
+    else:
+        raise InitError(f"LEPTON_ROLE must be 'site' or 'coordinator', not {role!r}")
     print(
         "vault-init: done. Keep the unseal keys and root token offline; revoke the root token when not "
         "onboarding (`vault token revoke`), regenerate it with `vault operator generate-root`."

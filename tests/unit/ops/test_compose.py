@@ -22,6 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[3]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE_DIR = REPO / "docker" / "compose"
+#: the role files that go on top of docker-compose.yml (``-f docker-compose.yml -f <role file>``)
+ROLE_FILES = {"site": COMPOSE_DIR / "site.yml", "coordinator": COMPOSE_DIR / "coordinator.yml"}
 ENV_EXAMPLE = COMPOSE_DIR / "env.example"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -49,9 +51,9 @@ REQUIRED = {
     "LEPTON_S3_ACCESS_KEY",
     "LEPTON_S3_SECRET_KEY",
     "LEPTON_VAULT_TOKEN",
-    "LEPTON_TRAINER_IMAGE",
-    "DOCKER_GID",
 }
+#: what only a site needs (its trainer containers): the coordinator must start without them
+SITE_REQUIRED = {"LEPTON_TRAINER_IMAGE", "DOCKER_GID"}
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|_KEY|_USER|USERNAME)$")
 VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 #: literal default credentials that must not appear anywhere in the compose files
@@ -277,7 +279,6 @@ def test_vault_runs_server_mode_with_persistent_storage(services):
 
 
 def test_airflow_services_share_code_connections_and_mode(services, compose):
-    network = compose["networks"]["lepton"]["name"]
     for name in AIRFLOW_SERVICES:
         svc = services[name]
         env = svc["environment"]
@@ -297,11 +298,10 @@ def test_airflow_services_share_code_connections_and_mode(services, compose):
         vault = json.loads(env["AIRFLOW_CONN_LEPTON_VAULT"])
         assert vault["conn_type"] == "vault" and vault["password"] == dummy_value("LEPTON_VAULT_TOKEN")
         assert vault["extra"]["url"] == "http://vault:8200"
-        assert env["LEPTON_TRAINER_NETWORK"] == network
-    # only the worker talks to the Docker daemon, and only it gets the socket's group
-    socket_users = {n for n, s in services.items() if any("docker.sock" in v for v in s.get("volumes", []))}
-    assert socket_users == {"airflow-worker"}
-    assert services["airflow-worker"]["group_add"] == [dummy_value("DOCKER_GID")]
+        # the role (and with it the Docker socket and the trainer settings) comes from a role file only
+        assert "LEPTON_ROLE" not in env and "DOCKER_HOST" not in env
+        assert not any(k.startswith("LEPTON_TRAINER_") for k in env)
+    assert not any("docker.sock" in v for s in services.values() for v in s.get("volumes", []))
     assert services["airflow-init"]["build"]["dockerfile"] == "airflow.Dockerfile"
     # the MinIO root credentials never reach Airflow
     for name in AIRFLOW_SERVICES:
@@ -318,19 +318,21 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-def _run_config(cmd: list[str], env_file: Path) -> subprocess.CompletedProcess[str]:
+def _run_config(
+    cmd: list[str], env_file: Path, role: str | None = None, *, quiet: bool = True
+) -> subprocess.CompletedProcess[str]:
     clean_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    files = ["-f", str(COMPOSE_FILE)] + (["-f", str(ROLE_FILES[role])] if role else [])
     return subprocess.run(
         [
             *cmd,
             "--project-directory",
             str(REPO),
-            "-f",
-            str(COMPOSE_FILE),
+            *files,
             "--env-file",
             str(env_file),
             "config",
-            "-q",
+            *(["-q"] if quiet else []),
         ],
         cwd=REPO,
         env=clean_env,
@@ -360,3 +362,69 @@ def test_compose_config_validates_and_refuses_missing_secrets(tmp_path):
     refused = _run_config(cmd, empty)
     assert refused.returncode != 0, "compose accepted the file without any secret set"
     assert re.search(r"set [A-Z_]+ in \.env", refused.stdout + refused.stderr), refused.stderr
+
+
+def _need_compose() -> list[str]:
+    cmd = _compose_command()
+    if cmd is None:
+        if IN_CI:
+            pytest.fail("CI=true but docker-compose is not installed (apt-get install -y docker-compose)")
+        pytest.skip("docker-compose is not installed (apt-get install -y docker-compose)")
+    return cmd
+
+
+def merged(role: str, env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """docker-compose.yml + the role file as Docker Compose itself merges them (``config`` output)."""
+    env_file = tmp_path / f"{role}.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    out = _run_config(_need_compose(), env_file, role, quiet=False)
+    assert out.returncode == 0, f"compose config ({role}) failed:\n{out.stdout}\n{out.stderr}"
+    return yaml.safe_load(out.stdout)
+
+
+def test_site_role_gives_the_docker_socket_to_the_worker_only_and_an_internal_trainer_network(tmp_path):
+    cfg = merged("site", dummy_env(), tmp_path)
+    services = cfg["services"]
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["LEPTON_ROLE"] == "site"
+        assert env["LEPTON_TRAINER_IMAGE"] == dummy_value("LEPTON_TRAINER_IMAGE")
+    socket_users = {
+        n for n, s in services.items() if any("docker.sock" in str(v) for v in s.get("volumes", []))
+    }
+    assert socket_users == {"airflow-worker"}
+    assert [str(g) for g in services["airflow-worker"]["group_add"]] == [dummy_value("DOCKER_GID")]
+    # the worker keeps its base mounts (compose merges volume lists by target)
+    targets = {
+        str(v).split(":")[1] if isinstance(v, str) else v["target"]
+        for v in services["airflow-worker"]["volumes"]
+    }
+    assert {"/opt/airflow/dags", "/opt/lepton/lepton_tasks", "/var/run/docker.sock"} <= targets
+    trainer_net = services["airflow-worker"]["environment"]["LEPTON_TRAINER_NETWORK"]
+    (key,) = [k for k, n in cfg["networks"].items() if n.get("name") == trainer_net]
+    assert cfg["networks"][key].get("internal") is True, "trainer containers must have no route out"
+    # trainers reach exactly MinIO and Vault on it
+    assert {n for n, s in services.items() if key in (s.get("networks") or {})} == {"minio", "vault"}
+
+
+def test_coordinator_role_has_no_docker_socket_no_trainer_and_a_signing_only_vault(tmp_path):
+    env = {k: v for k, v in dummy_env().items() if k not in SITE_REQUIRED}
+    cfg = merged("coordinator", env, tmp_path)
+    services = cfg["services"]
+    for name in AIRFLOW_SERVICES:
+        env_ = services[name]["environment"]
+        assert env_["LEPTON_ROLE"] == "coordinator"
+        assert not any(k.startswith("LEPTON_TRAINER_") for k in env_) and "DOCKER_HOST" not in env_
+    assert not any("docker.sock" in str(v) for s in services.values() for v in s.get("volumes", []))
+    assert not any("group_add" in s for s in services.values())
+    assert services["vault-init"]["environment"]["LEPTON_ROLE"] == "coordinator"
+    assert services["minio-init"]["environment"]["LEPTON_SHARED_BUCKETS"] == "models"
+
+
+def test_site_role_refuses_to_start_without_its_trainer_settings(tmp_path):
+    cmd = _need_compose()
+    env_file = tmp_path / "site.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in dummy_env().items() if k not in SITE_REQUIRED))
+    refused = _run_config(cmd, env_file, "site")
+    assert refused.returncode != 0, "the site role accepted a missing LEPTON_TRAINER_IMAGE / DOCKER_GID"
+    assert re.search(r"set (LEPTON_TRAINER_IMAGE|DOCKER_GID) in \.env", refused.stdout + refused.stderr)
