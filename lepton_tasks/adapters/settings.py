@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEPTON_", extra="ignore")
 
     mode: Literal["embedded", "compose"] = "embedded"
+    #: which organization this Lepton is: ``site`` (a partner: ingest, site jobs, trainers), ``coordinator``
+    #: (the consortium: federated runs over the exchange), or ``single`` (stage 1: one stack does it all)
+    role: Literal["single", "coordinator", "site"] = "single"
+    #: the consortium's id (enrollment bundles, signed messages)
+    consortium: str = "lepton"
     data_dir: Path = Field(default_factory=_default_data_dir)
     bind_host: str = "127.0.0.1"
 
@@ -45,6 +50,8 @@ class Settings(BaseSettings):
     vault_token: SecretStr = SecretStr("")
     transit_mount: str = "transit"
     key_prefix: str = "lepton-"
+    #: (coordinator) the Ed25519 transit key that signs round jobs; its public half is pinned by every site
+    coordinator_key: str = "coordinator-sign"
 
     # airflow
     airflow_port: int = 8080
@@ -70,6 +77,16 @@ class Settings(BaseSettings):
     @property
     def registry_file(self) -> Path:
         return self.data_dir / "partners.yaml"
+
+    @property
+    def sites_file(self) -> Path:
+        """(coordinator) the registry of enrolled sites and their pinned keys (``SiteRegistry``)."""
+        return self.data_dir / "sites.yaml"
+
+    @property
+    def site_dir(self) -> Path:
+        """(site) the site's own files: its enrollment bundle, policy, state, outbound log, privacy ledger."""
+        return self.data_dir / "site"
 
     def inbox_bucket(self, partner: str) -> str:
         return f"{self.inbox_bucket_prefix}{partner}"
