@@ -10,6 +10,7 @@ from rich.table import Column, Table
 
 from lepton_tasks.ops.contracts_cli import contracts_app, schemas_app
 from lepton_tasks.ops.embedded.process import ServiceError
+from lepton_tasks.ops.enrollment_cli import coordinator_app, site_app
 
 app = typer.Typer(
     help="Lepton: federated learning on Apache Airflow.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -24,6 +25,8 @@ app.add_typer(images_app, name="images")
 app.add_typer(demo_app, name="demo")
 app.add_typer(contracts_app, name="contracts")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(site_app, name="site")
 console = Console(soft_wrap=True)
 
 
