@@ -17,8 +17,9 @@ Idempotent; safe to re-run. In order:
    embedded stack), and installs the operator token whose id is ``LEPTON_VAULT_TOKEN`` from ``.env`` (so
    Airflow's ``AIRFLOW_CONN_LEPTON_VAULT`` and Vault agree without copying tokens around). A re-run renews
    it. With ``LEPTON_ROLE=coordinator`` (docker/compose/coordinator.yml) it writes no operator policy and no
-   trainer role: it creates the coordinator's Ed25519 signing key (``LEPTON_COORDINATOR_KEY``) and installs
-   ``LEPTON_VAULT_TOKEN`` with a policy that can sign with that key and read its public half, nothing else.
+   trainer role: it creates the coordinator's Ed25519 signing key (``LEPTON_COORDINATOR_KEY_NAME``) and
+   installs ``LEPTON_VAULT_TOKEN`` with a policy that can sign with that key and read its public half, nothing
+   else.
 
 It runs in the lepton-airflow image with ``lepton_tasks`` mounted (hvac, pydantic-settings). It prints no
 secret.
@@ -44,8 +45,7 @@ from lepton_tasks.adapters.vault import OPERATOR_POLICY, Vault
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 OPERATOR_PERIOD = "768h"
-#: the coordinator's signing key and the policy of the token Airflow uses there (LEPTON_ROLE=coordinator)
-COORDINATOR_KEY = "coordinator-sign"
+#: the policy of the token Airflow uses at the coordinator (LEPTON_ROLE=coordinator)
 COORDINATOR_SIGNER_POLICY = "coordinator-signer"
 
 
@@ -249,9 +249,12 @@ def main() -> int:
     audit = os.environ.get("LEPTON_VAULT_AUDIT", "1") != "0"
     role = os.environ.get("LEPTON_ROLE", "site")
     if role == "coordinator":
-        key_name = os.environ.get("LEPTON_COORDINATOR_KEY", COORDINATOR_KEY)
         configure_coordinator(
-            root, operator_token, transit_mount=settings.transit_mount, key_name=key_name, audit=audit
+            root,
+            operator_token,
+            transit_mount=settings.transit_mount,
+            key_name=settings.coordinator_key_name,
+            audit=audit,
         )
     elif role == "site":
         configure(

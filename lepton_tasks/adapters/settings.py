@@ -28,8 +28,6 @@ class Settings(BaseSettings):
     #: which organization this Lepton is: ``site`` (a partner: ingest, site jobs, trainers), ``coordinator``
     #: (the consortium: federated runs over the exchange), or ``single`` (stage 1: one stack does it all)
     role: Literal["single", "coordinator", "site"] = "single"
-    #: the consortium's id (enrollment bundles, signed messages)
-    consortium: str = "lepton"
     data_dir: Path = Field(default_factory=_default_data_dir)
     bind_host: str = "127.0.0.1"
 
@@ -50,11 +48,16 @@ class Settings(BaseSettings):
     vault_token: SecretStr = SecretStr("")
     transit_mount: str = "transit"
     key_prefix: str = "lepton-"
-    #: (coordinator) the Ed25519 transit key that signs round jobs; its public half is pinned by every site
-    coordinator_key: str = "coordinator-sign"
 
     # airflow
     airflow_port: int = 8080
+
+    # coordinator (federated runs over the sites' exchange buckets)
+    #: the consortium the coordinator runs (the id in every signed job; sites enroll into it)
+    consortium: str = Field("lepton", pattern=r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+    #: the coordinator's ed25519 signing key in its Vault's transit engine (its token needs only
+    #: ``adapters.signing.signer_policy`` on it; deliberately outside ``key_prefix``, the partner keys)
+    coordinator_key_name: str = "coordinator-signing"
 
     # training
     trainer_image: str = "lepton-trainer:latest"
@@ -79,14 +82,15 @@ class Settings(BaseSettings):
         return self.data_dir / "partners.yaml"
 
     @property
-    def sites_file(self) -> Path:
-        """(coordinator) the registry of enrolled sites and their pinned keys (``SiteRegistry``)."""
-        return self.data_dir / "sites.yaml"
-
-    @property
     def site_dir(self) -> Path:
         """(site) the site's own files: its enrollment bundle, policy, state, outbound log, privacy ledger."""
         return self.data_dir / "site"
+
+    @property
+    def site_registry_file(self) -> Path:
+        """The coordinator's registry of enrolled sites and their pinned keys
+        (``federation.enrollment.SiteRegistry``)."""
+        return self.data_dir / "sites.yaml"
 
     def inbox_bucket(self, partner: str) -> str:
         return f"{self.inbox_bucket_prefix}{partner}"

@@ -59,7 +59,7 @@ def _admin() -> tuple[Any, Any, Any, Any]:
 def _coordinator_signer(settings: Any, vault: Any) -> Any:
     from lepton_tasks.adapters.signing import TransitSigner
 
-    return TransitSigner.from_vault(vault, settings.coordinator_key)
+    return TransitSigner.from_vault(vault, settings.coordinator_key_name)
 
 
 @coordinator_app.command("init")
@@ -70,7 +70,8 @@ def coordinator_init() -> None:
     created = signer.create_key()
     public = signer.public_key()
     _console().print(
-        f"coordinator signing key {settings.coordinator_key} {'created' if created else 'already there'} "
+        f"coordinator signing key {settings.coordinator_key_name} "
+        f"{'created' if created else 'already there'} "
         f"(version {public.version}); fingerprint, to read out to every site's operator:\n"
         f"  {public.fingerprint}"
     )
@@ -93,7 +94,7 @@ def coordinator_enroll(
             storage,
             identities,
             _coordinator_signer(settings, vault),
-            registry=SiteRegistry(settings.sites_file),
+            registry=SiteRegistry(settings.site_registry_file),
             consortium=settings.consortium,
             site=site,
             endpoint=endpoint or settings.s3_endpoint,
@@ -128,7 +129,7 @@ def coordinator_pin(
         if doc.get("site") != site:
             raise EnrollmentError(f"{key_file} is the key of site {doc.get('site')!r}, not of {site!r}")
         entry = pin_site_key(
-            SiteRegistry(settings.sites_file),
+            SiteRegistry(settings.site_registry_file),
             site,
             str(doc["public_key"]),
             fingerprint,
@@ -153,7 +154,7 @@ def coordinator_remove(
     settings, storage, _, identities = _admin()
     try:
         remove_site(
-            SiteRegistry(settings.sites_file),
+            SiteRegistry(settings.site_registry_file),
             identities,
             site,
             admin_storage=storage,
@@ -172,7 +173,7 @@ def coordinator_sites() -> None:
     from lepton_tasks.ops.cli import print_table
 
     try:
-        entries = SiteRegistry(load_settings().sites_file).load()
+        entries = SiteRegistry(load_settings().site_registry_file).load()
     except EnrollmentError as exc:
         _fail(str(exc))
     rows = [
