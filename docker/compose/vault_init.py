@@ -40,13 +40,11 @@ import hvac.exceptions
 import requests
 
 from lepton_tasks.adapters.settings import Settings
-from lepton_tasks.adapters.signing import TransitSigner, signer_policy
+from lepton_tasks.adapters.signing import COORDINATOR_SIGNER_POLICY, TransitSigner, setup_coordinator_signer
 from lepton_tasks.adapters.vault import OPERATOR_POLICY, Vault
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,128}$")
 OPERATOR_PERIOD = "768h"
-#: the policy of the token Airflow uses at the coordinator (LEPTON_ROLE=coordinator)
-COORDINATOR_SIGNER_POLICY = "coordinator-signer"
 
 
 class InitError(RuntimeError):
@@ -198,18 +196,15 @@ def configure_coordinator(
     root: hvac.Client, token: str, *, transit_mount: str, key_name: str, audit: bool
 ) -> None:
     """The coordinator: its Ed25519 signing key and a token that may sign with it and read its public half,
-    nothing else. No operator policy and no trainer role: nothing here can decrypt partner data."""
+    nothing else (``adapters.signing.setup_coordinator_signer``, shared with the embedded stack)."""
     enable_engines(root, transit_mount=transit_mount, audit=audit)
-    signer = TransitSigner(root, key_name, transit_mount=transit_mount)
-    created = signer.create_key()
-    policy = COORDINATOR_SIGNER_POLICY
-    root.sys.create_or_update_policy(name=policy, policy=signer_policy(transit_mount, key_name))
-    public = signer.public_key()
+    created = setup_coordinator_signer(root, key_name, transit_mount=transit_mount)
+    public = TransitSigner(root, key_name, transit_mount=transit_mount).public_key()
     print(
-        f"vault-init: signing key {key_name} {'created' if created else 'already there'}; policy {policy}; "
-        f"public key fingerprint {public.fingerprint} (sites confirm it at enrollment)"
+        f"vault-init: signing key {key_name} {'created' if created else 'already there'}; policy "
+        f"{COORDINATOR_SIGNER_POLICY}; public key fingerprint {public.fingerprint} (sites confirm it)"
     )
-    install_token(root, token, policy)
+    install_token(root, token, COORDINATOR_SIGNER_POLICY)
 
 
 def main() -> int:

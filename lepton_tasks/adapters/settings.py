@@ -14,6 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: which organization a Lepton stack is (see ``Settings.role``)
+Role = Literal["single", "coordinator", "site"]
+
 
 def _default_data_dir() -> Path:
     return Path(os.environ.get("LEPTON_DATA_DIR", ".lepton")).resolve()
@@ -27,7 +30,7 @@ class Settings(BaseSettings):
     mode: Literal["embedded", "compose"] = "embedded"
     #: which organization this Lepton is: ``site`` (a partner: ingest, site jobs, trainers), ``coordinator``
     #: (the consortium: federated runs over the exchange), or ``single`` (stage 1: one stack does it all)
-    role: Literal["single", "coordinator", "site"] = "single"
+    role: Role = "single"
     data_dir: Path = Field(default_factory=_default_data_dir)
     bind_host: str = "127.0.0.1"
 
@@ -59,6 +62,14 @@ class Settings(BaseSettings):
     #: ``adapters.signing.signer_policy`` on it; deliberately outside ``key_prefix``, the partner keys)
     coordinator_key_name: str = "coordinator-signing"
 
+    # site (a partner's own Lepton: its exchange watcher and job DAG, ``dags/lepton_site.py``)
+    #: the partner whose staged data the site trains (its name in this site's own staging); empty: the
+    #: site's name in the consortium (its policy's ``site``)
+    site_partner: str = ""
+    #: the site's ed25519 signing key in its own Vault; empty: ``site-sign-<site>``, what ``lepton site
+    #: import`` creates (``site.enrollment.default_key_name``)
+    site_key_name: str = ""
+
     # training
     trainer_image: str = "lepton-trainer:latest"
     trainer_runtime: Literal["auto", "docker", "local"] = "auto"
@@ -85,6 +96,21 @@ class Settings(BaseSettings):
     def site_dir(self) -> Path:
         """(site) the site's own files: its enrollment bundle, policy, state, outbound log, privacy ledger."""
         return self.data_dir / "site"
+
+    @property
+    def site_bundle_file(self) -> Path:
+        """(site) the coordinator's enrollment bundle (0600: it holds the exchange credentials)."""
+        return self.site_dir / "enrollment.json"
+
+    @property
+    def site_policy_file(self) -> Path:
+        """(site) the site's policy (``core.site_policy``): what it trains on, for whom, with which budget."""
+        return self.site_dir / "policy.yaml"
+
+    @property
+    def site_key_file(self) -> Path:
+        """(site) the site's public signing key and fingerprint, for the coordinator to pin (no secret)."""
+        return self.site_dir / "site-key.json"
 
     @property
     def site_registry_file(self) -> Path:

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from lepton_tasks.adapters.vault import Vault
 
 __all__ = [
+    "COORDINATOR_SIGNER_POLICY",
+    "COORDINATOR_TOKEN_PERIOD",
     "KEY_TYPE",
     "PUBLIC_KEY_BYTES",
     "SIGNATURE_BYTES",
@@ -57,6 +59,7 @@ __all__ = [
     "load_public_key",
     "normalize_fingerprint",
     "parse_signature",
+    "setup_coordinator_signer",
     "signer_policy",
     "verify",
 ]
@@ -71,6 +74,25 @@ path "{transit_mount}/sign/{key_name}" {{ capabilities = ["update"] }}
 path "{transit_mount}/sign/{key_name}/*" {{ capabilities = ["update"] }}
 path "{transit_mount}/keys/{key_name}" {{ capabilities = ["read"] }}
 """
+
+
+#: the policy of the token the coordinator's Airflow holds: sign with the coordinator key, nothing else
+COORDINATOR_SIGNER_POLICY = "coordinator-signer"
+#: that token is periodic (renewed by use and by ``lepton up`` / ``vault-init``), never expiring on its own
+COORDINATOR_TOKEN_PERIOD = "768h"
+
+
+def setup_coordinator_signer(root: hvac.Client, key_name: str, *, transit_mount: str = "transit") -> bool:
+    """(root) The coordinator's Vault set-up: its non-exportable Ed25519 key ``key_name`` and the policy
+    :data:`COORDINATOR_SIGNER_POLICY` (:func:`signer_policy` on that key). No operator policy and no trainer
+    role: nothing in the coordinator's Vault can decrypt a partner's data. Idempotent; returns whether the key
+    was created now. The token itself is minted by the caller (``vault-init`` installs one with a chosen id;
+    the embedded stack mints one)."""
+    created = TransitSigner(root, key_name, transit_mount=transit_mount).create_key()
+    root.sys.create_or_update_acl_policy(
+        name=COORDINATOR_SIGNER_POLICY, policy=signer_policy(transit_mount, key_name)
+    )
+    return created
 
 
 def _hvac_errors() -> Any:

@@ -11,6 +11,7 @@ from rich.table import Column, Table
 from lepton_tasks.ops.contracts_cli import contracts_app, schemas_app
 from lepton_tasks.ops.embedded.process import ServiceError
 from lepton_tasks.ops.enrollment_cli import coordinator_app, site_app
+from lepton_tasks.ops.topology_cli import topology_app
 
 app = typer.Typer(
     help="Lepton: federated learning on Apache Airflow.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -27,6 +28,7 @@ app.add_typer(contracts_app, name="contracts")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(site_app, name="site")
+app.add_typer(topology_app, name="topology")
 console = Console(soft_wrap=True)
 
 

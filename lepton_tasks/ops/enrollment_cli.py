@@ -20,21 +20,23 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from lepton_tasks.adapters.settings import Settings
+    from lepton_tasks.adapters.vault import Vault
+    from lepton_tasks.core.site_policy import Approval
+    from lepton_tasks.federation.enrollment import EnrollmentBundle
+    from lepton_tasks.site.enrollment import SiteIdentity
 
 coordinator_app = typer.Typer(
     help="The coordinator: its signing key, enrolling sites, pinning their keys.", no_args_is_help=True
 )
 site_app = typer.Typer(help="A site: import the coordinator's enrollment bundle.", no_args_is_help=True)
-
-#: where ``lepton site import`` keeps the bundle (0600): the site's exchange watcher reads it there
-SITE_BUNDLE = "enrollment.json"
-SITE_POLICY = "policy.yaml"
-#: what ``lepton site import`` writes for the coordinator (public: key + fingerprint, no secret)
-SITE_KEY_FILE = "site-key.json"
 
 
 def _console() -> Any:
@@ -195,32 +197,58 @@ def site_import(
     ],
 ) -> None:
     """Set this site up from the coordinator's bundle: its signing key, its policy, its exchange access."""
-    from lepton_tasks.core.contracts import load_contract
-    from lepton_tasks.core.site_policy import DatasetGrant
-    from lepton_tasks.federation.enrollment import EnrollmentError, read_bundle, write_bundle
-    from lepton_tasks.site.enrollment import import_bundle
+    from lepton_tasks.federation.enrollment import EnrollmentError, read_bundle
 
     settings, _, vault, _ = _admin()
-    site_dir: Path = settings.site_dir
-    site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(site_dir, 0o700)
     try:
-        bundle = read_bundle(bundle_file)
-        grants = [DatasetGrant(name=d, contract_sha256=load_contract(d).sha256) for d in dataset]
-        identity = import_bundle(
-            bundle,
+        identity = set_up_site(
+            settings,
             vault,
-            policy_path=site_dir / SITE_POLICY,
+            read_bundle(bundle_file),
             confirmed_coordinator_fingerprint=coordinator_fingerprint,
-            datasets=grants,
+            datasets=dataset,
         )
-        write_bundle(bundle, site_dir / SITE_BUNDLE)
     except (EnrollmentError, OSError, KeyError) as exc:
         _fail(str(exc))
-    key_file = site_dir / SITE_KEY_FILE
-    key_file.write_text(json.dumps(identity.for_coordinator(), indent=2) + "\n", encoding="utf-8")
     _console().print(
         f"site [bold]{identity.site}[/] of {identity.consortium} is set up: policy {identity.policy_path} "
-        f"(review it), signing key {identity.key_name}.\nSend {key_file} to the coordinator and read out the "
-        f"fingerprint: {identity.fingerprint}"
+        f"(review it), signing key {identity.key_name}.\nSend {settings.site_key_file} to the coordinator "
+        f"and read out the fingerprint: {identity.fingerprint}"
     )
+
+
+def set_up_site(
+    settings: Settings,
+    site_root_vault: Vault,
+    bundle: EnrollmentBundle,
+    *,
+    confirmed_coordinator_fingerprint: str,
+    datasets: Iterable[str],
+    min_partners: int = 3,
+    approval: Approval | None = None,
+) -> SiteIdentity:
+    """The site's half of enrollment (``site.enrollment.import_bundle``) plus where the site keeps the
+    result: its private directory (0700), the bundle (0600) for its exchange watcher, and its public key
+    file for the coordinator. ``min_partners``/``approval`` shape a NEW policy only (default: approval
+    required)."""
+    from lepton_tasks.core.contracts import load_contract
+    from lepton_tasks.core.site_policy import DatasetGrant
+    from lepton_tasks.federation.enrollment import write_bundle
+    from lepton_tasks.site.enrollment import DEFAULT_APPROVAL, import_bundle
+
+    settings.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(settings.site_dir, 0o700)
+    identity = import_bundle(
+        bundle,
+        site_root_vault,
+        policy_path=settings.site_policy_file,
+        confirmed_coordinator_fingerprint=confirmed_coordinator_fingerprint,
+        datasets=[DatasetGrant(name=d, contract_sha256=load_contract(d).sha256) for d in datasets],
+        min_partners=min_partners,
+        approval=approval or DEFAULT_APPROVAL,
+    )
+    write_bundle(bundle, settings.site_bundle_file)
+    settings.site_key_file.write_text(
+        json.dumps(identity.for_coordinator(), indent=2) + "\n", encoding="utf-8"
+    )
+    return identity

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 from lepton_tasks.adapters.storage import Storage, StorageError
 from lepton_tasks.federation.enrollment import read_bundle
 from lepton_tasks.ops.cli import app
-from lepton_tasks.ops.enrollment_cli import SITE_BUNDLE, SITE_KEY_FILE, SITE_POLICY
 from lepton_tasks.site.enrollment import exchange_storage
 
 pytestmark = pytest.mark.integration
@@ -63,16 +62,16 @@ def test_enroll_import_pin_remove(cli, settings, tmp_path):
     # the site refuses a bundle whose coordinator fingerprint is not the one its operator heard
     wrong = cli("site", "import", str(bundle_file), "--coordinator-fingerprint", "00" * 32, "-d", "banks")
     assert wrong.exit_code == 1 and "may have been replaced" in wrong.output
-    assert not (settings.site_dir / SITE_POLICY).exists()
+    assert not (settings.site_policy_file).exists()
 
     imported = cli(
         "site", "import", str(bundle_file), "--coordinator-fingerprint", coordinator_fp, "-d", "banks"
     )
     assert imported.exit_code == 0, imported.output
     site_fp = _fingerprint(imported.output)
-    key_file = settings.site_dir / SITE_KEY_FILE
+    key_file = settings.site_key_file
     assert json.loads(key_file.read_text())["fingerprint"] == site_fp
-    assert stat.S_IMODE((settings.site_dir / SITE_BUNDLE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((settings.site_bundle_file).stat().st_mode) == 0o600
     assert stat.S_IMODE(settings.site_dir.stat().st_mode) == 0o700
 
     # the coordinator pins only what the partner read out
@@ -83,7 +82,7 @@ def test_enroll_import_pin_remove(cli, settings, tmp_path):
     assert site_fp in cli("coordinator", "sites").output
 
     # the site's exchange credentials work on its bucket; removing the site revokes them
-    bundle = read_bundle(settings.site_dir / SITE_BUNDLE)
+    bundle = read_bundle(settings.site_bundle_file)
     storage: Storage = exchange_storage(bundle)
 
     def can_write() -> bool:

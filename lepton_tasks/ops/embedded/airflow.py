@@ -147,6 +147,7 @@ class EmbeddedAirflow:
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             "LEPTON_DATA_DIR": str(s.data_dir),
+            "LEPTON_ROLE": s.role,
             "PYTHONPATH": f"{self.repo_root}:{self.repo_root / 'plugins'}",
             "NO_PROXY": "127.0.0.1,localhost",
         }

@@ -14,7 +14,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lepton_tasks.adapters.settings import Settings, load_settings
+from lepton_tasks.adapters.settings import Role, Settings, load_settings
+from lepton_tasks.adapters.signing import (
+    COORDINATOR_SIGNER_POLICY,
+    COORDINATOR_TOKEN_PERIOD,
+    setup_coordinator_signer,
+)
 from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.adapters.vault import Vault
 from lepton_tasks.ops.embedded.airflow import COMPONENTS, EmbeddedAirflow, secure_data_dir
@@ -46,11 +51,12 @@ class Ports:
     airflow: int = 8080
 
     @classmethod
-    def free(cls) -> Ports:
-        """Free loopback ports for every service (tests, parallel stacks); gRPC offsets included."""
+    def free(cls, taken: set[int] | None = None) -> Ports:
+        """Free loopback ports for every service (tests, parallel stacks); gRPC offsets included. ``taken``:
+        ports already given to other stacks that are not listening yet (updated with the ports chosen)."""
         from lepton_tasks.ops.embedded.process import free_port
 
-        taken: set[int] = set()
+        taken = set() if taken is None else taken
 
         def pick(*offsets: int) -> int:
             while True:
@@ -104,6 +110,8 @@ class Stack:
     ports: Ports = field(default_factory=Ports.from_env)
     host: str = "127.0.0.1"
     repo_root: Path = REPO_ROOT
+    #: which organization this stack is (``Settings.role``), written to ``lepton.env`` and Airflow's env
+    role: Role = "single"
 
     @property
     def openbao(self) -> OpenBao:
@@ -152,6 +160,7 @@ class Stack:
             "vault_addr": self.openbao.addr,
             "airflow_port": self.ports.airflow,
             "trainer_network": trainer_network_name(),
+            "role": self.role,
         }
         if self.seaweedfs.credentials_file.exists():
             access, secret = self.seaweedfs.admin_credentials()
@@ -170,7 +179,9 @@ class Stack:
         if not (self.openbao.proc.running() or self.seaweedfs.proc.running()):  # record where we listen
             (self.data_dir / "ports.json").write_text(json.dumps(asdict(self.ports), indent=1))
         started = {"openbao": self.openbao.start()}
-        if not self.operator_token_file.exists():
+        if self.role == "coordinator":
+            self._setup_coordinator_vault()
+        elif not self.operator_token_file.exists():
             token = self.root_vault().setup_operator(self.settings().key_prefix)
             write_secret(self.operator_token_file, token.encode())
         started["seaweedfs"] = self.seaweedfs.start()
@@ -190,6 +201,23 @@ class Stack:
             started |= {f"airflow-{c}": c in restarted for c in COMPONENTS}
         return started
 
+    def _setup_coordinator_vault(self) -> None:
+        """A coordinator's Airflow gets a token that can sign with the coordinator key and nothing else: no
+        operator policy and no trainer role exist in its OpenBao (same set-up as compose's ``vault-init``)."""
+        root = self.root_vault()
+        settings = self.settings()
+        setup_coordinator_signer(
+            root.client, settings.coordinator_key_name, transit_mount=settings.transit_mount
+        )
+        if not self.operator_token_file.exists():
+            auth = root.client.auth.token.create(
+                policies=[COORDINATOR_SIGNER_POLICY],
+                no_default_policy=True,
+                period=COORDINATOR_TOKEN_PERIOD,
+                display_name="lepton-coordinator",
+            )["auth"]
+            write_secret(self.operator_token_file, str(auth["client_token"]).encode())
+
     def write_env(self, settings: Settings) -> Path:
         """``<data_dir>/lepton.env`` (0600): what every Lepton process reads to find the stack. :meth:`up`
         writes Airflow's S3 identity into it, not the storage admin's (the CLI reads those from
@@ -203,6 +231,7 @@ class Stack:
             "LEPTON_VAULT_ADDR": settings.vault_addr,
             "LEPTON_VAULT_TOKEN": settings.vault_token.get_secret_value(),
             "LEPTON_AIRFLOW_PORT": str(settings.airflow_port),
+            "LEPTON_ROLE": settings.role,
             # trainers join the internal network reached through the trainer gateway, not the host network
             "LEPTON_TRAINER_NETWORK": settings.trainer_network,
         }
@@ -281,5 +310,5 @@ def _health(proc: ManagedProcess) -> str:
 
 
 def default_stack() -> Stack:
-    data_dir = load_settings().data_dir
-    return Stack(data_dir, ports=Ports.load(data_dir))
+    settings = load_settings()
+    return Stack(settings.data_dir, ports=Ports.load(settings.data_dir), role=settings.role)
