@@ -192,6 +192,20 @@ class PrivacyCharge(BaseModel):
     epsilon_this_update: float = Field(ge=0, allow_inf_nan=False)
 
 
+class BudgetStatus(BaseModel):
+    """A site's privacy ledger right after it charged an answer (:mod:`lepton_tasks.core.privacy`): every
+    charge on that ledger composed at the budget's delta, this answer's included. The site tells the
+    coordinator its totals only, never the other runs it trained."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ledger: str = Field(description="the dataset whose ledger this is, or '*' for the site-wide ledger")
+    epsilon_limit: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    epsilon_spent: float = Field(ge=0, allow_inf_nan=False)
+    epsilon_remaining: float = Field(ge=0, allow_inf_nan=False)
+
+
 class HParams(Message):
     """A run's hyper-parameters (from the trigger form; defaults from the dataset's contract)."""
 
@@ -420,6 +434,35 @@ class LocalOnlyMetrics(BaseModel):
     overall: MetricBlock
 
 
+class SitePrivacy(BaseModel):
+    """What DP-SGD cost one site in one run (built by :func:`lepton_tasks.core.privacy.run_privacy` from the
+    site's answers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds_charged: int = Field(ge=0, description="train answers of this run that carried a DP-SGD charge")
+    delta: float = Field(gt=0, lt=1, description="the delta of the epsilons below (the site's budget's)")
+    epsilon_run: float = Field(ge=0, description="this run's charges composed (RDP), at delta")
+    noise_multiplier: float | None = Field(None, gt=0)
+    l2_clip: float | None = Field(None, gt=0)
+    epsilon_limit: float | None = Field(None, description="the site's budget (None: it reported none)")
+    epsilon_spent: float | None = Field(None, description="the site's ledger after its last answer")
+    epsilon_remaining: float | None = None
+
+
+class RunPrivacy(BaseModel):
+    """What protected a run: secure aggregation, record-level DP and each site's budget."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secure_aggregation: bool
+    dropouts_recovered: int | None = Field(
+        None, ge=0, description="sites recovered after masking (None: secure aggregation not used)"
+    )
+    dp: DPTraining | None = Field(None, description="the run's DP-SGD settings; None: no DP")
+    sites: dict[str, SitePrivacy] = Field(default_factory=dict)
+
+
 class RunMetrics(Message):
     """``metrics.json`` of a run: per round, per partner, global vs local-only, lineage, warnings."""
 
@@ -439,6 +482,9 @@ class RunMetrics(Message):
     warnings: list[str] = Field(default_factory=list)
     centralized: MetricBlock | None = Field(
         None, description="a pooled reference run (demo only: pools data, which production never does)"
+    )
+    privacy: RunPrivacy | None = Field(
+        None, description="what protected the run (secure aggregation, DP, budgets); None: not recorded"
     )
 
 
@@ -505,6 +551,10 @@ class RoundAnswer(Message):
     update: BlobRef | None = Field(None, description="the weights update (train)")
     statistics: SufficientStats | None = Field(None, description="additive statistics (statistics round)")
     evaluation: MetricBlock | None = Field(None, description="held-out metrics + score histogram (evaluate)")
+    privacy: PrivacyCharge | None = Field(None, description="the DP-SGD charge of this update; None: no DP")
+    budget: BudgetStatus | None = Field(
+        None, description="the site's privacy ledger after this answer's charge (sites with a budget)"
+    )
 
 
 class RoundRefusal(Message):

@@ -1,6 +1,10 @@
 """The site's privacy budget: an RDP accountant for DP-SGD and a JSON ledger of what each job spent.
 
-Pure (numpy, scipy, pydantic; no TensorFlow): the site checks a job against its budget before training.
+Pure (numpy, scipy, pydantic and ``core.messages``; no TensorFlow): the site checks a job against its budget
+before training. :func:`planned_charge` is the charge of a DP-SGD training from the job's ``hparams.dp`` and
+the site's record count (``lepton_tasks.trainer.local`` trains exactly that schedule); :func:`budget_status`
+is what a site reports of its ledger in an answer; :func:`run_privacy` composes a run's charges per site for
+the run report (``RunMetrics.privacy``).
 
 Accountant. DP-SGD with Poisson sampling rate q and noise multiplier sigma is ``steps`` compositions of the
 Poisson-subsampled Gaussian mechanism. Its Renyi-DP curve is computed as in Mironov, Talwar & Zhang, "Renyi
@@ -37,14 +41,23 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import special
+
+from lepton_tasks.core.messages import (
+    BudgetStatus,
+    DPTraining,
+    PrivacyCharge,
+    RoundAnswer,
+    RunPrivacy,
+    SitePrivacy,
+)
 
 SCHEMA_VERSION: Final = 1
 
@@ -178,7 +191,18 @@ def epsilon_spent(noise_multiplier: float, sampling_rate: float, steps: int, del
     return rdp_to_epsilon(DEFAULT_ORDERS, rdp_curve(noise_multiplier, sampling_rate, steps), delta)[0]
 
 
-def epsilon_of(charges: Iterable[Charge], delta: float) -> float:
+class Mechanism(Protocol):
+    """What the accountant reads of a charge (:class:`Charge` or a message's ``PrivacyCharge``)."""
+
+    @property
+    def noise_multiplier(self) -> float: ...
+    @property
+    def sampling_rate(self) -> float: ...
+    @property
+    def steps(self) -> int: ...
+
+
+def epsilon_of(charges: Iterable[Mechanism], delta: float) -> float:
     """eps at ``delta`` of all ``charges`` composed together (RDP curves added, one conversion)."""
     steps_by_mechanism: dict[tuple[float, float], int] = defaultdict(int)
     for c in charges:
@@ -330,6 +354,98 @@ def charge(ledger: PrivacyLedger, entry: Charge) -> PrivacyLedger:
     if _existing(ledger, entry) is not None:
         return ledger
     return ledger.model_copy(update={"entries": [*ledger.entries, entry]})
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def dp_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """``(sampling_rate, steps)`` of a DP-SGD training on ``n`` records: ``q = min(1, batch_size / n)`` and
+    ``epochs x ceil(n / batch_size)`` steps (the optimizer steps of plain training; ``epochs / q`` rounded up
+    per epoch), so a site can check its budget before it trains."""
+    if n < 1 or batch_size < 1 or epochs < 0:
+        raise ValueError(f"need n >= 1, batch_size >= 1, epochs >= 0 (got {n}, {batch_size}, {epochs})")
+    return min(1.0, batch_size / n), int(epochs) * math.ceil(n / batch_size)
+
+
+def planned_charge(dp: DPTraining, n: int, batch_size: int, epochs: int) -> PrivacyCharge:
+    """The :class:`~lepton_tasks.core.messages.PrivacyCharge` of a DP-SGD training with ``dp`` on ``n``
+    records (``lepton_tasks.trainer.local.train_local`` trains exactly this; known before training: it does
+    not depend on the data, only on its size)."""
+    q, steps = dp_schedule(n, batch_size, epochs)
+    return PrivacyCharge(
+        noise_multiplier=dp.noise_multiplier,
+        sampling_rate=q,
+        steps=steps,
+        sampling="poisson",
+        l2_clip=dp.l2_clip,
+        delta=dp.delta,
+        epsilon_this_update=epsilon_spent(dp.noise_multiplier, q, steps, dp.delta),
+    )
+
+
+def ledger_charge(cost: PrivacyCharge, *, run_id: str, round: int, dataset: str) -> Charge:
+    """The ledger entry of ``cost`` (a trainer's or a planned charge) for round ``round`` of ``run_id``."""
+    return Charge(
+        run_id=run_id,
+        round=round,
+        dataset=dataset,
+        noise_multiplier=cost.noise_multiplier,
+        sampling_rate=cost.sampling_rate,
+        steps=cost.steps,
+        sampling=cost.sampling,
+    )
+
+
+def budget_status(ledger: PrivacyLedger, name: str) -> BudgetStatus:
+    """The ledger's totals as the site reports them in its answer (``name``: its dataset, or ``*``)."""
+    used = spent(ledger)
+    return BudgetStatus(
+        ledger=name,
+        epsilon_limit=ledger.budget.epsilon,
+        delta=ledger.budget.delta,
+        epsilon_spent=used,
+        epsilon_remaining=max(0.0, ledger.budget.epsilon - used),
+    )
+
+
+def run_privacy(
+    answers: Mapping[str, Sequence[RoundAnswer]],
+    *,
+    dp: DPTraining | None,
+    secure_aggregation: bool,
+    dropouts_recovered: int | None = None,
+) -> RunPrivacy:
+    """What protected a run, for ``RunMetrics.privacy`` and the report: per site, this run's DP-SGD charges
+    (from its accepted answers, in round order) composed by the accountant at the site's budget's delta (the
+    run's delta when the site reported no budget), and the site's ledger after its last answer.
+
+    ``dropouts_recovered``: sites recovered after masking; ignored (``None``) without secure aggregation.
+    """
+    sites: dict[str, SitePrivacy] = {}
+    for site, site_answers in sorted(answers.items()):
+        charges = [a.privacy for a in site_answers if a.privacy is not None]
+        budgets = [a.budget for a in site_answers if a.budget is not None]
+        if not charges and not budgets:
+            continue
+        last = budgets[-1] if budgets else None
+        delta = last.delta if last is not None else (dp.delta if dp is not None else charges[0].delta)
+        sites[site] = SitePrivacy(
+            rounds_charged=len(charges),
+            delta=delta,
+            epsilon_run=epsilon_of(charges, delta),
+            noise_multiplier=charges[-1].noise_multiplier if charges else None,
+            l2_clip=charges[-1].l2_clip if charges else None,
+            epsilon_limit=last.epsilon_limit if last is not None else None,
+            epsilon_spent=last.epsilon_spent if last is not None else None,
+            epsilon_remaining=last.epsilon_remaining if last is not None else None,
+        )
+    return RunPrivacy(
+        secure_aggregation=secure_aggregation,
+        dropouts_recovered=dropouts_recovered if secure_aggregation else None,
+        dp=dp,
+        sites=sites,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ file

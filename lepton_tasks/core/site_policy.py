@@ -13,12 +13,23 @@ site trains on with the exact contract each one is bound to, and the limits ever
     datasets:
       - name: banks
         contract_sha256: "5d1c...e9"             # the contract the site reviewed; any other is refused
+        privacy_budget: {epsilon: 3.0, delta: 1.0e-5}  # optional: this dataset's own (eps, delta) ledger
     min_partners: 3
     max_rounds: 20
     allowed_strategies: [fedavg, median]
     require_secure_aggregation: true
-    privacy_budget: {epsilon: 8.0, delta: 1.0e-5}  # optional: jobs must train with DP within it
+    privacy_budget: {epsilon: 8.0, delta: 1.0e-5}  # optional: one ledger for the datasets without their own
     approval: {required: true, deadline: PT24H}     # a human approves each job in the site's Airflow
+
+Privacy budget. A dataset whose grant has a ``privacy_budget`` is accounted on its own ledger (declare it only
+for data whose people are in no other dataset of the site); the top-level ``privacy_budget`` is ONE ledger
+shared by every other granted dataset (the privacy unit is a person of the site, who may be in several of
+them: see :mod:`lepton_tasks.core.privacy`). A dataset covered by either trains only with differential
+privacy: a training job without DP-SGD settings is refused (``privacy_required``), and one whose DP-SGD charge
+would take the ledger over its epsilon is refused by the site's ledger check (``budget_exhausted``,
+:mod:`lepton_tasks.site.jobs`). Both fields are optional and default to no budget: a policy file written
+before budgets existed keeps its meaning (no DP required) instead of refusing every job it accepted before.
+Statistics and evaluation jobs are not DP-SGD and are neither required to use DP nor charged.
 
 :func:`check_job` compares a :class:`JobSummary` (what a job asks for) with the policy and returns EVERY
 violation as a :class:`Refusal` (code, field, human-readable message), so the site can refuse once with all
@@ -52,6 +63,7 @@ from lepton_tasks.core.signatures import PublicKey, fingerprint, load_public_key
 
 __all__ = [
     "Approval",
+    "BudgetScope",
     "DatasetGrant",
     "JobSummary",
     "PolicyError",
@@ -72,6 +84,9 @@ __all__ = [
 DATASET_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
 STRATEGY_PATTERN: Final = r"^[a-z][a-z0-9_]{0,62}$"
 SHA256_PATTERN: Final = r"^[0-9a-f]{64}$"
+
+#: the name of the site-wide privacy ledger (not a dataset name: those match DATASET_PATTERN)
+SITE_LEDGER: Final = "*"
 
 StrategyName = Annotated[str, StringConstraints(pattern=STRATEGY_PATTERN)]
 
@@ -123,22 +138,36 @@ class TrustedCoordinator(BaseModel):
         return PublicKey(self.key_name, self.key_version, self.public_key)
 
 
+class PrivacyBudget(BaseModel):
+    """The (ε, δ) a site allows over EVERY run and round on the data the budget covers; the site's ledger
+    composes every DP-SGD charge (:mod:`lepton_tasks.core.privacy`, RDP) and refuses a job that would
+    exceed ε. δ must be positive: DP-SGD's Gaussian noise gives no (ε, 0) guarantee."""
+
+    model_config = _config()
+
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1, allow_inf_nan=False)
+
+
 class DatasetGrant(BaseModel):
-    """A dataset the site trains on, bound to the exact contract (sha256 of its canonical document)."""
+    """A dataset the site trains on, bound to the exact contract (sha256 of its canonical document), with
+    an optional privacy budget of its own (``None``: the policy's site-wide budget, if any, applies)."""
 
     model_config = _config()
 
     name: str = Field(pattern=DATASET_PATTERN)
     contract_sha256: str = Field(pattern=SHA256_PATTERN)
+    privacy_budget: PrivacyBudget | None = None
 
 
-class PrivacyBudget(BaseModel):
-    """(ε, δ) differential privacy: a job must declare DP parameters within these."""
+class BudgetScope(BaseModel):
+    """Which ledger accounts a dataset: its own (``ledger`` = the dataset's name) or the site-wide one
+    (``ledger`` = :data:`SITE_LEDGER`), and that ledger's budget."""
 
     model_config = _config()
 
-    epsilon: float = Field(gt=0, allow_inf_nan=False)
-    delta: float = Field(ge=0, lt=1, allow_inf_nan=False)
+    ledger: str
+    budget: PrivacyBudget
 
 
 class Approval(BaseModel):
@@ -189,6 +218,15 @@ class SitePolicy(BaseModel):
     def dataset(self, name: str) -> DatasetGrant | None:
         return next((d for d in self.datasets if d.name == name), None)
 
+    def budget_for(self, dataset: str) -> BudgetScope | None:
+        """The ledger and budget that account training on ``dataset`` (``None``: no budget, DP optional)."""
+        grant = self.dataset(dataset)
+        if grant is not None and grant.privacy_budget is not None:
+            return BudgetScope(ledger=grant.name, budget=grant.privacy_budget)
+        if self.privacy_budget is not None:
+            return BudgetScope(ledger=SITE_LEDGER, budget=self.privacy_budget)
+        return None
+
 
 class JobSummary(BaseModel):
     """What a job asks of the site, in the terms the policy speaks (the wiring builds it from the job)."""
@@ -202,8 +240,10 @@ class JobSummary(BaseModel):
     strategy: str
     min_partners: int = Field(ge=1)
     secure_aggregation: bool
-    #: the job's differential-privacy parameters (``None``: trains without DP)
-    privacy: PrivacyBudget | None = None
+    #: what the job does: only ``train`` jobs run DP-SGD (and need it where a budget applies)
+    mode: Literal["statistics", "train", "evaluate"] = "train"
+    #: whether the job trains with DP-SGD (its ``hparams.dp`` is set)
+    differential_privacy: bool = False
 
 
 class RefusalCode(StrEnum):
@@ -217,7 +257,9 @@ class RefusalCode(StrEnum):
     TOO_FEW_PARTNERS = "too_few_partners"
     SECURE_AGGREGATION_REQUIRED = "secure_aggregation_required"
     PRIVACY_REQUIRED = "privacy_required"
-    PRIVACY_BUDGET_EXCEEDED = "privacy_budget_exceeded"
+    #: the job's DP-SGD charge, composed with the site's ledger, exceeds its budget (the site's ledger check,
+    #: :mod:`lepton_tasks.site.jobs`: it needs the site's sample count, which the policy does not know)
+    BUDGET_EXHAUSTED = "budget_exhausted"
 
 
 class Refusal(BaseModel):
@@ -284,28 +326,15 @@ def check_job(policy: SitePolicy, job: JobSummary) -> list[Refusal]:
             "secure_aggregation",
             "this site sends updates only under secure aggregation, and the job has it off",
         )
-    budget = policy.privacy_budget
-    if budget is not None:
-        if job.privacy is None:
-            refuse(
-                RefusalCode.PRIVACY_REQUIRED,
-                "privacy",
-                "this site trains only with differential privacy "
-                f"(ε ≤ {budget.epsilon}, δ ≤ {budget.delta}); the job declares none",
-            )
-        else:
-            if job.privacy.epsilon > budget.epsilon:
-                refuse(
-                    RefusalCode.PRIVACY_BUDGET_EXCEEDED,
-                    "privacy.epsilon",
-                    f"the job asks for ε = {job.privacy.epsilon}; this site's budget is ε ≤ {budget.epsilon}",
-                )
-            if job.privacy.delta > budget.delta:
-                refuse(
-                    RefusalCode.PRIVACY_BUDGET_EXCEEDED,
-                    "privacy.delta",
-                    f"the job asks for δ = {job.privacy.delta}; this site's budget is δ ≤ {budget.delta}",
-                )
+    scope = policy.budget_for(job.dataset) if grant is not None else None
+    if scope is not None and job.mode == "train" and not job.differential_privacy:
+        where = "its" if scope.ledger != SITE_LEDGER else "the site's"
+        refuse(
+            RefusalCode.PRIVACY_REQUIRED,
+            "hparams.dp",
+            f"this site trains {job.dataset!r} only with differential privacy ({where} budget: "
+            f"ε ≤ {scope.budget.epsilon:g}, δ = {scope.budget.delta:g}); the job declares no DP-SGD settings",
+        )
     return out
 
 

@@ -25,6 +25,12 @@ Metrics schema (``metrics``)::
       "lineage": {"drops": {partner: [sha256 | {"drop_id", "sha256" | "drop_sha256", ...}]},
                   <any key>: <JSON value>, ...},
       "warnings": [str, ...],
+      "hparams": {"dp_noise_multiplier": float | None, "dp_l2_clip": float, "dp_delta": float, ...},
+      "privacy": {                        # RunMetrics.privacy (core.privacy.run_privacy)
+        "secure_aggregation": bool, "dropouts_recovered": int | None,
+        "dp": {"noise_multiplier", "l2_clip", "delta"} | None,
+        "sites": {name: {"rounds_charged", "delta", "epsilon_run", "noise_multiplier", "l2_clip",
+                         "epsilon_limit", "epsilon_spent", "epsilon_remaining"}}},
     }
 
 where ``metrics`` is a dict as returned by :func:`lepton_tasks.core.metrics.binary_metrics` (``n``,
@@ -33,6 +39,11 @@ as a synonym of ``log_loss``; an ``overall`` from :func:`lepton_tasks.core.metri
 ``auc_weighted_mean`` instead of ``auc`` and is labelled so). Unknown keys are ignored. A drop given only by
 its SHA-256 (what :func:`lepton_tasks.federation.plan.collect_metrics` records) is shown with the drop id
 derived from it, as :func:`lepton_tasks.ingest.stage.drop_id_of` names drops.
+
+"What protected this run" reads ``privacy``; without it (metrics written before it existed) the DP-SGD
+settings come from ``hparams`` and per-site epsilons are "not recorded" (each round's ``dp_epsilon`` is that
+update's alone: summing them would over-state the run's cost, and composing them needs the charges). With DP
+off the section says so in a sentence, without a table.
 """
 
 from __future__ import annotations
@@ -406,6 +417,77 @@ def _warnings(metrics: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _small(value: Any) -> str | None:
+    """A probability such as delta, readable (``1e-05``), or None."""
+    f = _num(value)
+    return None if f is None else f"{f:g}"
+
+
+def _protection(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The "What protected this run" section: secure aggregation, DP-SGD settings, each site's budget."""
+    recorded = isinstance(metrics.get("privacy"), Mapping)
+    priv = _dict(metrics.get("privacy"))
+    hp = _dict(metrics.get("hparams"))
+    dp = _dict(priv.get("dp")) if recorded else {}
+    if not recorded and _num(hp.get("dp_noise_multiplier")) is not None:
+        dp = {
+            "noise_multiplier": hp["dp_noise_multiplier"],
+            "l2_clip": hp.get("dp_l2_clip"),
+            "delta": hp.get("dp_delta"),
+        }
+    secagg = priv.get("secure_aggregation") if recorded else None
+    if secagg is None:
+        secagg_text, dropouts = "not recorded", "not recorded"
+    elif secagg:
+        secagg_text, dropouts = "on", str(int(_num(priv.get("dropouts_recovered")) or 0))
+    else:
+        secagg_text, dropouts = "off", "not used"
+    pairs: list[tuple[str, Any]] = [
+        ("secure aggregation", secagg_text),
+        ("dropouts recovered", dropouts),
+        ("differential privacy (DP-SGD)", "on" if dp else "off"),
+    ]
+    sites_table = None
+    if dp:
+        pairs += [
+            ("noise multiplier σ", _num(dp.get("noise_multiplier"))),
+            ("clipping norm C", _num(dp.get("l2_clip"))),
+            ("δ", _small(dp.get("delta"))),
+        ]
+        sites = {str(k): _dict(v) for k, v in _dict(priv.get("sites")).items()}
+        rows = [
+            [
+                name,
+                s.get("rounds_charged"),
+                _small(s.get("delta")),
+                _num(s.get("epsilon_run")),
+                _num(s.get("epsilon_spent")),
+                _num(s.get("epsilon_limit")),
+                _num(s.get("epsilon_remaining")),
+            ]
+            for name, s in sorted(sites.items())
+        ]
+        if rows:
+            sites_table = _table(
+                [
+                    "site",
+                    "rounds charged",
+                    "δ",
+                    "ε spent in this run",
+                    "ε spent in total (site's ledger)",
+                    "ε limit",
+                    "ε remaining",
+                ],
+                rows,
+            )
+    return {
+        "dp": bool(dp),
+        "recorded": recorded,
+        "pairs": _kv([(k, v) for k, v in pairs if v is not None]),
+        "sites": sites_table,
+    }
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def _context(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """The template's variables for ``metrics``: plain text, numbers and :class:`Cell`/:class:`Table`."""
@@ -440,6 +522,7 @@ def _context(metrics: Mapping[str, Any]) -> dict[str, Any]:
         "warnings": _warnings(metrics),
         "exclusions": sorted((str(k), str(v)) for k, v in _dict(metrics.get("excluded")).items()),
         "summary": _summary(metrics, rounds, partners, overall),
+        "protection": _protection(metrics),
         "local_only_overall": None
         if local_auc is None
         else {"what": str(local_overall.get("note") or "overall AUC"), "auc": _text(local_auc)[0]},

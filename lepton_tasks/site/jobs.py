@@ -26,14 +26,30 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    :class:`~lepton_tasks.core.site_policy.JobSummary` built from the job; every violation is a reason.
 4. **global weights** — the blob the job references must sit in this job's round folder, exist, and match
    the signed size and SHA-256; otherwise ``weights_missing`` / ``weights_tampered``.
-5. **approval** — when the policy requires it and no decision was given, the job WAITS (the key stays
+5. **privacy budget** — a train job on a dataset the policy gives a budget
+   (:meth:`~lepton_tasks.core.site_policy.SitePolicy.budget_for`) must carry DP-SGD settings (else the
+   policy refuses it: ``privacy_required``). With ``sample_count`` (the caller's callable: the site's local
+   record count for the job, only the site knows it) the site computes the job's planned charge
+   (:func:`lepton_tasks.core.privacy.planned_charge`: ``q = batch_size / n``, ``local_epochs x
+   ceil(n / batch_size)`` steps) and checks it against its ledger BEFORE asking for approval or training:
+   over budget → ``budget_exhausted``, naming ε spent, ε asked and ε limit. A job of a (run, round) this
+   site already answered is refused (``round_already_answered``): a second DP-SGD training of the same
+   round is a second release, and the ledger holds one charge per (run, round).
+6. **approval** — when the policy requires it and no decision was given, the job WAITS (the key stays
    unhandled; the approval deadline counts from the first time the site saw it); a denial, or no decision
    by the deadline, is a refusal.
-6. **train and answer** — ``run_trainer(job, global_weights)`` returns a
-   :class:`~lepton_tasks.core.messages.RoundAnswer` and the update's bytes; the site writes the update blob
-   ``answers/<run>/<round>/<answer id>.update`` and then the sealed answer (the commit).
+7. **train and answer** — ``run_trainer(job, global_weights)`` returns a
+   :class:`~lepton_tasks.core.messages.RoundAnswer` and the update's bytes. Under a budget the charge to
+   record is the trainer's (``answer.privacy``; the planned one when the trainer reports none) and it is
+   checked against the ledger again (without ``sample_count`` this is the only check: the update then never
+   leaves the site when it would exceed the budget). The site records the charge in the ledger file beside
+   its state (same lock, atomic, mode 0600) BEFORE the first byte leaves, so no update ever leaves
+   uncharged; a retried task of the same job (same run and round, same mechanism) is not charged again
+   (:attr:`~lepton_tasks.core.privacy.Charge.key`). The answer carries the charge and the ledger's totals
+   (``answer.budget``) for the coordinator's report. Then the site writes the update blob
+   ``answers/<run>/<round>/<answer id>.update`` and the sealed answer (the commit).
 
-Steps 2–5 end in a sealed :class:`~lepton_tasks.core.messages.RoundRefusal` carrying every reason (code,
+Steps 2–6 end in a sealed :class:`~lepton_tasks.core.messages.RoundRefusal` carrying every reason (code,
 field, message) — the coordinator reports it as the site's reason for leaving the round. Every object the
 site writes is appended to its outbound log BEFORE the put (``core.outbound_log``); answers and their blobs
 live under ``answers/``, refusals under ``refusals/``, exactly the prefixes the log reconciles.
@@ -53,6 +69,7 @@ from enum import StrEnum
 from typing import Final
 
 from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.core import privacy
 from lepton_tasks.core.contracts import contract_sha256
 from lepton_tasks.core.exchange import (
     AnswerHeader,
@@ -73,10 +90,27 @@ from lepton_tasks.core.exchange import (
     seal,
     sha256_hex,
 )
-from lepton_tasks.core.messages import BlobRef, MessageError, RoundAnswer, RoundJob, RoundRefusal, dump, load
+from lepton_tasks.core.messages import (
+    BlobRef,
+    MessageError,
+    PrivacyCharge,
+    RoundAnswer,
+    RoundJob,
+    RoundRefusal,
+    dump,
+    load,
+)
 from lepton_tasks.core.outbound_log import OutboundLog, OutboundRecord
 from lepton_tasks.core.signatures import Signer
-from lepton_tasks.core.site_policy import JobSummary, SitePolicy, approval_deadline, check_job
+from lepton_tasks.core.site_policy import (
+    SITE_LEDGER,
+    BudgetScope,
+    JobSummary,
+    RefusalCode,
+    SitePolicy,
+    approval_deadline,
+    check_job,
+)
 from lepton_tasks.federation.exchange import update_key
 from lepton_tasks.site.state import SiteState, StateDoc
 
@@ -84,6 +118,7 @@ __all__ = [
     "DEFAULT_ANSWER_TTL",
     "JobOutcome",
     "JobStatus",
+    "SampleCount",
     "SiteRefusalCode",
     "Trainer",
     "handle_job",
@@ -99,6 +134,10 @@ DEFAULT_ANSWER_TTL: Final = timedelta(days=7)
 #: ``run_trainer(job, global_weights_or_None) -> (answer, update_bytes_or_None)``; the site fills
 #: ``answer.update`` with the blob it writes
 Trainer = Callable[[RoundJob, bytes | None], tuple[RoundAnswer, bytes | None]]
+
+#: ``sample_count(job) -> n``: how many training records the site's trainer will use for ``job`` (its
+#: staged training split of the job's dataset); lets the site check its privacy budget before it trains
+SampleCount = Callable[[RoundJob], int]
 
 
 class JobStatus(StrEnum):
@@ -117,6 +156,10 @@ class SiteRefusalCode(StrEnum):
     WEIGHTS_TAMPERED = "weights_tampered"  # its size/hash differ from the signed job, or it is misplaced
     APPROVAL_DENIED = "approval_denied"
     APPROVAL_TIMEOUT = "approval_timeout"
+    #: a DP-SGD charge under the same (run, round) with other parameters is already in the ledger
+    PRIVACY_LEDGER_CONFLICT = "privacy_ledger_conflict"
+    #: the site already answered this (run, round) under its privacy budget (a re-sent job)
+    ROUND_ALREADY_ANSWERED = "round_already_answered"
 
 
 @dataclass(frozen=True)
@@ -183,8 +226,57 @@ def _summary(header: JobHeader, job: RoundJob) -> tuple[JobSummary, list[dict[st
         strategy=job.strategy,
         min_partners=job.min_partners,
         secure_aggregation=job.secure_aggregation,
+        mode=job.mode,
+        differential_privacy=job.hparams.dp is not None,
     )
     return summary, reasons
+
+
+def _budget_reason(
+    ledger: privacy.PrivacyLedger, scope: BudgetScope, entry: privacy.Charge
+) -> dict[str, str] | None:
+    """Why ``entry`` cannot be charged to ``ledger`` (``None``: it can; already charged costs nothing)."""
+    what = (
+        "this site's privacy budget"
+        if scope.ledger == SITE_LEDGER
+        else f"the privacy budget of dataset {scope.ledger!r}"
+    )
+    try:
+        privacy.check_job(ledger, entry)
+    except privacy.BudgetExceeded as exc:
+        limit = ledger.budget.epsilon
+        return {
+            **_reason(
+                RefusalCode.BUDGET_EXHAUSTED,
+                "hparams.dp",
+                f"{what} is exhausted: ε spent {exc.spent:.4g}, this job asks ε {exc.job:.4g} "
+                f"(ε {exc.total:.4g} composed with what is spent), ε limit {limit:g} at δ = {exc.delta:g}; "
+                f"ε remaining {exc.remaining:.4g} (σ = {entry.noise_multiplier:g}, "
+                f"q = {entry.sampling_rate:.4g}, {entry.steps} steps)",
+            ),
+            "epsilon_spent": f"{exc.spent:.6g}",
+            "epsilon_asked": f"{exc.job:.6g}",
+            "epsilon_limit": f"{limit:g}",
+            "epsilon_remaining": f"{exc.remaining:.6g}",
+            "delta": f"{exc.delta:g}",
+        }
+    except ValueError as exc:  # a different charge under the same (run, round), or shuffled batches
+        return _reason(SiteRefusalCode.PRIVACY_LEDGER_CONFLICT, "hparams.dp", f"{what}: {exc}")
+    return None
+
+
+def _answered_before(doc: StateDoc, key: str, run_id: str, round_: int) -> bool:
+    """Whether the site answered another job of ``run_id`` round ``round_`` (a re-sent round)."""
+    for other, outcome in doc.handled.items():
+        if other == key or outcome != JobStatus.ANSWERED.value:
+            continue
+        try:
+            parts = parse_object_key(other)
+        except ValueError:
+            continue
+        if parts.run_id == run_id and parts.round == round_:
+            return True
+    return False
 
 
 def _global_weights(
@@ -256,12 +348,16 @@ def handle_job(
     approved: bool | None = None,
     now: datetime | None = None,
     answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
+    sample_count: SampleCount | None = None,
 ) -> JobOutcome:
     """Authenticate the job read from ``bucket``/``key``, decide by ``policy``, and answer, refuse, wait or
     reject it (see the module docstring). The coordinator's key is the one pinned in ``policy``; ``state``
-    is the site's local state (seen ids, rounds, handled keys), locked for the whole call.
+    is the site's local state (seen ids, rounds, handled keys, privacy ledgers), locked for the whole call.
 
     ``approved``: the human decision when the policy requires approval (``None``: none yet).
+    ``sample_count``: the site's training record count for a job, so a train job under a privacy budget is
+    checked against it before approval and training (``None``: checked after training, before anything is
+    sent, on the charge the trainer reports).
     """
     now = (now or datetime.now(UTC)).astimezone(UTC)
     with state.transaction() as doc:
@@ -297,6 +393,8 @@ def handle_job(
             doc,
             header,
             payload,
+            state=state,
+            sample_count=sample_count,
             key=key,
             policy=policy,
             run_trainer=run_trainer,
@@ -314,6 +412,8 @@ def _decide(
     header: JobHeader,
     payload: bytes,
     *,
+    state: SiteState,
+    sample_count: SampleCount | None,
     key: str,
     policy: SitePolicy,
     run_trainer: Trainer,
@@ -370,6 +470,35 @@ def _decide(
         if problem is not None:
             return refuse([problem], job)
 
+    # the privacy budget (train jobs on a budgeted dataset; the policy refused those without DP-SGD)
+    scope = policy.budget_for(job.dataset) if job.mode == "train" else None
+    ledger: privacy.PrivacyLedger | None = None
+    planned: PrivacyCharge | None = None
+    if scope is not None:
+        dp = job.hparams.dp
+        assert dp is not None  # check_job refused a train job without DP-SGD under a budget
+        if _answered_before(doc, key, header.run_id, header.round):
+            return refuse(
+                [
+                    _reason(
+                        SiteRefusalCode.ROUND_ALREADY_ANSWERED,
+                        "round",
+                        f"this site already answered run {header.run_id!r} round {header.round} with an "
+                        "update charged to its privacy budget; it does not train the same round twice",
+                    )
+                ],
+                job,
+            )
+        ledger = state.read_ledger(scope)
+        if sample_count is not None:
+            n = sample_count(job)
+            planned = privacy.planned_charge(dp, n, job.hparams.batch_size, job.hparams.local_epochs)
+            entry = privacy.ledger_charge(
+                planned, run_id=header.run_id, round=header.round, dataset=job.dataset
+            )
+            if (problem := _budget_reason(ledger, scope, entry)) is not None:
+                return refuse([problem], job)
+
     if approved is False:
         return refuse(
             [_reason(SiteRefusalCode.APPROVAL_DENIED, "approval", "the site's approver declined this job")],
@@ -394,6 +523,10 @@ def _decide(
     answer, update = run_trainer(job, global_weights)
     if answer.mode != job.mode:
         raise ValueError(f"the trainer answered a {answer.mode!r} job; the job is {job.mode!r}")
+    if scope is not None and ledger is not None:
+        answer, problem = _charge(state, scope, ledger, header, job, answer, planned)
+        if problem is not None:
+            return refuse([problem], job)  # trained, but nothing leaves the site
     answer_id = uuid.uuid4()
     if update is not None:
         blob_key = update_key(header.run_id, header.round, answer_id)
@@ -438,6 +571,48 @@ def _decide(
     )
 
 
+def _charge(
+    state: SiteState,
+    scope: BudgetScope,
+    ledger: privacy.PrivacyLedger,
+    header: JobHeader,
+    job: RoundJob,
+    answer: RoundAnswer,
+    planned: PrivacyCharge | None,
+) -> tuple[RoundAnswer, dict[str, str] | None]:
+    """Record the charge of a trained answer in the ledger (before anything is sent) and return the answer
+    carrying it and the ledger's totals, or the refusal reason when the charge does not fit the budget."""
+    dp = job.hparams.dp
+    assert dp is not None
+    cost = answer.privacy or planned
+    if cost is None:  # no data leaves: the task fails, it is not a refusal
+        raise RuntimeError(
+            f"the trainer reported no DP-SGD charge for run {header.run_id!r} round {header.round} on "
+            f"{job.dataset!r}, which trains under a privacy budget: nothing was sent"
+        )
+    if (cost.noise_multiplier, cost.l2_clip) != (dp.noise_multiplier, dp.l2_clip):
+        raise RuntimeError(
+            f"the trainer trained with σ = {cost.noise_multiplier:g}, C = {cost.l2_clip:g}; the job asks "
+            f"σ = {dp.noise_multiplier:g}, C = {dp.l2_clip:g}: nothing was sent"
+        )
+    entry = privacy.ledger_charge(cost, run_id=header.run_id, round=header.round, dataset=job.dataset)
+    if (problem := _budget_reason(ledger, scope, entry)) is not None:
+        return answer, problem
+    ledger = privacy.charge(ledger, entry)
+    state.write_ledger(scope, ledger)
+    log.info(
+        "site charged run %s round %s on %s to privacy ledger %s: ε %.4g of %g spent",
+        header.run_id,
+        header.round,
+        job.dataset,
+        scope.ledger,
+        privacy.spent(ledger),
+        ledger.budget.epsilon,
+    )
+    status = privacy.budget_status(ledger, scope.ledger)
+    return answer.model_copy(update={"privacy": cost, "budget": status}), None
+
+
 def run_pending(
     storage: Storage,
     bucket: str,
@@ -450,9 +625,11 @@ def run_pending(
     approvals: Mapping[str, bool] | None = None,
     now: datetime | None = None,
     answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
+    sample_count: SampleCount | None = None,
 ) -> list[JobOutcome]:
     """One poll of the site's exchange: :func:`handle_job` on every job key not handled yet (what the site's
-    job DAG does for the keys its exchange watcher reports). ``approvals``: key → the human's decision."""
+    job DAG does for the keys its exchange watcher reports). ``approvals``: key → the human's decision;
+    ``sample_count``: as for :func:`handle_job`."""
     approvals = approvals or {}
     outcomes = []
     for key in poll_jobs(storage, bucket, last_seen=state.read().handled):
@@ -475,6 +652,7 @@ def run_pending(
                 approved=approvals.get(key),
                 now=now,
                 answer_ttl=answer_ttl,
+                sample_count=sample_count,
             )
         )
     return outcomes

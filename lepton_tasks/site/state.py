@@ -13,6 +13,11 @@ rewrite it there). It holds:
 - ``waiting``: object key → when the site first received a job that waits for a human's approval (the
   approval deadline counts from there).
 
+The site's privacy ledgers (:mod:`lepton_tasks.core.privacy`) live beside the state file, mode 0600:
+``<state stem>.privacy.json`` for the site-wide budget and ``<state stem>.privacy.<dataset>.json`` for a
+dataset with a budget of its own (:meth:`SiteState.ledger_path`). They are read and written only inside a
+state transaction (:meth:`SiteState.read_ledger`, :meth:`SiteState.write_ledger`), under the same lock.
+
 :meth:`SiteState.transaction` holds an exclusive ``flock`` on a lock file beside the state for the whole
 transaction, so two job tasks of one site never interleave their read-modify-write; the file is replaced
 atomically (temp file, ``fsync``, rename).
@@ -31,6 +36,9 @@ from pathlib import Path
 from typing import Final, Literal
 
 from pydantic import UUID4, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from lepton_tasks.core import privacy
+from lepton_tasks.core.site_policy import SITE_LEDGER, BudgetScope
 
 __all__ = ["SiteState", "SiteStateError", "StateDoc"]
 
@@ -78,6 +86,7 @@ class SiteState:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(f".{path.name}.lock")
+        self._locked = False
 
     def __repr__(self) -> str:
         return f"SiteState({str(self.path)!r})"
@@ -130,8 +139,51 @@ class SiteState:
         lock = self._open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            self._locked = True
             doc = self.read()
             yield doc
             self._write(doc)
         finally:
+            self._locked = False
             os.close(lock)  # releases the lock
+
+    # ------------------------------------------------------------------------------------ privacy ledgers
+
+    def ledger_path(self, ledger: str) -> Path:
+        """The file of the privacy ledger ``ledger`` (a dataset's name, or ``SITE_LEDGER`` for the site's)."""
+        suffix = "" if ledger == SITE_LEDGER else f".{ledger}"
+        return self.path.with_name(f"{self.path.stem}.privacy{suffix}.json")
+
+    def _require_lock(self) -> None:
+        if not self._locked:
+            raise RuntimeError(f"{self}: privacy ledgers are read and written inside a state transaction")
+
+    def read_ledger(self, scope: BudgetScope) -> privacy.PrivacyLedger:
+        """The ledger of ``scope`` with the policy's budget (a new, empty one if there is no file yet).
+
+        The policy is the budget's source of truth: a changed epsilon or delta applies to the charges
+        already recorded (the ledger recomputes what they spent at the new delta).
+        """
+        self._require_lock()
+        budget = privacy.PrivacyBudget(epsilon=scope.budget.epsilon, delta=scope.budget.delta)
+        path = self.ledger_path(scope.ledger)
+        try:
+            fd = self._open_private(path, os.O_RDONLY)
+        except SiteStateError:
+            if not path.exists():
+                return privacy.PrivacyLedger(budget=budget)
+            raise
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read()
+        try:
+            ledger = privacy.PrivacyLedger.model_validate_json(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "(root)"
+            raise SiteStateError(f"{path}: not a privacy ledger (field {where}: {err['msg']})") from None
+        return ledger.model_copy(update={"budget": budget})
+
+    def write_ledger(self, scope: BudgetScope, ledger: privacy.PrivacyLedger) -> None:
+        """Replace the ledger file of ``scope`` atomically (mode 0600)."""
+        self._require_lock()
+        privacy.save_ledger(self.ledger_path(scope.ledger), ledger)

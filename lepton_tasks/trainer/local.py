@@ -14,13 +14,14 @@ Record-level differential privacy (``dp=``, a :class:`~lepton_tasks.core.message
 (:class:`lepton_tasks.trainer.dp_sgd.DPModel`: each example's gradient clipped to ``l2_clip``, Gaussian noise
 of std ``noise_multiplier x l2_clip`` on the batch sum) on Poisson-sampled batches
 (:func:`~lepton_tasks.trainer.dp_sgd.poisson_batches`, sampling rate ``q = batch_size / N``), for the same
-number of optimizer steps as plain training: ``epochs x ceil(N / batch_size)``. The result carries the
-charge (:func:`planned_charge`: sigma, q, steps, ``sampling="poisson"`` and the epsilon of this training
-alone, RDP accountant). FedProx composes: its proximal term depends on the weights only, so it is added
-after the noise, unclipped (``DPModel(extra_loss=...)``), as are the model's L2 weight regularizers. The noise
-and the batch draws come from :mod:`secrets`, never from ``seed`` (the coordinator knows the seed and could
-regenerate the noise): DP training is not reproducible, by design. ``class_weight="balanced"`` is refused
-under DP (its weights are computed from the private labels); a fixed ``{0: w0, 1: w1}`` is fine.
+number of optimizer steps as plain training: ``epochs x ceil(N / batch_size)``. The result carries the charge
+(:func:`lepton_tasks.core.privacy.planned_charge`, which the site also computes before it trains: sigma, q,
+steps, ``sampling="poisson"`` and the epsilon of this training alone, RDP accountant). FedProx composes: its
+proximal term depends on the weights only, so it is added after the noise, unclipped
+(``DPModel(extra_loss=...)``), as are the model's L2 weight regularizers. The noise and the batch draws come
+from :mod:`secrets`, never from ``seed`` (the coordinator knows the seed and could regenerate the noise): DP
+training is not reproducible, by design. ``class_weight="balanced"`` is refused under DP (its weights are
+computed from the private labels); a fixed ``{0: w0, 1: w1}`` is fine.
 
 Sequence (GRU) models train under DP through ``dp_sgd``'s ``jacobian`` per-example path (TF's pfor cannot
 vectorize the GRU's loop). It is exact but costly: the ecommerce contract's model (5,000 x 16 embeddings,
@@ -44,6 +45,8 @@ import pandas as pd
 from lepton_tasks.core import metrics as evaluate
 from lepton_tasks.core.contracts import ModelSpec
 from lepton_tasks.core.messages import DPTraining, PrivacyCharge
+from lepton_tasks.core.privacy import dp_schedule as dp_schedule  # re-exported: the schedule of a DP training
+from lepton_tasks.core.privacy import planned_charge
 from lepton_tasks.trainer import data
 from lepton_tasks.trainer.model import build_model, configure_devices, set_determinism
 
@@ -99,32 +102,6 @@ class _ProximalModel(keras.Model):
         if training and self.mu > 0 and loss is not None:
             loss = loss + proximal_term(self.inner.trainable_variables, self._anchors, self.mu)
         return loss
-
-
-def dp_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """``(sampling_rate, steps)`` of a DP-SGD training on ``n`` records: ``q = min(1, batch_size / n)`` and
-    ``epochs x ceil(n / batch_size)`` steps (the optimizer steps of plain training; ``epochs / q`` rounded up
-    per epoch), so a site can check its budget before it trains."""
-    if n < 1 or batch_size < 1 or epochs < 0:
-        raise ValueError(f"need n >= 1, batch_size >= 1, epochs >= 0 (got {n}, {batch_size}, {epochs})")
-    return min(1.0, batch_size / n), int(epochs) * math.ceil(n / batch_size)
-
-
-def planned_charge(dp: DPTraining, n: int, batch_size: int, epochs: int) -> PrivacyCharge:
-    """The :class:`PrivacyCharge` of :func:`train_local` with ``dp`` on ``n`` records (known before training:
-    it does not depend on the data, only on its size)."""
-    from lepton_tasks.core.privacy import epsilon_spent
-
-    q, steps = dp_schedule(n, batch_size, epochs)
-    return PrivacyCharge(
-        noise_multiplier=dp.noise_multiplier,
-        sampling_rate=q,
-        steps=steps,
-        sampling="poisson",
-        l2_clip=dp.l2_clip,
-        delta=dp.delta,
-        epsilon_this_update=epsilon_spent(dp.noise_multiplier, q, steps, dp.delta),
-    )
 
 
 def _class_weights(y: np.ndarray, mode: str | Mapping[int, float] | None) -> dict[int, float] | None:

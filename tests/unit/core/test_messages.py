@@ -195,3 +195,36 @@ def test_a_privacy_charge_rides_in_the_update_and_the_local_model_meta():
     for bad in ({"sampling": "fixed"}, {"sampling_rate": 1.5}, {"steps": -1}, {"epsilon_this_update": -1}):
         with pytest.raises(MessageError, match="privacy"):
             load(UpdateMeta, {**dump(update), "privacy": {**dump(update)["privacy"], **bad}}, where="u")
+
+
+def test_answers_and_run_metrics_carry_privacy_additively():
+    """Schema version 1 grows optional fields only: what was written before still reads, unchanged."""
+    from lepton_tasks.core.messages import (
+        BudgetStatus,
+        PrivacyCharge,
+        RoundAnswer,
+        RunMetrics,
+        RunPrivacy,
+        SitePrivacy,
+    )
+
+    charge = PrivacyCharge(
+        noise_multiplier=1.1, sampling_rate=0.01, steps=100, l2_clip=1.0, delta=1e-5, epsilon_this_update=0.5
+    )
+    status = BudgetStatus(
+        ledger="banks", epsilon_limit=3.0, delta=1e-5, epsilon_spent=0.5, epsilon_remaining=2.5
+    )
+    answer = RoundAnswer(mode="train", n_samples=10, privacy=charge, budget=status)
+    assert load(RoundAnswer, dump(answer), where="a") == answer
+    old = {"schema_version": 1, "mode": "train", "n_samples": 10}
+    assert (
+        load(RoundAnswer, old, where="old").privacy is None
+        and load(RoundAnswer, old, where="old").budget is None
+    )
+    with pytest.raises(MessageError, match=r"budget\.epsilon_remaining"):
+        load(RoundAnswer, {**old, "budget": {**status.model_dump(), "epsilon_remaining": -1}}, where="bad")
+    run = RunPrivacy(
+        secure_aggregation=False, sites={"a": SitePrivacy(rounds_charged=1, delta=1e-5, epsilon_run=0.5)}
+    )
+    assert RunPrivacy.model_validate(run.model_dump(mode="json")) == run
+    assert "privacy" in RunMetrics.model_fields and not RunMetrics.model_fields["privacy"].is_required()

@@ -176,3 +176,71 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         privacy.atomic_write_text(path, "new")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# ------------------------------------------------------------------------------------- jobs and run summary
+
+
+def test_the_planned_charge_is_the_schedule_of_plain_training_and_the_accountants_epsilon():
+    from lepton_tasks.core.messages import DPTraining
+
+    assert privacy.dp_schedule(1000, 64, 3) == (0.064, 3 * 16)
+    assert privacy.dp_schedule(10, 64, 2) == (1.0, 2)  # a batch larger than the data: q = 1
+    with pytest.raises(ValueError, match="n >= 1"):
+        privacy.dp_schedule(0, 64, 1)
+    c = privacy.planned_charge(DPTraining(noise_multiplier=1.1, l2_clip=0.5, delta=1e-6), 6400, 64, 100)
+    assert (c.sampling_rate, c.steps, c.sampling, c.l2_clip, c.delta) == (0.01, 10_000, "poisson", 0.5, 1e-6)
+    assert c.epsilon_this_update == privacy.epsilon_spent(1.1, 0.01, 10_000, 1e-6)
+    entry = privacy.ledger_charge(c, run_id="r", round=3, dataset="banks")
+    assert entry.key == ("r", 3) and (entry.noise_multiplier, entry.sampling_rate, entry.steps) == (
+        1.1,
+        0.01,
+        10_000,
+    )
+
+
+def test_budget_status_reports_the_composed_total_and_what_remains():
+    ledger = privacy.charge(privacy.charge(_ledger(epsilon=8.0), _charge("a", 1)), _charge("a", 2))
+    status = privacy.budget_status(ledger, "banks")
+    assert status.ledger == "banks" and status.epsilon_limit == 8.0 and status.delta == 1e-5
+    assert status.epsilon_spent == pytest.approx(privacy.spent(ledger))
+    assert status.epsilon_remaining == pytest.approx(8.0 - privacy.spent(ledger))
+    full = privacy.budget_status(
+        PrivacyLedger(budget=PrivacyBudget(epsilon=1, delta=1e-5), entries=[_charge("a", 1)]), "*"
+    )
+    assert full.epsilon_remaining == 0.0  # never negative
+
+
+def test_run_privacy_composes_each_sites_charges_of_the_run():
+    from lepton_tasks.core.messages import DPTraining, RoundAnswer
+
+    dp = DPTraining(noise_multiplier=1.1, l2_clip=1.0, delta=1e-5)
+    c1 = privacy.planned_charge(dp, 6400, 64, 50)
+    c2 = privacy.planned_charge(dp, 3200, 64, 50)
+    ledger = privacy.charge(_ledger(epsilon=8.0), privacy.ledger_charge(c1, run_id="r", round=1, dataset="d"))
+    status = privacy.budget_status(ledger, "d")
+    answers = {
+        "a": [
+            RoundAnswer(mode="train", n_samples=1, privacy=c1),
+            RoundAnswer(mode="train", n_samples=1, privacy=c1),
+        ],
+        "b": [RoundAnswer(mode="train", n_samples=1, privacy=c2, budget=status)],
+        "c": [RoundAnswer(mode="train", n_samples=1)],  # no DP at this site: not listed
+    }
+    run = privacy.run_privacy(answers, dp=dp, secure_aggregation=False, dropouts_recovered=3)
+    assert run.dropouts_recovered is None  # no secure aggregation: nothing to recover
+    assert sorted(run.sites) == ["a", "b"]
+    a, b = run.sites["a"], run.sites["b"]
+    assert (
+        a.rounds_charged == 2 and a.epsilon_limit is None and a.noise_multiplier == 1.1 and a.l2_clip == 1.0
+    )
+    assert a.epsilon_run == pytest.approx(privacy.epsilon_spent(1.1, 0.01, 2 * 5000, 1e-5))  # composed
+    assert a.epsilon_run < 2 * c1.epsilon_this_update  # not summed
+    assert b.epsilon_run == pytest.approx(c2.epsilon_this_update)
+    assert (b.epsilon_limit, b.epsilon_spent, b.epsilon_remaining) == (
+        8.0,
+        status.epsilon_spent,
+        status.epsilon_remaining,
+    )
+    secured = privacy.run_privacy({}, dp=None, secure_aggregation=True, dropouts_recovered=1)
+    assert secured.dropouts_recovered == 1 and secured.dp is None and secured.sites == {}

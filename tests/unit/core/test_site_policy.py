@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from lepton_tasks.adapters.signing import PublicKey, fingerprint
 from lepton_tasks.core.site_policy import (
+    SITE_LEDGER,
     JobSummary,
     PolicyError,
     PrivacyBudget,
@@ -72,7 +73,7 @@ def allowed_job(**overrides: Any) -> JobSummary:
         "strategy": "fedavg",
         "min_partners": 3,
         "secure_aggregation": True,
-        "privacy": PrivacyBudget(epsilon=8.0, delta=1e-5),
+        "differential_privacy": True,
     }
     values.update(overrides)
     return JobSummary(**values)
@@ -200,6 +201,18 @@ def test_a_fingerprint_that_does_not_match_the_key_is_refused(document):
         (("allowed_strategies",), ["FedAvg"], "allowed_strategies.0"),
         (("privacy_budget", "epsilon"), 0, "privacy_budget.epsilon"),
         (("privacy_budget", "delta"), 1.0, "privacy_budget.delta"),
+        (("privacy_budget", "delta"), 0, "privacy_budget.delta"),  # DP-SGD has no (ε, 0) guarantee
+        (
+            ("datasets",),
+            [
+                {
+                    "name": "banks",
+                    "contract_sha256": BANKS_SHA,
+                    "privacy_budget": {"epsilon": -1, "delta": 1e-5},
+                }
+            ],
+            "datasets.0.privacy_budget.epsilon",
+        ),
         (("approval",), {"required": True}, "approval"),
         (("approval",), {"required": True, "deadline": "PT0S"}, "approval"),
         (("datasets",), [{"name": "banks", "contract_sha256": "ABC"}], "datasets.0.contract_sha256"),
@@ -242,7 +255,9 @@ def test_a_job_within_the_policy_is_allowed(policy):
     assert check_job(policy, allowed_job()) == []
     assert check_job(policy, allowed_job(rounds=1, min_partners=10, strategy="median")) == []
     assert check_job(policy, allowed_job(dataset="hospitals", contract_hash=HOSPITALS_SHA)) == []
-    assert check_job(policy, allowed_job(privacy=PrivacyBudget(epsilon=1.0, delta=1e-7))) == []
+    # the budget binds training only: statistics and evaluation jobs run without DP-SGD
+    assert check_job(policy, allowed_job(mode="statistics", differential_privacy=False)) == []
+    assert check_job(policy, allowed_job(mode="evaluate", differential_privacy=False)) == []
 
 
 @pytest.mark.parametrize(
@@ -261,18 +276,11 @@ def test_a_job_within_the_policy_is_allowed(policy):
             "secure_aggregation",
             "secure",
         ),
-        ({"privacy": None}, RefusalCode.PRIVACY_REQUIRED, "privacy", "differential privacy"),
         (
-            {"privacy": PrivacyBudget(epsilon=8.5, delta=1e-5)},
-            RefusalCode.PRIVACY_BUDGET_EXCEEDED,
-            "privacy.epsilon",
-            "ε ≤ 8.0",
-        ),
-        (
-            {"privacy": PrivacyBudget(epsilon=1.0, delta=1e-4)},
-            RefusalCode.PRIVACY_BUDGET_EXCEEDED,
-            "privacy.delta",
-            "δ ≤ 1e-05",
+            {"differential_privacy": False},
+            RefusalCode.PRIVACY_REQUIRED,
+            "hparams.dp",
+            "only with differential privacy (the site's budget: ε ≤ 8, δ = 1e-05)",
         ),
     ],
 )
@@ -290,7 +298,7 @@ def test_every_violation_is_reported_at_once(policy):
         strategy="krum",
         min_partners=1,
         secure_aggregation=False,
-        privacy=PrivacyBudget(epsilon=20, delta=0.1),
+        differential_privacy=False,
     )
     assert refusal_codes(check_job(policy, job)) == [
         "wrong_consortium",
@@ -299,8 +307,7 @@ def test_every_violation_is_reported_at_once(policy):
         "strategy_not_allowed",
         "too_few_partners",
         "secure_aggregation_required",
-        "privacy_budget_exceeded",
-        "privacy_budget_exceeded",
+        # (no privacy check either: the dataset is not granted, so no budget applies to it)
     ]
 
 
@@ -309,7 +316,7 @@ def test_optional_requirements_off_allow_more(document):
     del document["privacy_budget"]
     document["approval"] = {"required": False}
     relaxed = parse_policy(document)
-    assert check_job(relaxed, allowed_job(secure_aggregation=False, privacy=None)) == []
+    assert check_job(relaxed, allowed_job(secure_aggregation=False, differential_privacy=False)) == []
     assert approval_deadline(relaxed, datetime(2026, 1, 1, tzinfo=UTC)) is None
 
 
@@ -327,3 +334,55 @@ def test_refusals_serialize_for_the_refusal_message(policy):
             "message": "the job runs 21 rounds; this site allows at most 20",
         }
     ]
+
+
+# ------------------------------------------------------------------------------------------- privacy budget
+
+
+def test_a_policy_file_without_any_budget_still_loads_and_needs_no_dp(document):
+    """Files written before budgets existed: no field is required, and they keep their meaning."""
+    del document["privacy_budget"]
+    policy = parse_policy(document)
+    assert all(d.privacy_budget is None for d in policy.datasets)
+    assert policy.budget_for("banks") is None
+    assert check_job(policy, allowed_job(differential_privacy=False)) == []
+
+
+def test_a_datasets_own_budget_takes_precedence_over_the_sites(document):
+    document["datasets"][1]["privacy_budget"] = {"epsilon": 2.0, "delta": 1e-6}
+    policy = parse_policy(document)
+    own = policy.budget_for("hospitals")
+    shared = policy.budget_for("banks")
+    assert (
+        own is not None and own.ledger == "hospitals" and own.budget == PrivacyBudget(epsilon=2, delta=1e-6)
+    )
+    assert shared is not None and shared.ledger == SITE_LEDGER
+    assert shared.budget == PrivacyBudget(epsilon=8.0, delta=1e-5)
+    refusals = check_job(
+        policy, allowed_job(dataset="hospitals", contract_hash=HOSPITALS_SHA, differential_privacy=False)
+    )
+    assert [(r.code, r.field) for r in refusals] == [(RefusalCode.PRIVACY_REQUIRED, "hparams.dp")]
+    assert "its budget: ε ≤ 2, δ = 1e-06" in refusals[0].message
+
+
+def test_a_budget_on_one_dataset_only_requires_dp_there(document):
+    del document["privacy_budget"]
+    document["datasets"][0]["privacy_budget"] = {"epsilon": 3.0, "delta": 1e-5}
+    policy = parse_policy(document)
+    assert policy.budget_for("hospitals") is None
+    assert (
+        check_job(
+            policy, allowed_job(dataset="hospitals", contract_hash=HOSPITALS_SHA, differential_privacy=False)
+        )
+        == []
+    )
+    assert refusal_codes(check_job(policy, allowed_job(differential_privacy=False))) == ["privacy_required"]
+
+
+def test_a_per_dataset_budget_round_trips_through_yaml(document, tmp_path):
+    document["datasets"][0]["privacy_budget"] = {"epsilon": 3.0, "delta": 1e-5}
+    policy = parse_policy(document)
+    path = tmp_path / "policy.yaml"
+    write_policy(policy, path)
+    assert load_policy(path) == policy
+    assert "privacy_budget" not in yaml.safe_load(path.read_text())["datasets"][1]  # unset stays unset

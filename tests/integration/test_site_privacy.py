@@ -1,0 +1,345 @@
+"""A site enforces its own privacy budget through the real exchange: SeaweedFS buckets, OpenBao signatures.
+
+Set-up as in tests/integration/test_exchange_round.py: the coordinator enrolls two sites (bucket
+``exchange-<site>``, credentials scoped to it), each site imports its bundle, creates its own ed25519 key in
+Vault and writes its policy; the coordinator pins each site's key. Site A's policy gives the ``banks`` dataset
+a small budget (eps = 2.3 at delta = 1e-5); site B has none. The run trains with DP-SGD (sigma = 1.0, batch
+32, one local epoch) and site A holds 1,200 records, so each of its rounds costs eps = 1.838 alone and the
+rounds compose (RDP) to 2.142 after two and 2.398 after three: site A answers rounds 1 and 2 and refuses round
+3 with a signed ``budget_exhausted``, BEFORE training (its trainer is not called), which the coordinator's
+``collect_answers`` names as the reason A left the round; B answers every round, so the run goes on.
+
+The sites train with a numpy stand-in (the trainer itself is tested in tests/unit/trainer) that reports the
+charge the real trainer computes (``core.privacy.planned_charge``). After the run, site A's ledger file
+(beside its state, mode 0600) holds exactly the charges of the answers the coordinator accepted from it, and
+what it spent is those charges composed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import hvac
+import numpy as np
+import pytest
+from minio.error import S3Error
+
+from lepton_tasks.adapters.signing import TransitSigner, signer_policy
+from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.core import privacy, weights
+from lepton_tasks.core.contracts import load_contract
+from lepton_tasks.core.messages import DPTraining, PrivacyCharge, RoundAnswer, RoundJob, TrainerHParams
+from lepton_tasks.core.outbound_log import OutboundLog
+from lepton_tasks.core.site_policy import Approval, DatasetGrant, PrivacyBudget, SitePolicy, load_policy
+from lepton_tasks.federation.enrollment import (
+    EnrollmentBundle,
+    SiteRegistry,
+    enroll_site,
+    pin_site_key,
+    remove_site,
+)
+from lepton_tasks.federation.exchange import ALL_SITES, RoundOutcome, SiteStatus, collect_answers, send_round
+from lepton_tasks.ops.partners import SeaweedIdentities
+from lepton_tasks.site.enrollment import exchange_storage, import_bundle
+from lepton_tasks.site.jobs import JobOutcome, JobStatus, run_pending
+from lepton_tasks.site.state import SiteState
+
+pytestmark = pytest.mark.integration
+
+CONSORTIUM = "credit-risk"
+SHAPES = ((4, 3), (3,))
+JOB_TTL = timedelta(hours=1)
+DP = DPTraining(noise_multiplier=1.0, l2_clip=1.0, delta=1e-5)
+BATCH = 32
+LIMIT = 2.3
+
+
+def _wait_live(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
+    """A new SeaweedFS identity takes a moment to apply: retry access errors until it is live."""
+    codes = ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return fn()
+        except (S3Error, StorageError) as exc:
+            live_error = (isinstance(exc, S3Error) and exc.code in codes) or any(c in str(exc) for c in codes)
+            if not live_error or time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+@dataclass
+class Site:
+    name: str
+    bundle: EnrollmentBundle
+    storage: Storage
+    signer: TransitSigner
+    policy: SitePolicy
+    state: SiteState
+    outbound: OutboundLog
+    n: int
+    delta: float
+    trained: list[int] = field(default_factory=list)
+
+    @property
+    def bucket(self) -> str:
+        return self.bundle.bucket
+
+    def sample_count(self, job: RoundJob) -> int:
+        return self.n
+
+    def trainer(self, job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        """A numpy stand-in for DP-SGD that reports the charge the real trainer computes for its data."""
+        assert global_weights is not None and job.hparams.dp is not None
+        self.trained.append(len(self.trained) + 1)
+        arrays, _ = weights.loads(global_weights)
+        charge = privacy.planned_charge(
+            job.hparams.dp, self.n, job.hparams.batch_size, job.hparams.local_epochs
+        )
+        answer = RoundAnswer(mode="train", n_samples=self.n, metrics={"loss": 0.5}, privacy=charge)
+        return answer, weights.dumps([a + np.float32(self.delta) for a in arrays], {"site": self.name})
+
+    def tick(self) -> list[JobOutcome]:
+        return run_pending(
+            self.storage,
+            self.bucket,
+            policy=self.policy,
+            state=self.state,
+            run_trainer=self.trainer,
+            signer=self.signer,
+            outbound_log=self.outbound,
+            sample_count=self.sample_count,
+        )
+
+
+@dataclass
+class Rig:
+    admin: Storage
+    coordinator: TransitSigner
+    registry: SiteRegistry
+    a: Site
+    b: Site
+    run_id: str
+    global_weights: list[np.ndarray]
+    seen: set[uuid.UUID] = field(default_factory=set)
+    outcomes: list[RoundOutcome] = field(default_factory=list)
+
+
+def _job(contract: Any) -> RoundJob:
+    return RoundJob(
+        mode="train",
+        dataset="banks",
+        contract=contract.document(),
+        contract_sha256=contract.sha256,
+        strategy="fedavg",
+        rounds=5,
+        min_partners=1,
+        hparams=TrainerHParams(
+            local_epochs=1,
+            local_only_epochs=1,
+            batch_size=BATCH,
+            learning_rate=0.01,
+            seed=1,
+            fedprox_mu=0.0,
+            dp=DP,
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def rig(services, settings, admin_storage, root_vault, tmp_path_factory) -> Iterator[Rig]:
+    suffix = uuid.uuid4().hex[:6]
+    root_dir = tmp_path_factory.mktemp("site-privacy")
+    contract = load_contract("banks")
+    identities = SeaweedIdentities(services.seaweedfs.shell)
+    tokens: list[str] = []
+    policies: list[str] = []
+    keys: list[str] = []
+
+    def restricted_signer(key_name: str, policy: str) -> TransitSigner:
+        token = root_vault.client.auth.token.create(
+            policies=[policy], no_default_policy=True, ttl="30m", renewable=False
+        )["auth"]["client_token"]
+        tokens.append(token)
+        return TransitSigner(hvac.Client(url=settings.vault_addr, token=token, timeout=30), key_name)
+
+    coord_key = f"sgn-dpcoord-{suffix}"
+    keys.append(coord_key)
+    TransitSigner.from_vault(root_vault, coord_key).create_key()
+    root_vault.write_policy(f"dpcoord-signer-{suffix}", signer_policy(root_vault.transit_mount, coord_key))
+    policies.append(f"dpcoord-signer-{suffix}")
+    coordinator = restricted_signer(coord_key, f"dpcoord-signer-{suffix}")
+    registry = SiteRegistry(root_dir / "coordinator" / "sites.yaml")
+
+    made: dict[str, Site] = {}
+    try:
+        for letter, n, delta, budget in (
+            ("a", 1200, 1.0, PrivacyBudget(epsilon=LIMIT, delta=1e-5)),
+            ("b", 3000, 2.0, None),
+        ):
+            name = f"dp-{letter}-{suffix}"
+            bundle = enroll_site(
+                admin_storage,
+                identities,
+                coordinator,
+                registry=registry,
+                consortium=CONSORTIUM,
+                site=name,
+                endpoint=settings.s3_endpoint,
+            )
+            site_dir = root_dir / name
+            identity = import_bundle(
+                bundle,
+                root_vault,  # stands in for the site's own Vault
+                policy_path=site_dir / "policy.yaml",
+                confirmed_coordinator_fingerprint=coordinator.public_key().fingerprint,
+                key_name=f"sgn-site-{name}",
+                datasets=[DatasetGrant(name="banks", contract_sha256=contract.sha256, privacy_budget=budget)],
+                min_partners=1,
+                allowed_strategies=("fedavg",),
+                approval=Approval(required=False),
+            )
+            keys.append(identity.key_name)
+            policies.append(identity.vault_policy)
+            pin_site_key(
+                registry, name, identity.public_key, identity.fingerprint, key_version=identity.key_version
+            )
+            made[letter] = Site(
+                name=name,
+                bundle=bundle,
+                storage=exchange_storage(bundle),
+                signer=restricted_signer(identity.key_name, identity.vault_policy),
+                policy=load_policy(site_dir / "policy.yaml"),  # the budget went through the policy file
+                state=SiteState(site_dir / "state.json"),
+                outbound=OutboundLog(site_dir / "outbound.jsonl"),
+                n=n,
+                delta=delta,
+            )
+        for site in made.values():
+            _wait_live(lambda s=site: list(s.storage.list(s.bucket)))
+        yield Rig(
+            admin=admin_storage,
+            coordinator=coordinator,
+            registry=registry,
+            a=made["a"],
+            b=made["b"],
+            run_id=f"run-dp-{suffix}",
+            global_weights=[np.zeros(shape, np.float32) for shape in SHAPES],
+        )
+    finally:
+        for site in made.values():
+            remove_site(registry, identities, site.name, admin_storage=admin_storage, delete_bucket=True)
+        for token in tokens:
+            root_vault.client.auth.token.revoke(token)
+        for policy in policies:
+            root_vault.delete_policy(policy)
+        for key in keys:
+            root_vault.delete_key(key)
+
+
+def play(rig: Rig, round_: int) -> tuple[RoundOutcome, dict[str, list[JobOutcome]]]:
+    """Send a round to both sites, let each poll once, collect their replies (all arrive: none pending)."""
+    blob = weights.dumps(rig.global_weights, {"run": rig.run_id, "round": round_})
+    sent = send_round(
+        rig.admin,
+        rig.coordinator,
+        rig.registry,
+        consortium=CONSORTIUM,
+        run_id=rig.run_id,
+        round=round_,
+        jobs={s.name: _job(load_contract("banks")) for s in (rig.a, rig.b)},
+        blobs={ALL_SITES: blob},
+        ttl=JOB_TTL,
+    )
+    at_sites = {s.name: s.tick() for s in (rig.a, rig.b)}
+    outcome = collect_answers(
+        rig.admin, rig.registry, sent, seen_ids=rig.seen, coordinator_key=rig.coordinator.public_key()
+    )
+    assert outcome.complete, outcome.summary()
+    rig.seen |= outcome.reply_ids
+    rig.outcomes.append(outcome)
+    return outcome, at_sites
+
+
+def _charges(rig: Rig, site: Site) -> list[PrivacyCharge]:
+    """The DP-SGD charges in the answers the coordinator accepted from ``site``, as it read them."""
+    out = []
+    for outcome in rig.outcomes:
+        res = outcome.sites[site.name]
+        if res.status is SiteStatus.ACCEPTED:
+            assert res.answer is not None and res.answer.privacy is not None
+            out.append(res.answer.privacy)
+    return out
+
+
+def test_rounds_within_the_budget_are_answered_with_the_sites_ledger_totals(rig):
+    charge = privacy.planned_charge(DP, rig.a.n, BATCH, 1)
+    for round_ in (1, 2):
+        outcome, _ = play(rig, round_)
+        assert {s: o.status for s, o in outcome.sites.items()} == dict.fromkeys(
+            (rig.a.name, rig.b.name), SiteStatus.ACCEPTED
+        )
+        answer = outcome.sites[rig.a.name].answer
+        assert answer is not None and answer.privacy == charge and answer.budget is not None
+        assert answer.budget.epsilon_limit == LIMIT
+        assert answer.budget.epsilon_spent == pytest.approx(privacy.epsilon_of([charge] * round_, 1e-5))
+        # site B has no budget: it reports its charge, no ledger
+        b_answer = outcome.sites[rig.b.name].answer
+        assert b_answer is not None and b_answer.privacy is not None and b_answer.budget is None
+    assert rig.a.trained == [1, 2]
+
+
+def test_the_round_over_budget_is_refused_with_budget_exhausted_and_the_coordinator_names_it(rig):
+    outcome, at_sites = play(rig, 3)
+    [refused] = at_sites[rig.a.name]
+    assert refused.status is JobStatus.REFUSED
+    assert rig.a.trained == [1, 2]  # refused before training
+    assert [k for k in refused.written if k.endswith(".update")] == []  # no update left the site
+
+    a = outcome.sites[rig.a.name]
+    assert a.status is SiteStatus.REFUSED and [r["code"] for r in a.reasons] == ["budget_exhausted"]
+    charge = privacy.planned_charge(DP, rig.a.n, BATCH, 1)
+    spent, asked = privacy.epsilon_of([charge] * 2, 1e-5), charge.epsilon_this_update
+    [reason] = a.reasons
+    assert float(reason["epsilon_spent"]) == pytest.approx(spent, rel=1e-5)
+    assert float(reason["epsilon_asked"]) == pytest.approx(asked, rel=1e-5)
+    assert float(reason["epsilon_limit"]) == LIMIT
+    assert outcome.excluded == {
+        rig.a.name: "refused by the site: budget_exhausted (hparams.dp): the privacy budget of dataset "
+        f"'banks' is exhausted: ε spent {spent:.4g}, this job asks ε {asked:.4g} "
+        f"(ε {privacy.epsilon_of([charge] * 3, 1e-5):.4g} composed with what is spent), ε limit {LIMIT:g} at "
+        f"δ = 1e-05; ε remaining {LIMIT - spent:.4g} (σ = 1, q = {charge.sampling_rate:.4g}, "
+        f"{charge.steps} steps)"
+    }
+    assert outcome.sites[rig.b.name].status is SiteStatus.ACCEPTED  # the run goes on with B
+
+
+def test_the_sites_ledger_holds_exactly_the_charges_it_sent(rig):
+    assert len(rig.outcomes) == 3, "run after the round tests"
+    path = rig.a.state.ledger_path("banks")
+    assert path.parent == rig.a.state.path.parent and path.stat().st_mode & 0o777 == 0o600
+    ledger = privacy.load_ledger(path)
+    sent = _charges(rig, rig.a)
+    assert len(sent) == 2
+    assert [e.key for e in ledger.entries] == [(rig.run_id, 1), (rig.run_id, 2)]
+    assert [(e.noise_multiplier, e.sampling_rate, e.steps) for e in ledger.entries] == [
+        (c.noise_multiplier, c.sampling_rate, c.steps) for c in sent
+    ]
+    assert privacy.spent(ledger) == pytest.approx(privacy.epsilon_of(sent, 1e-5))
+    # what the report shows for the run is the same number, built from what the coordinator received
+    run = privacy.run_privacy(
+        {
+            s.name: [o.sites[s.name].answer for o in rig.outcomes if o.sites[s.name].answer]
+            for s in (rig.a, rig.b)
+        },
+        dp=DP,
+        secure_aggregation=False,
+    )
+    assert run.sites[rig.a.name].epsilon_run == pytest.approx(privacy.spent(ledger))
+    assert run.sites[rig.a.name].epsilon_remaining == pytest.approx(LIMIT - privacy.spent(ledger))
+    assert run.sites[rig.b.name].rounds_charged == 3 and run.sites[rig.b.name].epsilon_limit is None

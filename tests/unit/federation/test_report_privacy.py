@@ -1,0 +1,135 @@
+"""The report's "What protected this run": secure aggregation, DP-SGD settings, each site's budget."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from lepton_tasks.core.messages import (
+    DPTraining,
+    FinalMetrics,
+    HParams,
+    Lineage,
+    LocalOnlyMetrics,
+    RoundSummary,
+    RunMetrics,
+    RunPrivacy,
+    SitePrivacy,
+    dump,
+)
+from lepton_tasks.federation import report
+
+SECTION = "<h2>What protected this run</h2>"
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    monkeypatch.setattr(report, "_rounds_plot", lambda rounds: None)
+    monkeypatch.setattr(report, "_partner_auc_plot", lambda *args: None)
+
+
+def run_metrics(privacy: RunPrivacy | None, **hparams: Any) -> RunMetrics:
+    """A RunMetrics built by hand, as the coordinator's publish writes it."""
+    block = {"n": 100, "auc": 0.8}
+    return RunMetrics(
+        run_id="run-1",
+        dataset="banks",
+        contract_version="banks@v1",
+        strategy="fedavg",
+        hparams=HParams(**hparams),
+        runtime="docker",
+        rounds=[RoundSummary(round=1, strategy="fedavg", partners={"bank-a": {"n": 100}})],
+        final=FinalMetrics(per_partner={"bank-a": block}, overall=block),
+        local_only=LocalOnlyMetrics(per_partner={"bank-a": block}, overall=block),
+        lineage=Lineage(run_id="run-1", rounds=1, strategy="fedavg", contract="banks@v1", drops={}),
+        privacy=privacy,
+    )
+
+
+def section(page: str) -> str:
+    assert page.count(SECTION) == 1
+    return page.split(SECTION, 1)[1].split("<h2>", 1)[0]
+
+
+def pairs(html: str) -> dict[str, str]:
+    return dict(re.findall(r"<tr><th>(.*?)</th><td[^>]*>(.*?)</td></tr>", html))
+
+
+def rows(html: str) -> list[list[str]]:
+    body = html.split("<tbody>")[-1]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)]
+
+
+DP = DPTraining(noise_multiplier=1.1, l2_clip=0.8, delta=1e-5)
+
+
+def test_with_dp_and_secure_aggregation_each_sites_epsilon_and_budget_is_shown():
+    privacy = RunPrivacy(
+        secure_aggregation=True,
+        dropouts_recovered=1,
+        dp=DP,
+        sites={
+            "bank-a": SitePrivacy(
+                rounds_charged=2,
+                delta=1e-5,
+                epsilon_run=2.14171542,
+                noise_multiplier=1.1,
+                l2_clip=0.8,
+                epsilon_limit=3.0,
+                epsilon_spent=2.5,
+                epsilon_remaining=0.5,
+            ),
+            "bank-b": SitePrivacy(rounds_charged=3, delta=1e-6, epsilon_run=1.25),
+        },
+    )
+    html = section(report.render_html(dump(run_metrics(privacy, dp_noise_multiplier=1.1))))
+    settings = pairs(html)
+    assert settings["secure aggregation"] == "on" and settings["dropouts recovered"] == "1"
+    assert settings["differential privacy (DP-SGD)"] == "on"
+    assert settings["noise multiplier σ"] == "1.1000" and settings["clipping norm C"] == "0.8000"
+    assert settings["δ"] == "1e-05"
+    assert rows(html) == [
+        ["bank-a", "2", "1e-05", "2.1417", "2.5000", "3.0000", "0.5000"],
+        ["bank-b", "3", "1e-06", "1.2500", "—", "—", "—"],  # no budget reported: no ledger columns
+    ]
+    assert "composed" in html
+
+
+def test_with_dp_off_the_section_says_so_without_a_table():
+    html = section(report.render_html(dump(run_metrics(RunPrivacy(secure_aggregation=False)))))
+    settings = pairs(html)
+    assert settings == {
+        "secure aggregation": "off",
+        "dropouts recovered": "not used",
+        "differential privacy (DP-SGD)": "off",
+    }
+    assert "Differential privacy was off in this run" in html
+    assert "<thead>" not in html and "ε spent" not in html
+
+
+def test_secure_aggregation_without_dropouts_shows_zero():
+    html = section(report.render_html(dump(run_metrics(RunPrivacy(secure_aggregation=True)))))
+    assert pairs(html)["dropouts recovered"] == "0"
+
+
+def test_older_metrics_without_a_privacy_record_show_the_dp_settings_and_say_what_is_missing():
+    metrics = dump(run_metrics(None, dp_noise_multiplier=1.3, dp_l2_clip=2.0, dp_delta=1e-6))
+    html = section(report.render_html(metrics))
+    settings = pairs(html)
+    assert settings["secure aggregation"] == "not recorded"
+    assert settings["noise multiplier σ"] == "1.3000" and settings["δ"] == "1e-06"
+    assert "Per-site ε is not recorded" in html and "<thead>" not in html
+    html = section(report.render_html(dump(run_metrics(None))))
+    assert "Differential privacy was off" in html
+
+
+def test_site_names_in_the_section_are_escaped():
+    privacy = RunPrivacy(
+        secure_aggregation=False,
+        dp=DP,
+        sites={"<script>alert(1)</script>": SitePrivacy(rounds_charged=1, delta=1e-5, epsilon_run=0.5)},
+    )
+    html = section(report.render_html(dump(run_metrics(privacy))))
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
