@@ -31,7 +31,9 @@ def test_no_import_errors(dagbag):
 def test_one_training_dag_per_dataset_each_on_its_own_asset(dagbag):
     from lepton_tasks.core.contracts import available
 
-    assert {f"lepton_train_{d}" for d in available()} | {"lepton_ingest"} == set(dagbag.dags)
+    assert {f"lepton_train_{d}" for d in available()} | {"lepton_ingest", "lepton_federated"} <= set(
+        dagbag.dags
+    )
     for d in available():
         dag = dagbag.dags[f"lepton_train_{d}"]
         assert d in dag.tags
@@ -45,6 +47,32 @@ def test_every_dag_is_documented_tagged_and_retried(dagbag):
         assert dag.doc_md and len(dag.doc_md) > 100, dag_id
         for t in dag.tasks:
             assert (t.retries or 0) >= 2, f"{dag_id}.{t.task_id} has retries={t.retries}"
+
+
+def test_the_federated_dag_waits_deferred_and_fails_once(dagbag):
+    """Each round waits in a deferrable operator; a failure anywhere marks publish upstream-failed (the run
+    ends failed) while the later steps skip; rounds beyond MAX_ROUNDS do not exist."""
+    from lepton_airflow.answers_trigger import CollectAnswersOperator
+
+    dag = dagbag.dags["lepton_federated"]
+    groups = ["statistics", *(f"round_{k}" for k in range(1, 9)), "evaluation"]
+    assert [t.task_id for t in dag.tasks if t.task_id.endswith(".collect")] == [
+        f"{g}.collect" for g in groups
+    ]
+    for g in groups:
+        assert isinstance(dag.get_task(f"{g}.collect"), CollectAnswersOperator)
+        assert dag.get_task(f"{g}.gate").trigger_rule == "all_done"
+    publish = dag.get_task("publish")
+    assert publish.trigger_rule == "none_failed"
+    assert publish.upstream_task_ids == {t.task_id for t in dag.tasks} - {"publish"}
+    assert set(dag.params) >= {
+        "dataset",
+        "sites",
+        "rounds",
+        "strategy",
+        "min_partners",
+        "round_deadline_minutes",
+    }
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)

@@ -1,0 +1,1056 @@
+"""The coordinator's side of a federated run over the exchange: what ``lepton_federated``'s tasks call.
+
+One run, in rounds numbered as the sites see them (a site rejects any round below the last it answered):
+
+    round 0            statistics   every site sends its additive training statistics; the coordinator
+                                    merges them, derives the feature names and the round-0 global weights
+                                    (the contract's model, built as the trainer builds it, from the seed)
+    rounds 1..R        train        the job carries the merged statistics and round k-1's global weights;
+                                    accepted updates are aggregated with the run's strategy
+    round R+1          evaluate     the job carries round R's global weights; each site scores them on its
+                                    held-out split and returns metrics + a score histogram (never rows)
+
+Every round: :func:`send_jobs` → (the DAG's deferrable trigger polls :func:`poll_round` until every site
+has a final outcome or the deadline passed) → :func:`decide_round`. A site that does not take part in a
+round is an :class:`Exclusion` with its kind — deadline missed, refused (with the site's reasons), reply
+failed verification, training failed, answer unusable, reply unreadable — and the reason the report shows.
+Fewer accepted sites than ``min_partners`` is a :class:`QuorumError` naming every excluded site and why.
+
+Everything lives in the coordinator's own object storage, keyed by run and round, so a retried or cleared
+task finds what an earlier try wrote (sending and deciding are idempotent)::
+
+    <bucket>/federated/<run>/run.json                the run's immutable spec (RunSpec)
+    <bucket>/federated/<run>/round-<kkkk>/sent.json  the headers of the jobs sent (what answers bind to)
+    <bucket>/federated/<run>/round-<kkkk>/record.json  the round's decision (RoundRecord)
+    <bucket>/federated/<run>/round-<kkkk>/global.npz   global weights after the round (0: initial)
+    <bucket>/federated/<run>/stats.json              the merged statistics (round 0)
+    <bucket>/federated/<run>/metrics.json, report.html, model/global.npz, model/global.keras,
+                                                     model/VERSION.json (publish)
+
+No Airflow import here (the DAG and the trigger in ``plugins/lepton_airflow`` wire it); no site address or
+credential is ever needed: the coordinator writes into and reads from the exchange buckets of its own storage.
+
+Secure aggregation: :func:`aggregate_updates` is where masked updates would be summed
+(:mod:`lepton_tasks.federation.secagg`: ``unmask`` yields the sum only, so only fedavg/fedprox qualify, see
+``core.strategies.NEEDS_INDIVIDUAL_UPDATES``). It is not wired yet: a run spec with ``secure_aggregation``
+set raises there, and the DAG never sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import numpy as np
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from lepton_tasks.core import weights as wio
+from lepton_tasks.core.contracts import Contract, load_contract
+from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader
+from lepton_tasks.core.messages import RoundAnswer, RoundJob, TrainerHParams, dump, load
+from lepton_tasks.core.strategies import NEEDS_INDIVIDUAL_UPDATES, Strategy
+from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
+from lepton_tasks.federation.exchange import (
+    ALL_SITES,
+    RoundOutcome,
+    SiteOutcome,
+    SiteStatus,
+    collect_answers,
+    send_round,
+)
+
+if TYPE_CHECKING:
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.core.features import SufficientStats
+    from lepton_tasks.core.signatures import PublicKey, Signer
+
+__all__ = [
+    "STATISTICS_ROUND",
+    "TRAINING_FAILURE_CODES",
+    "CoordinatorError",
+    "Exclusion",
+    "ExclusionKind",
+    "QuorumError",
+    "RoundNotComplete",
+    "RoundRecord",
+    "RunSetupError",
+    "RunSpec",
+    "aggregate_updates",
+    "blocked_by",
+    "check_quorum",
+    "decide_round",
+    "exchange_run_id",
+    "exclusion_of",
+    "initial_weights",
+    "merge_statistics",
+    "poll_round",
+    "publish_run",
+    "read_record",
+    "read_sent",
+    "read_spec",
+    "round_deadline",
+    "select_sites",
+    "send_jobs",
+    "start_run",
+    "usable_updates",
+]
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["statistics", "train", "evaluate"]
+
+#: the statistics round's number (train rounds are 1..R, the evaluation round R+1)
+STATISTICS_ROUND: Final = 0
+#: refusal codes a site uses when its trainer failed (the site's job DAG sends them; anything else a site
+#: refuses with is its decision)
+TRAINING_FAILURE_CODES: Final = frozenset({"training_failed", "trainer_failed"})
+PREFIX: Final = "federated"
+
+
+class CoordinatorError(RuntimeError):
+    """The run cannot go on; retrying does not help (the DAG fails the task at once)."""
+
+
+class QuorumError(CoordinatorError):
+    """Fewer sites than ``min_partners`` are usable: names every excluded site and why."""
+
+
+class RunSetupError(CoordinatorError):
+    """The run's parameters do not fit the registry (a site not enrolled, not pinned, in another
+    consortium) or name no contract."""
+
+
+class RoundNotComplete(RuntimeError):
+    """Some sites have no final outcome yet and the round's deadline has not passed: wait more."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# typed records
+# ----------------------------------------------------------------------------------------------------
+
+
+class ExclusionKind(StrEnum):
+    """Why a site is not in a round (what the report groups by)."""
+
+    DEADLINE_MISSED = "deadline_missed"  # nothing valid before the job expired
+    REFUSED = "refused"  # the site's signed refusal (policy, approval, budget, weights check)
+    VERIFICATION_FAILED = "verification_failed"  # its reply failed verification (signature, tampering…)
+    TRAINING_FAILED = "training_failed"  # the site reported that its trainer failed
+    UNUSABLE = "unusable"  # a verified answer the round cannot use (wrong mode, shapes, statistics)
+    UNREADABLE = "unreadable"  # the coordinator could not read the site's replies (storage)
+
+
+class Exclusion(BaseModel):
+    """One site left out of one round, with the kind, the machine-readable code and the human reason."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str
+    round: int = Field(ge=0)
+    kind: ExclusionKind
+    code: str | None = None
+    reason: str
+
+    def describe(self) -> str:
+        code = f" ({self.code})" if self.code else ""
+        return f"{self.kind.value}{code}: {self.reason}"
+
+
+class RunSpec(BaseModel):
+    """A run's immutable plan (``run.json``), written once by :func:`start_run`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    run_id: str = Field(pattern=RUN_ID_PATTERN, description="the exchange run id")
+    airflow_run_id: str
+    consortium: str
+    dataset: str
+    contract: str = Field(description="the contract's version tag")
+    contract_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sites: list[str] = Field(min_length=1)
+    rounds: int = Field(ge=1)
+    strategy: Strategy
+    min_partners: int = Field(ge=1)
+    round_deadline_minutes: float = Field(gt=0)
+    hparams: TrainerHParams
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    krum_f: int = Field(0, ge=0)
+    secure_aggregation: bool = False
+    created_at: AwareDatetime
+
+    @property
+    def evaluation_round(self) -> int:
+        return self.rounds + 1
+
+    def mode_of(self, round_: int) -> Mode:
+        if round_ == STATISTICS_ROUND:
+            return "statistics"
+        if 1 <= round_ <= self.rounds:
+            return "train"
+        if round_ == self.evaluation_round:
+            return "evaluate"
+        raise ValueError(f"run {self.run_id} has rounds 0..{self.evaluation_round}; {round_} is none of them")
+
+    @property
+    def deadline(self) -> timedelta:
+        return timedelta(minutes=self.round_deadline_minutes)
+
+
+class RoundRecord(BaseModel):
+    """A decided round (``record.json``): who took part, who did not and why, what came out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    run_id: str
+    round: int = Field(ge=0)
+    mode: Mode
+    quorum_met: bool
+    accepted: list[str]
+    exclusions: list[Exclusion]
+    #: per accepted site: its n_samples and training metrics (train), held-out metrics (evaluate)
+    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: evaluate: the merged held-out metrics of every accepted site's score histogram
+    overall: dict[str, Any] | None = None
+    #: message ids of the valid replies (replay protection for the later rounds)
+    reply_ids: list[str] = Field(default_factory=list)
+    global_weights_sha256: str | None = None
+    #: train: each accepted site's DP-SGD charge and privacy ledger as it reported them (``privacy``,
+    #: ``budget`` of its answer; sites training without DP are absent) — the report's "what protected it"
+    charges: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    decided_at: AwareDatetime
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Site → why it is not in this round (the report's wording)."""
+        return {e.site: e.describe() for e in self.exclusions}
+
+    def brief(self) -> dict[str, Any]:
+        """A small JSON summary (XCom)."""
+        return {
+            "round": self.round,
+            "mode": self.mode,
+            "quorum_met": self.quorum_met,
+            "accepted": self.accepted,
+            "excluded": self.excluded,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# where things live
+# ----------------------------------------------------------------------------------------------------
+
+
+def exchange_run_id(airflow_run_id: str) -> str:
+    """A run id the exchange envelope accepts (letters, digits, ``._-``, ≤ 128), stable for one Airflow
+    run id: ``manual__2026-01-01T00:00:00+00:00`` → ``manual__2026-01-01T00-00-00-00-00-<8 hex of its
+    sha256>`` (the hash keeps two ids that clean up alike apart)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", airflow_run_id).strip("-._") or "run"
+    digest = hashlib.sha256(airflow_run_id.encode()).hexdigest()[:8]
+    return f"{cleaned[:110]}-{digest}"
+
+
+def run_prefix(run_id: str) -> str:
+    return f"{PREFIX}/{run_id}/"
+
+
+def round_prefix(run_id: str, round_: int) -> str:
+    return f"{run_prefix(run_id)}round-{round_:04d}/"
+
+
+def _spec_key(run_id: str) -> str:
+    return run_prefix(run_id) + "run.json"
+
+
+def _sent_key(run_id: str, round_: int) -> str:
+    return round_prefix(run_id, round_) + "sent.json"
+
+
+def _record_key(run_id: str, round_: int) -> str:
+    return round_prefix(run_id, round_) + "record.json"
+
+
+def _global_key(run_id: str, round_: int) -> str:
+    return round_prefix(run_id, round_) + "global.npz"
+
+
+def _stats_key(run_id: str) -> str:
+    return run_prefix(run_id) + "stats.json"
+
+
+def read_spec(storage: Storage, bucket: str, run_id: str) -> RunSpec:
+    return RunSpec.model_validate_json(storage.get_bytes(bucket, _spec_key(run_id)))
+
+
+def read_sent(storage: Storage, bucket: str, run_id: str, round_: int) -> dict[str, JobHeader]:
+    """The headers of the jobs sent for ``round_`` (what the answers are bound to)."""
+    doc = storage.get_json(bucket, _sent_key(run_id, round_))
+    # headers are strict models: validated from JSON, as the exchange reads them
+    return {site: JobHeader.model_validate_json(json.dumps(h)) for site, h in doc["jobs"].items()}
+
+
+def read_record(storage: Storage, bucket: str, run_id: str, round_: int) -> RoundRecord | None:
+    key = _record_key(run_id, round_)
+    if not storage.exists(bucket, key):
+        return None
+    return RoundRecord.model_validate_json(storage.get_bytes(bucket, key))
+
+
+def round_deadline(sent: Mapping[str, JobHeader]) -> datetime:
+    """When the last job of the round expires: after it, a silent site is *missing*."""
+    return max(h.expires_at for h in sent.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# start
+# ----------------------------------------------------------------------------------------------------
+
+
+def select_sites(
+    entries: Mapping[str, SiteEntry],
+    requested: Sequence[str] | None,
+    *,
+    consortium: str,
+    min_partners: int,
+) -> list[str]:
+    """The sites of a run: ``requested`` (empty or ``None``: every site of ``consortium`` whose key is
+    pinned). A requested site that is not enrolled, is in another consortium or has no pinned key is a
+    :class:`RunSetupError` (the operator asked for it by name); fewer sites than ``min_partners`` is a
+    :class:`QuorumError`."""
+    if requested:
+        problems = []
+        for site in sorted(set(requested)):
+            entry = entries.get(site)
+            if entry is None:
+                problems.append(f"{site}: not enrolled")
+            elif entry.consortium != consortium:
+                problems.append(f"{site}: enrolled in consortium {entry.consortium!r}, not {consortium!r}")
+            elif not entry.pinned:
+                problems.append(f"{site}: its key is not pinned yet (pin it after checking its fingerprint)")
+        if problems:
+            raise RunSetupError(
+                "cannot run with the requested sites: "
+                + "; ".join(problems)
+                + f". Enrolled: {', '.join(sorted(entries)) or '(none)'}"
+            )
+        chosen = sorted(set(requested))
+    else:
+        chosen = sorted(s for s, e in entries.items() if e.consortium == consortium and e.pinned)
+    if len(chosen) < min_partners:
+        unpinned = sorted(s for s, e in entries.items() if e.consortium == consortium and not e.pinned)
+        more = f"; enrolled but not pinned: {', '.join(unpinned)}" if unpinned else ""
+        raise QuorumError(
+            f"only {len(chosen)} site(s) can take part ({', '.join(chosen) or 'none'}), fewer than "
+            f"min_partners={min_partners}{more}"
+        )
+    return chosen
+
+
+def start_run(
+    storage: Storage,
+    bucket: str,
+    registry: SiteRegistry,
+    *,
+    airflow_run_id: str,
+    consortium: str,
+    dataset: str,
+    sites: Sequence[str] | None,
+    rounds: int,
+    strategy: Strategy,
+    min_partners: int,
+    round_deadline_minutes: float,
+    hparams: TrainerHParams,
+    trim_beta: float = 0.2,
+    krum_f: int = 0,
+    now: datetime | None = None,
+) -> RunSpec:
+    """Write the run's spec (sites, the dataset's contract and its sha256, rounds, strategy, quorum…) and
+    return it. Idempotent: a spec already written for this Airflow run is returned unchanged, so a retried
+    or cleared ``start`` never changes a run whose jobs went out."""
+    run_id = exchange_run_id(airflow_run_id)
+    if storage.exists(bucket, _spec_key(run_id)):
+        spec = read_spec(storage, bucket, run_id)
+        log.info("run %s already started (spec written before a retry or clear): reusing it", run_id)
+        return spec
+    try:
+        contract = load_contract(dataset)
+    except (FileNotFoundError, ValueError) as exc:
+        raise RunSetupError(f"no contract for dataset {dataset!r}: {exc}") from None
+    try:
+        entries = registry.load()
+    except EnrollmentError as exc:
+        raise RunSetupError(f"the site registry cannot be used: {exc}") from None
+    chosen = select_sites(entries, sites, consortium=consortium, min_partners=min_partners)
+    spec = RunSpec(
+        run_id=run_id,
+        airflow_run_id=airflow_run_id,
+        consortium=consortium,
+        dataset=dataset,
+        contract=contract.version_tag,
+        contract_sha256=contract.sha256,
+        sites=chosen,
+        rounds=rounds,
+        strategy=strategy,
+        min_partners=min_partners,
+        round_deadline_minutes=round_deadline_minutes,
+        hparams=hparams,
+        trim_beta=trim_beta,
+        krum_f=krum_f,
+        created_at=(now or datetime.now(UTC)).astimezone(UTC),
+    )
+    storage.put_json(bucket, _spec_key(run_id), spec.model_dump(mode="json"))
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------------
+# send
+# ----------------------------------------------------------------------------------------------------
+
+
+def _contract(spec: RunSpec) -> Contract:
+    contract = load_contract(spec.dataset)
+    if contract.sha256 != spec.contract_sha256:
+        raise CoordinatorError(
+            f"run {spec.run_id} was started under {spec.contract} ({spec.contract_sha256[:12]}…) but the "
+            f"contract here is now {contract.version_tag} ({contract.sha256[:12]}…): start a new run"
+        )
+    return contract
+
+
+def _merged_statistics(storage: Storage, bucket: str, run_id: str) -> tuple[SufficientStats, list[str]]:
+    from lepton_tasks.core.features import SufficientStats
+
+    doc = storage.get_json(bucket, _stats_key(run_id))
+    return SufficientStats.model_validate(doc["statistics"]), list(doc["feature_names"])
+
+
+def build_job(
+    spec: RunSpec,
+    contract: Contract,
+    mode: Mode,
+    *,
+    statistics: SufficientStats | None = None,
+    feature_names: Sequence[str] = (),
+) -> RoundJob:
+    """The job every site of the run gets in a ``mode`` round (``send_round`` adds the weights' ref)."""
+    return RoundJob(
+        mode=mode,
+        dataset=spec.dataset,
+        contract=contract.document(),
+        contract_sha256=spec.contract_sha256,
+        strategy=spec.strategy,
+        rounds=spec.rounds,
+        min_partners=spec.min_partners,
+        secure_aggregation=spec.secure_aggregation,
+        hparams=spec.hparams,
+        feature_names=list(feature_names),
+        statistics=statistics,
+    )
+
+
+def send_jobs(
+    storage: Storage,
+    bucket: str,
+    signer: Signer,
+    registry: SiteRegistry,
+    spec: RunSpec,
+    round_: int,
+    *,
+    now: datetime | None = None,
+) -> dict[str, JobHeader]:
+    """Send round ``round_``'s signed jobs to every site of the run and record their headers
+    (``sent.json``). Train and evaluate jobs carry the merged statistics, the feature names and the
+    previous round's global weights. Idempotent: a round already sent is not sent again (its headers are
+    returned), so a retried task never gives a site two jobs for one round."""
+    if storage.exists(bucket, _sent_key(spec.run_id, round_)):
+        log.info("round %d of %s was already sent: not sending it again", round_, spec.run_id)
+        return read_sent(storage, bucket, spec.run_id, round_)
+    mode = spec.mode_of(round_)
+    contract = _contract(spec)
+    blobs: dict[str, bytes] = {}
+    if mode == "statistics":
+        job = build_job(spec, contract, mode)
+    else:
+        statistics, names = _merged_statistics(storage, bucket, spec.run_id)
+        job = build_job(spec, contract, mode, statistics=statistics, feature_names=names)
+        previous = round_ - 1  # evaluate: the last train round's model
+        blobs[ALL_SITES] = storage.get_bytes(bucket, _global_key(spec.run_id, previous))
+    sent = send_round(
+        storage,
+        signer,
+        registry,
+        consortium=spec.consortium,
+        run_id=spec.run_id,
+        round=round_,
+        jobs=dict.fromkeys(spec.sites, job),
+        blobs=blobs,
+        ttl=spec.deadline,
+        now=now,
+    )
+    storage.put_json(
+        bucket,
+        _sent_key(spec.run_id, round_),
+        {"round": round_, "mode": mode, "jobs": {s: h.model_dump(mode="json") for s, h in sent.items()}},
+    )
+    return sent
+
+
+# ----------------------------------------------------------------------------------------------------
+# collect
+# ----------------------------------------------------------------------------------------------------
+
+
+def seen_reply_ids(storage: Storage, bucket: str, spec: RunSpec, before_round: int) -> set[uuid.UUID]:
+    """Message ids of the replies accepted in this run's rounds before ``before_round``."""
+    seen: set[uuid.UUID] = set()
+    for k in range(STATISTICS_ROUND, before_round):
+        record = read_record(storage, bucket, spec.run_id, k)
+        if record is not None:
+            seen |= {uuid.UUID(i) for i in record.reply_ids}
+    return seen
+
+
+def poll_round(
+    storage: Storage,
+    bucket: str,
+    registry: SiteRegistry,
+    run_id: str,
+    round_: int,
+    *,
+    now: datetime | None = None,
+    coordinator_key: str | PublicKey | None = None,
+) -> RoundOutcome:
+    """One look at the round's replies (what the trigger calls): :func:`collect_answers` over the jobs
+    sent, with the replies accepted in earlier rounds as seen ids. Never raises for one site's fault."""
+    spec = read_spec(storage, bucket, run_id)
+    sent = read_sent(storage, bucket, run_id, round_)
+    return collect_answers(
+        storage,
+        registry,
+        sent,
+        seen_ids=seen_reply_ids(storage, bucket, spec, round_),
+        now=now,
+        coordinator_key=coordinator_key,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# decide (pure parts)
+# ----------------------------------------------------------------------------------------------------
+
+
+def exclusion_of(outcome: SiteOutcome, round_: int) -> Exclusion | None:
+    """The exclusion a site's round outcome amounts to (``None``: accepted or still pending)."""
+    site = outcome.site
+    if outcome.status is SiteStatus.MISSING:
+        return Exclusion(
+            site=site,
+            round=round_,
+            kind=ExclusionKind.DEADLINE_MISSED,
+            reason=outcome.reason or "no answer before the deadline",
+        )
+    if outcome.status is SiteStatus.REFUSED:
+        codes = [str(r.get("code", "?")) for r in outcome.reasons]
+        kind = (
+            ExclusionKind.TRAINING_FAILED
+            if codes and all(c in TRAINING_FAILURE_CODES for c in codes)
+            else ExclusionKind.REFUSED
+        )
+        return Exclusion(
+            site=site,
+            round=round_,
+            kind=kind,
+            code=",".join(codes) or None,
+            reason=outcome.reason or "refused by the site",
+        )
+    if outcome.status is SiteStatus.REJECTED:
+        code = outcome.rejection.reason_code if outcome.rejection else None
+        kind = ExclusionKind.UNREADABLE if code == "unreadable" else ExclusionKind.VERIFICATION_FAILED
+        return Exclusion(
+            site=site, round=round_, kind=kind, code=code, reason=outcome.reason or "its reply was rejected"
+        )
+    return None
+
+
+def _unusable(site: str, round_: int, code: str, reason: str) -> Exclusion:
+    return Exclusion(site=site, round=round_, kind=ExclusionKind.UNUSABLE, code=code, reason=reason)
+
+
+def check_quorum(
+    round_: int, mode: str, accepted: Sequence[str], exclusions: Sequence[Exclusion], min_partners: int
+) -> None:
+    """Raise :class:`QuorumError` when fewer than ``min_partners`` sites are usable in the round; the
+    message names every excluded site and why."""
+    if len(accepted) >= min_partners:
+        return
+    why = "; ".join(f"{e.site}: {e.describe()}" for e in sorted(exclusions, key=lambda e: e.site))
+    raise QuorumError(
+        f"round {round_} ({mode}) is below quorum: {len(accepted)} usable site(s) "
+        f"({', '.join(sorted(accepted)) or 'none'}), min_partners={min_partners}. "
+        f"Excluded: {why or 'none'}"
+    )
+
+
+def merge_statistics(
+    answers: Mapping[str, RoundAnswer], contract: Contract, round_: int = STATISTICS_ROUND
+) -> tuple[SufficientStats | None, list[str], list[Exclusion]]:
+    """Sum the sites' statistics; a site whose answer carries none, or statistics of another dataset,
+    contract version or feature set, is excluded as unusable. Returns ``(merged or None, the sites merged,
+    exclusions)``."""
+    from lepton_tasks.core.features import SufficientStats, merge
+
+    good: dict[str, SufficientStats] = {}
+    out: list[Exclusion] = []
+    reference = SufficientStats.empty(contract)
+    for site, answer in sorted(answers.items()):
+        stats = answer.statistics
+        if answer.mode != "statistics" or stats is None:
+            out.append(_unusable(site, round_, "no_statistics", f"a {answer.mode} answer without statistics"))
+            continue
+        if (stats.dataset, stats.contract_version) != (contract.name, contract.version):
+            out.append(
+                _unusable(
+                    site,
+                    round_,
+                    "wrong_statistics",
+                    f"statistics of {stats.dataset}@v{stats.contract_version}, not {contract.version_tag}",
+                )
+            )
+            continue
+        if set(stats.numeric) != set(reference.numeric) or set(stats.categorical) != set(
+            reference.categorical
+        ):
+            out.append(_unusable(site, round_, "wrong_statistics", "statistics over another feature set"))
+            continue
+        good[site] = stats
+    merged = merge(good.values()) if good else None
+    return merged, sorted(good), out
+
+
+def usable_updates(
+    updates: Sequence[tuple[str, list[np.ndarray], int]],
+    reference: Sequence[np.ndarray],
+    round_: int,
+) -> tuple[list[tuple[str, list[np.ndarray], int]], list[Exclusion]]:
+    """The updates that fit the global model (same layers, shapes and finite values); each other one is an
+    unusable exclusion naming the layer at fault, so one bad site never fails the aggregation."""
+    ok, out = [], []
+    for site, arrays, n in updates:
+        problem = None
+        if len(arrays) != len(reference):
+            problem = f"the update has {len(arrays)} layers; the global model has {len(reference)}"
+        else:
+            for i, (a, ref) in enumerate(zip(arrays, reference, strict=True)):
+                if a.shape != ref.shape:
+                    problem = f"layer {i} has shape {a.shape}; the global model's is {ref.shape}"
+                    break
+                if not np.issubdtype(a.dtype, np.floating):
+                    problem = f"layer {i} has dtype {a.dtype}, not a float"
+                    break
+                if not np.all(np.isfinite(a)):
+                    problem = f"layer {i} holds NaN or Inf"
+                    break
+        if problem:
+            out.append(_unusable(site, round_, "bad_update", problem))
+        else:
+            ok.append((site, arrays, n))
+    return ok, out
+
+
+def aggregate_updates(
+    strategy: str,
+    updates: Sequence[tuple[str, list[np.ndarray], int]],
+    *,
+    trim_beta: float = 0.2,
+    krum_f: int = 0,
+    secure_aggregation: bool = False,
+) -> list[np.ndarray]:
+    """The new global weights from the round's usable updates, with the run's strategy
+    (``federation.aggregate``: fedavg, fedprox, median, trimmed_mean, krum).
+
+    Hook for secure aggregation: with it, sites would send masked updates and this function would sum
+    them with :func:`lepton_tasks.federation.secagg.unmask` (the sum is all the coordinator learns; only
+    fedavg/fedprox can use it). Not wired yet."""
+    from lepton_tasks.federation.aggregate import aggregate
+
+    if secure_aggregation:
+        if strategy in NEEDS_INDIVIDUAL_UPDATES:
+            raise CoordinatorError(f"{strategy} needs every individual update: no secure aggregation")
+        raise NotImplementedError("secure aggregation is not wired into the coordinator yet")
+    params: dict[str, Any] = {}
+    if strategy == "trimmed_mean":
+        params["beta"] = trim_beta
+    elif strategy == "krum":
+        params["f"] = krum_f
+    return aggregate(strategy, list(updates), **params)
+
+
+def initial_weights(contract: Contract, feature_names: Sequence[str], seed: int) -> list[np.ndarray]:
+    """Round-0 global weights: the contract's model built exactly as the trainer builds it
+    (``trainer.model.build_model(spec, len(feature_names), seed)``), so every site starts from the same
+    model. Imports TensorFlow (only when called)."""
+    from lepton_tasks.trainer.model import build_model
+
+    model = build_model(contract.model, len(feature_names), seed)
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# decide
+# ----------------------------------------------------------------------------------------------------
+
+
+def decide_round(
+    storage: Storage,
+    bucket: str,
+    registry: SiteRegistry,
+    run_id: str,
+    round_: int,
+    *,
+    now: datetime | None = None,
+    coordinator_key: str | PublicKey | None = None,
+    build_initial: Callable[[Contract, Sequence[str], int], list[np.ndarray]] = initial_weights,
+) -> RoundRecord:
+    """Collect round ``round_`` once more, judge every site and act on the accepted ones:
+
+    - statistics: merge them (``stats.json``), derive the feature names, write the round-0 weights;
+    - train: aggregate the usable updates with the run's strategy into ``round-<k>/global.npz``;
+    - evaluate: per-site held-out metrics and the overall metrics of the merged score histograms.
+
+    Writes ``record.json`` (also when the quorum is missed, for the post-mortem) and returns it; a round
+    decided before is returned as recorded. Raises :class:`RoundNotComplete` while some site is pending
+    before the deadline, :class:`QuorumError` below ``min_partners``."""
+    existing = read_record(storage, bucket, run_id, round_)
+    if existing is not None and existing.quorum_met:
+        return existing
+    spec = read_spec(storage, bucket, run_id)
+    mode = spec.mode_of(round_)
+    outcome = poll_round(storage, bucket, registry, run_id, round_, now=now, coordinator_key=coordinator_key)
+    if not outcome.complete:
+        raise RoundNotComplete(
+            f"round {round_}: waiting for {', '.join(outcome.pending)} until "
+            f"{round_deadline(read_sent(storage, bucket, run_id, round_)).isoformat()}"
+        )
+    contract = _contract(spec)
+    exclusions = [e for out in outcome.sites.values() if (e := exclusion_of(out, round_)) is not None]
+    warnings = [f"{site}: {w}" for site, out in sorted(outcome.sites.items()) for w in out.warnings]
+    answers: dict[str, RoundAnswer] = {}
+    for site, out in outcome.accepted.items():
+        assert out.answer is not None  # accepted ⇒ a validated answer
+        if out.answer.mode != mode:
+            why = f"a {out.answer.mode} answer to a {mode} job"
+            exclusions.append(_unusable(site, round_, "wrong_mode", why))
+        else:
+            answers[site] = out.answer
+
+    metrics: dict[str, dict[str, Any]] = {}
+    charges: dict[str, dict[str, Any]] = {}
+    overall: dict[str, Any] | None = None
+    weights_out: list[np.ndarray] | None = None
+    stats_doc: dict[str, Any] | None = None
+    if mode == "statistics":
+        merged, accepted, bad = merge_statistics(answers, contract, round_)
+        exclusions += bad
+        metrics = {s: {"n": answers[s].n_samples} for s in accepted}
+        check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
+        _quorum_or_record(storage, bucket, spec, check)
+        assert merged is not None  # quorum met ⇒ at least one site merged
+        from lepton_tasks.core.features import GlobalStats, feature_names
+
+        names = feature_names(contract, GlobalStats.from_stats(merged, contract))
+        weights_out = build_initial(contract, names, spec.hparams.seed)
+        stats_doc = {
+            "statistics": merged.model_dump(mode="json"),
+            "feature_names": names,
+            "sites": accepted,
+        }
+    elif mode == "train":
+        global_prev, _ = wio.loads(storage.get_bytes(bucket, _global_key(run_id, round_ - 1)))
+        raw = [(s, *_arrays(outcome, s)) for s in answers]
+        updates, bad = usable_updates(raw, global_prev, round_)
+        exclusions += bad
+        accepted = sorted(s for s, _, _ in updates)
+        metrics = {s: {**answers[s].metrics, "n": answers[s].n_samples} for s in accepted}
+        charges = {
+            s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
+            for s in accepted
+            if answers[s].privacy is not None or answers[s].budget is not None
+        }
+        check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
+        _quorum_or_record(storage, bucket, spec, check)
+        weights_out = aggregate_updates(
+            spec.strategy,
+            updates,
+            trim_beta=spec.trim_beta,
+            krum_f=spec.krum_f,
+            secure_aggregation=spec.secure_aggregation,
+        )
+    else:
+        from lepton_tasks.core.metrics import merge_score_summaries
+
+        summaries: dict[str, dict[str, Any]] = {}
+        for site, answer in sorted(answers.items()):
+            block = dict(answer.evaluation or {})
+            summary = block.pop("score_summary", None)
+            if not isinstance(summary, dict):
+                why = "no score histogram in the answer"
+                exclusions.append(_unusable(site, round_, "no_evaluation", why))
+                continue
+            try:
+                merge_score_summaries([summary])
+            except (ValueError, KeyError, TypeError) as exc:
+                why = f"unusable score histogram: {exc}"
+                exclusions.append(_unusable(site, round_, "bad_evaluation", why))
+                continue
+            summaries[site] = summary
+            metrics[site] = {**block, "n": answer.n_samples}
+        accepted = sorted(summaries)
+        check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
+        _quorum_or_record(storage, bucket, spec, check)
+        overall = merge_score_summaries(summaries.values())
+
+    digest = None
+    if weights_out is not None:
+        meta = {"run_id": run_id, "round": round_, "strategy": spec.strategy, "sites": accepted}
+        blob = wio.dumps(weights_out, meta)
+        digest = wio.sha256(blob)
+        storage.put_bytes(bucket, _global_key(run_id, round_), blob)
+    if stats_doc is not None:
+        storage.put_json(bucket, _stats_key(run_id), stats_doc)
+    record = _record(spec, round_, mode, accepted, exclusions, metrics, overall, outcome, warnings, digest)
+    record = record.model_copy(update={"charges": charges})
+    storage.put_json(bucket, _record_key(run_id, round_), record.model_dump(mode="json"))  # last: the commit
+    for e in record.exclusions:
+        log.warning("run %s round %d: excluded %s: %s", run_id, round_, e.site, e.describe())
+    return record
+
+
+def _arrays(outcome: RoundOutcome, site: str) -> tuple[list[np.ndarray], int]:
+    out = outcome.sites[site]
+    assert out.answer is not None
+    if out.update is None:
+        return [], out.answer.n_samples
+    arrays, _meta = wio.loads(out.update)
+    return arrays, out.answer.n_samples
+
+
+def _record(
+    spec: RunSpec,
+    round_: int,
+    mode: Mode,
+    accepted: Sequence[str],
+    exclusions: Sequence[Exclusion],
+    metrics: Mapping[str, dict[str, Any]],
+    overall: dict[str, Any] | None,
+    outcome: RoundOutcome,
+    warnings: Sequence[str],
+    digest: str | None = None,
+) -> RoundRecord:
+    return RoundRecord(
+        run_id=spec.run_id,
+        round=round_,
+        mode=mode,
+        quorum_met=len(accepted) >= spec.min_partners,
+        accepted=sorted(accepted),
+        exclusions=sorted(exclusions, key=lambda e: e.site),
+        metrics=dict(metrics),
+        overall=overall,
+        reply_ids=sorted(str(i) for i in outcome.reply_ids),
+        global_weights_sha256=digest,
+        warnings=list(warnings),
+        decided_at=datetime.now(UTC),
+    )
+
+
+def _quorum_or_record(storage: Storage, bucket: str, spec: RunSpec, record: RoundRecord) -> None:
+    """Below quorum: write the record (for the post-mortem) and raise the one clear error."""
+    if record.quorum_met:
+        return
+    storage.put_json(bucket, _record_key(record.run_id, record.round), record.model_dump(mode="json"))
+    check_quorum(record.round, record.mode, record.accepted, record.exclusions, spec.min_partners)
+
+
+def blocked_by(storage: Storage, bucket: str, run_id: str, round_: int) -> str | None:
+    """Why round ``round_`` cannot start (the run did not start, or an earlier round was not decided with
+    its quorum), or ``None``: the pointer a skipped task gives, naming the task whose log says why."""
+    if not storage.exists(bucket, _spec_key(run_id)):
+        return "the run did not start: see the `start` task's log"
+    for k in range(STATISTICS_ROUND, round_):
+        record = read_record(storage, bucket, run_id, k)
+        if record is None or not record.quorum_met:
+            spec = read_spec(storage, bucket, run_id)
+            group = _group_of(spec, k)
+            return f"round {k} ({spec.mode_of(k)}) did not complete: see `{group}.collect`'s log"
+    return None
+
+
+def _group_of(spec: RunSpec, round_: int) -> str:
+    mode = spec.mode_of(round_)
+    return {"statistics": "statistics", "evaluate": "evaluation"}.get(mode, f"round_{round_}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# publish
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
+    """The run's metrics document (the report's input, ``federation.report``'s schema): per round the
+    sites that took part and their metrics, every exclusion with its kind and reason, the final held-out
+    metrics per site and overall, and what protected the run (``core.privacy.run_privacy`` over the DP-SGD
+    charges the sites reported)."""
+    from lepton_tasks.core.privacy import run_privacy
+
+    records = []
+    for k in range(STATISTICS_ROUND, spec.evaluation_round + 1):
+        record = read_record(storage, bucket, spec.run_id, k)
+        if record is None or not record.quorum_met:
+            raise CoordinatorError(f"run {spec.run_id}: round {k} was not decided with its quorum")
+        records.append(record)
+    train = [r for r in records if r.mode == "train"]
+    final = records[-1]
+    excluded = {f"{e.site} (round {r.round}, {r.mode})": e.describe() for r in records for e in r.exclusions}
+    exclusions = [{**e.model_dump(mode="json"), "mode": r.mode} for r in records for e in r.exclusions]
+    warnings = [w for r in records for w in r.warnings]
+    privacy = run_privacy(
+        {
+            s: [RoundAnswer(mode="train", n_samples=1, **r.charges[s]) for r in train if s in r.charges]
+            for s in spec.sites
+        },
+        dp=spec.hparams.dp,
+        secure_aggregation=spec.secure_aggregation,
+    )
+    if excluded:
+        warnings.append(f"{len(excluded)} exclusion(s): see the exclusions table")
+    last = train[-1]
+    return {
+        "run_id": spec.run_id,
+        "airflow_run_id": spec.airflow_run_id,
+        "consortium": spec.consortium,
+        "dataset": spec.dataset,
+        "contract_version": spec.contract,
+        "contract_sha256": spec.contract_sha256,
+        "strategy": spec.strategy,
+        "min_partners": spec.min_partners,
+        "runtime": "sites",
+        "created_at": spec.created_at.isoformat(),
+        "partners": spec.sites,
+        "rounds": [
+            {
+                "round": r.round,
+                "partners": r.metrics,
+                "excluded": {e.site: e.describe() for e in r.exclusions},
+            }
+            for r in train
+        ],
+        "statistics_round": records[0].model_dump(mode="json"),
+        "final": {"per_partner": final.metrics, "overall": final.overall or {}},
+        "excluded": excluded,
+        "exclusions": exclusions,
+        "lineage": {
+            "run_id": spec.run_id,
+            "rounds": spec.rounds,
+            "strategy": spec.strategy,
+            "contract": spec.contract,
+            "sites": sorted({s for r in train for s in r.accepted}),
+            "published_round": last.round,
+            "global_weights_sha256": last.global_weights_sha256,
+        },
+        "privacy": privacy.model_dump(mode="json"),
+        "warnings": warnings,
+    }
+
+
+def publish_run(
+    storage: Storage,
+    bucket: str,
+    spec: RunSpec,
+    *,
+    report_dir: Path,
+    save_keras: bool = True,
+) -> dict[str, Any]:
+    """Publish a finished run: ``metrics.json``, ``report.html`` (every excluded site and why), the last
+    round's global weights as a versioned model (``model/global.npz``, ``model/global.keras`` when the
+    contract's model can be rebuilt, ``model/VERSION.json`` and a ``_registry/<dataset>/`` entry shared with
+    the single-stack runs' versions). Idempotent: re-publishing keeps the run's version."""
+    from lepton_tasks.core.messages import RegistryEntry
+    from lepton_tasks.federation.report import render_report
+
+    metrics = run_metrics(storage, bucket, spec)
+    prefix = run_prefix(spec.run_id)
+    version = _next_version(storage, bucket, spec.dataset, spec.run_id)
+    metrics["model_version"] = str(version)
+    report = render_report(metrics, report_dir)
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    storage.put_json(bucket, prefix + "metrics.json", metrics)
+    storage.put_file(bucket, prefix + "report.html", report, content_type="text/html")
+
+    last = metrics["lineage"]["published_round"]
+    blob = storage.get_bytes(bucket, _global_key(spec.run_id, last))
+    storage.put_bytes(bucket, prefix + "model/global.npz", blob)
+    model_url = f"s3://{bucket}/{prefix}model/global.npz"
+    if save_keras:
+        import tempfile
+
+        stats, names = _merged_statistics(storage, bucket, spec.run_id)
+        del stats
+        with tempfile.TemporaryDirectory() as tmp:
+            path = _save_keras(spec.dataset, blob, len(names), Path(tmp))
+            storage.put_file(bucket, prefix + "model/global.keras", path)
+        model_url = f"s3://{bucket}/{prefix}model/global.keras"
+    storage.put_json(
+        bucket,
+        prefix + "model/VERSION.json",
+        {
+            "schema_version": 1,
+            "version": version,
+            "dataset": spec.dataset,
+            "run_id": spec.run_id,
+            "published_at": datetime.now(UTC).isoformat(),
+            "lineage": metrics["lineage"],
+        },
+    )
+    storage.put_json(
+        bucket,
+        f"_registry/{spec.dataset}/{version:06d}.json",
+        dump(RegistryEntry(run_id=spec.run_id, version=version)),
+    )
+    return {
+        "version": version,
+        "published_round": last,
+        "report_path": str(report),
+        "report_url": f"s3://{bucket}/{prefix}report.html",
+        "model_url": model_url,
+        "excluded": metrics["excluded"],
+    }
+
+
+def _next_version(storage: Storage, bucket: str, dataset: str, run_id: str) -> int:
+    from lepton_tasks.core.messages import RegistryEntry
+
+    versions: dict[str, int] = {}
+    for obj in storage.list(bucket, f"_registry/{dataset}/"):
+        entry = load(RegistryEntry, storage.get_bytes(bucket, obj.key), where=f"s3://{bucket}/{obj.key}")
+        versions[entry.run_id] = entry.version
+    return versions.get(run_id, max(versions.values(), default=0) + 1)
+
+
+def _save_keras(dataset: str, blob: bytes, n_features: int, out: Path) -> Path:
+    from lepton_tasks.trainer.model import build_model
+
+    arrays, _ = wio.loads(blob)
+    model = build_model(load_contract(dataset).model, n_features, seed=0)
+    model.set_weights(arrays)
+    path = out / "global.keras"
+    model.save(path)
+    return path
