@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from typing import Any, TypeVar
 
 import urllib3.exceptions
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 from minio.helpers import DictType
 
+from lepton_tasks.adapters.health import ServiceHealth, connection_problem
 from lepton_tasks.adapters.settings import Settings
 
 PART_SIZE = 16 * 1024 * 1024
+#: seconds the health probe waits to connect and for an answer
+PROBE_TIMEOUT = 5.0
 
 
 def _s3_metadata(metadata: dict[str, str] | None) -> DictType | None:
@@ -95,9 +99,43 @@ class Storage:
     ) -> None:
         self.endpoint = endpoint
         self.access_key = access_key
+        self.secure = secure
         self.client = Minio(
             endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region
         )
+        # the health probe's own client: one try, short timeouts (the main client retries for ~6 s)
+        self._probe = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=PROBE_TIMEOUT, read=PROBE_TIMEOUT), retries=False
+            ),
+        )
+
+    def health(self, bucket: str) -> ServiceHealth:
+        """Probe S3 with one cheap request (HEAD ``bucket``, no retries, :data:`PROBE_TIMEOUT` s).
+
+        Ok when the server answers, even with an S3 error (access denied, no such bucket: the service is up;
+        the task itself will say what is wrong). Not ok when it does not answer or answers HTTP 5xx.
+        """
+        url = f"{'https' if self.secure else 'http'}://{self.endpoint}"
+        try:
+            self._probe.bucket_exists(bucket)
+        except S3Error:
+            return ServiceHealth("S3", url, True)
+        except ServerError as exc:
+            return ServiceHealth("S3", url, False, f"answered HTTP {exc.status_code}")
+        except InvalidResponseError as exc:
+            found = re.search(r"Response code: (\d+)", str(exc))
+            return ServiceHealth(
+                "S3", url, False, f"answered HTTP {found.group(1) if found else '?'} (not S3)"
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            return ServiceHealth("S3", url, False, connection_problem(exc, PROBE_TIMEOUT))
+        return ServiceHealth("S3", url, True)
 
     def _unavailable(self, op: str, bucket: Any = "", key: Any = "") -> StorageUnavailable:
         where = f"s3://{bucket}/{key}" if isinstance(key, str) and key else f"s3://{bucket}"

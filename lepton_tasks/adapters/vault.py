@@ -4,8 +4,8 @@ Roles:
 - the *root* token (embedded: ``<data_dir>/openbao/root-token``) is used only by ``lepton up`` and partner
   onboarding, run by a human operator;
 - the *operator* token (policy ``lepton-operator``) is what Airflow uses: encrypt with any partner key, sign
-  manifests, and mint trainer tokens through the ``lepton-trainer`` token role — which can only grant
-  ``lepton-partner-*`` policies;
+  manifests, mint trainer tokens through the ``lepton-trainer`` token role — which can only grant
+  ``lepton-partner-*`` policies — and response-wrap a trainer's whole job (``sys/wrapping/wrap``);
 - a *trainer* token carries exactly one partner policy (decrypt + verify with that partner's key only), is
   non-renewable and expires with the task.
 """
@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import hvac
+import hvac.adapters
 import hvac.exceptions
+import requests
+
+from lepton_tasks.adapters.health import ServiceHealth, connection_problem
 
 OPERATOR_POLICY = "lepton-operator"
 TRAINER_ROLE = "lepton-trainer"
@@ -24,6 +28,18 @@ TRAINER_ROLE = "lepton-trainer"
 
 class VaultError(RuntimeError):
     """A Vault operation failed; the message says which and why (never a token)."""
+
+
+class VaultUnavailable(VaultError):
+    """Vault did not answer or answered 5xx (down, sealed, restarting): transient; retry later."""
+
+
+#: hvac's exceptions for a Vault that is down, sealed or failing (HTTP 5xx): transient, unlike 4xx
+_HVAC_TRANSIENT = (
+    hvac.exceptions.VaultDown,
+    hvac.exceptions.InternalServerError,
+    hvac.exceptions.BadGateway,
+)
 
 
 def partner_policy_name(partner: str) -> str:
@@ -41,7 +57,7 @@ path "{transit_mount}/verify/{key_name}/*" {{ capabilities = ["update"] }}
 
 
 def operator_policy(transit_mount: str, key_prefix: str) -> str:
-    """HCL of the Airflow operator's policy (no sys/ access, no policy writes, no root)."""
+    """HCL of the Airflow operator's policy (no sys/ access but wrapping data, no policy writes, no root)."""
     return f"""
 path "{transit_mount}/encrypt/{key_prefix}*" {{ capabilities = ["update"] }}
 path "{transit_mount}/decrypt/{key_prefix}*" {{ capabilities = ["update"] }}
@@ -50,6 +66,8 @@ path "{transit_mount}/hmac/{key_prefix}*" {{ capabilities = ["update"] }}
 path "{transit_mount}/verify/{key_prefix}*" {{ capabilities = ["update"] }}
 path "{transit_mount}/keys/{key_prefix}*" {{ capabilities = ["read"] }}
 path "auth/token/create/{TRAINER_ROLE}" {{ capabilities = ["update"] }}
+# response-wrap a trainer's whole job (presigned URLs + wrapped token): docker inspect shows a spent token
+path "sys/wrapping/wrap" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}
 path "auth/token/renew-self" {{ capabilities = ["update"] }}
 """
@@ -145,9 +163,14 @@ class Vault:
             return False
         return True
 
+    def write_operator_policy(self, key_prefix: str) -> None:
+        """(root) Write (or update) the operator policy: every ``lepton up`` and compose's vault-init run it,
+        so a stack made by an older Lepton gets the capabilities this one needs."""
+        self.write_policy(OPERATOR_POLICY, operator_policy(self.transit_mount, key_prefix))
+
     def setup_operator(self, key_prefix: str) -> str:
         """(root) Write the operator policy and trainer token role; return a new periodic operator token."""
-        self.write_policy(OPERATOR_POLICY, operator_policy(self.transit_mount, key_prefix))
+        self.write_operator_policy(key_prefix)
         # hvac's create_or_update_role has no allowed_policies_glob: write the role through the raw API
         self.client.adapter.post(
             f"/v1/auth/token/roles/{TRAINER_ROLE}",
@@ -201,6 +224,27 @@ class Vault:
             )
         return str(wrap["token"])
 
+    def wrap(self, data: dict[str, Any], ttl: int) -> str:
+        """(operator) Response-wrap ``data`` (``sys/wrapping/wrap``): a single-use wrapping token valid
+        for ``ttl`` seconds that :func:`unwrap_data` (once) turns back into ``data``. The wrapping
+        token's creation path is :data:`WRAP_CREATION_PATH`."""
+        try:
+            res = self.client.sys.wrap(payload=data, ttl=ttl)
+        except _HVAC_TRANSIENT as exc:
+            raise VaultUnavailable(
+                f"Vault at {self.client.url} could not wrap: {type(exc).__name__}"
+            ) from exc
+        except hvac.exceptions.Forbidden as exc:
+            raise VaultError(
+                f"the operator token may not use {WRAP_CREATION_PATH} (its {OPERATOR_POLICY} policy "
+                "predates job wrapping): run `lepton up` (embedded) or `docker-compose run --rm vault-init` "
+                "to update it"
+            ) from exc
+        token = ((res or {}).get("wrap_info") or {}).get("token")
+        if not token:
+            raise VaultError("Vault did not wrap the data (no wrap_info in its answer)")
+        return str(token)
+
     def lookup_self(self) -> dict[str, Any]:
         data: dict[str, Any] = self.client.auth.token.lookup_self()["data"]
         return data
@@ -209,6 +253,16 @@ class Vault:
 # response wrapping --------------------------------------------------------------------------------
 #: where a trainer's wrapped token must come from (checked before unwrapping: a substituted token is refused)
 TRAINER_CREATION_PATH = f"auth/token/create/{TRAINER_ROLE}"
+#: where a wrapped trainer job must come from (:meth:`Vault.wrap`)
+WRAP_CREATION_PATH = "sys/wrapping/wrap"
+
+
+def _unavailable(addr: str, what: str, exc: BaseException, timeout: int) -> VaultUnavailable:
+    if isinstance(exc, requests.RequestException):
+        return VaultUnavailable(
+            f"Vault at {addr} {connection_problem(exc, timeout)} (while trying to {what})"
+        )
+    return VaultUnavailable(f"Vault at {addr} failed to {what}: {type(exc).__name__} (down or sealed?)")
 
 
 def lookup_wrapping(addr: str, wrapping_token: str, *, timeout: int = 30) -> dict[str, Any]:
@@ -218,6 +272,8 @@ def lookup_wrapping(addr: str, wrapping_token: str, *, timeout: int = 30) -> dic
         res = client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token})
         data: dict[str, Any] = res["data"]
         return data
+    except (requests.RequestException, *_HVAC_TRANSIENT) as exc:
+        raise _unavailable(addr, "look up a wrapping token", exc, timeout) from exc
     except hvac.exceptions.VaultError as exc:
         raise VaultError(
             "the Vault wrapping token is not valid (already used, expired or never issued): "
@@ -230,11 +286,14 @@ def unwrap(addr: str, wrapping_token: str, *, timeout: int = 30) -> dict[str, An
     itself (no other credential needed). Returns the wrapped response (for a token: ``{"auth": {...}}``).
 
     Raises :class:`VaultError` when the token was already used, has expired or never existed — for a trainer
-    that means its job may have been intercepted: treat it as a security failure.
+    that means its job may have been intercepted: treat it as a security failure — and
+    :class:`VaultUnavailable` when Vault did not answer (transient).
     """
     client = hvac.Client(url=addr, token=wrapping_token, timeout=timeout)
     try:
         res = client.sys.unwrap()
+    except (requests.RequestException, *_HVAC_TRANSIENT) as exc:
+        raise _unavailable(addr, "unwrap", exc, timeout) from exc
     except hvac.exceptions.VaultError as exc:
         raise VaultError(
             "cannot unwrap the Vault wrapping token (already used, expired or never issued — "
@@ -258,13 +317,72 @@ def unwrap_token(
     path is checked first, so a token wrapped elsewhere (a substitute) is refused. Raises :class:`VaultError`.
     """
     if expected_creation_path is not None:
-        path = str(lookup_wrapping(addr, wrapping_token, timeout=timeout).get("creation_path", ""))
-        if path != expected_creation_path:
-            raise VaultError(
-                f"the wrapping token was created at {path!r}, not {expected_creation_path!r}: refused"
-            )
+        _check_creation_path(addr, wrapping_token, expected_creation_path, timeout)
     auth = unwrap(addr, wrapping_token, timeout=timeout).get("auth") or {}
     token = auth.get("client_token")
     if not token:
         raise VaultError("the wrapping token does not wrap a Vault token")
     return str(token)
+
+
+def _check_creation_path(addr: str, wrapping_token: str, expected: str, timeout: int) -> None:
+    path = str(lookup_wrapping(addr, wrapping_token, timeout=timeout).get("creation_path", ""))
+    if path != expected:
+        raise VaultError(f"the wrapping token was created at {path!r}, not {expected!r}: refused")
+
+
+def unwrap_data(
+    addr: str,
+    wrapping_token: str,
+    *,
+    expected_creation_path: str = WRAP_CREATION_PATH,
+    timeout: int = 30,
+) -> dict[str, Any]:
+    """The data inside a wrapping token made by :meth:`Vault.wrap`, unwrapped once.
+
+    The wrapping token's creation path is checked first (a token wrapped elsewhere, e.g. a trainer token
+    passed off as a job, is refused without being spent). Raises :class:`VaultError` (used, expired, never
+    issued, substituted: a security failure for a trainer) or :class:`VaultUnavailable` (transient).
+    """
+    _check_creation_path(addr, wrapping_token, expected_creation_path, timeout)
+    data = unwrap(addr, wrapping_token, timeout=timeout).get("data")
+    if not isinstance(data, dict):
+        raise VaultError("the wrapping token does not wrap data")
+    return data
+
+
+def spend_if_unused(addr: str, wrapping_token: str, *, timeout: int = 10) -> bool:
+    """Unwrap (and discard) ``wrapping_token`` if nobody did: True when it was still valid.
+
+    The operator calls it once a trainer ended, so a job whose trainer never started (or crashed before
+    unwrapping) does not stay unwrappable until the wrapping TTL ends.
+    """
+    try:
+        lookup_wrapping(addr, wrapping_token, timeout=timeout)
+    except VaultUnavailable:
+        raise
+    except VaultError:
+        return False  # already used or expired: the normal case once the trainer started
+    unwrap(addr, wrapping_token, timeout=timeout)
+    return True
+
+
+def vault_health(addr: str, *, timeout: int = 5) -> ServiceHealth:
+    """Probe ``sys/health`` (unauthenticated): ok when Vault answers as an active or standby node.
+
+    Not ok when it does not answer (refused, timeout), is sealed (503), not initialized (501) or answers
+    anything else; the answer's ``message`` names the address and the problem.
+    """
+    client = hvac.Client(url=addr, timeout=timeout, adapter=hvac.adapters.RawAdapter)  # every status
+    try:
+        res = client.sys.read_health_status(method="GET")
+    except requests.RequestException as exc:
+        return ServiceHealth("Vault", addr, False, connection_problem(exc, timeout))
+    status = int(getattr(res, "status_code", 0) or 0)
+    if status in (200, 429, 472, 473):  # active, standby, DR secondary, performance standby
+        return ServiceHealth("Vault", addr, True)
+    problem = {
+        503: "is sealed (HTTP 503): unseal it",
+        501: "is not initialized (HTTP 501)",
+    }.get(status, f"answered its health check with HTTP {status}")
+    return ServiceHealth("Vault", addr, False, problem)

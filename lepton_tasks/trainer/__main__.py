@@ -1,10 +1,15 @@
 """The trainer entrypoint: ``python -m lepton_tasks.trainer`` (in the partner's container, or a subprocess).
 
-It receives its job (a :class:`~lepton_tasks.core.messages.TrainerJob`, see
-:func:`lepton_tasks.federation.plan.trainer_job`) in the ``LEPTON_JOB`` environment variable — never on the
-command line — holding presigned URLs for exactly this partner's objects, a short-lived Vault token that can
-decrypt/verify with only this partner's key, and the dataset's contract (checked against its hash). It
+Its job (a :class:`~lepton_tasks.core.messages.TrainerJob`, see
+:func:`lepton_tasks.federation.plan.trainer_job`) holds presigned URLs for exactly this partner's objects, a
+short-lived Vault token that can decrypt/verify with only this partner's key, and the dataset's contract
+(checked against its hash). It never comes on the command line. The operator gives it **response-wrapped**:
+the environment holds only ``LEPTON_JOB_TOKEN`` (a single-use Vault wrapping token, created at
+``sys/wrapping/wrap``) and ``LEPTON_JOB_VAULT_ADDR``; the trainer checks the token's creation path, unwraps it
+once, and drops both variables, so what ``docker inspect`` shows afterwards is a spent token. (A plain job in
+``LEPTON_JOB`` is still accepted, for tools and tests that build one themselves.) It
 
+0. unwraps its job (a token already used, expired or created elsewhere: exit 3; Vault unreachable: exit 4);
 1. downloads each committed drop's manifest and verifies it (:mod:`lepton_tasks.adapters.manifest`);
 2. downloads the encrypted splits, checks their SHA-256 against the manifest, decrypts them (Tink + Vault)
    to a private temp dir;
@@ -32,6 +37,7 @@ import os
 import sys
 import tempfile
 import urllib.request
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("lepton.trainer")
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_JOB, EXIT_SECURITY, EXIT_TRANSIENT = 0, 1, 2, 3, 4
+#: the operator's environment variables: the wrapped job's single-use token and where to unwrap it
+JOB_TOKEN_ENV, JOB_VAULT_ENV, PLAIN_JOB_ENV = "LEPTON_JOB_TOKEN", "LEPTON_JOB_VAULT_ADDR", "LEPTON_JOB"
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_BUG: "unexpected error",
@@ -56,6 +64,41 @@ class SecurityError(RuntimeError):
 
 class BadJobError(ValueError):
     """The job cannot be run as given (retrying the same job cannot help)."""
+
+
+class TransientError(RuntimeError):
+    """A service did not answer (retry later)."""
+
+
+def read_job_env(environ: MutableMapping[str, str]) -> tuple[str, str]:
+    """``(job JSON, where it came from)`` from the environment, removing every job variable from it.
+
+    A wrapped job (:data:`JOB_TOKEN_ENV`) is unwrapped once, after checking that its wrapping token was
+    created at ``sys/wrapping/wrap``. Raises :class:`BadJobError` (nothing usable given),
+    :class:`SecurityError` (token used, expired, never issued or created elsewhere: the job may have been
+    intercepted) or :class:`TransientError` (Vault did not answer).
+    """
+    token = environ.pop(JOB_TOKEN_ENV, None)
+    addr = environ.pop(JOB_VAULT_ENV, None)
+    plain = environ.pop(PLAIN_JOB_ENV, None)
+    if not token:
+        if not plain:
+            raise BadJobError(f"neither {JOB_TOKEN_ENV} nor {PLAIN_JOB_ENV} is set")
+        return plain, PLAIN_JOB_ENV
+    if not addr:
+        raise BadJobError(f"{JOB_TOKEN_ENV} is set but {JOB_VAULT_ENV} (where to unwrap it) is not")
+    from lepton_tasks.adapters.vault import VaultError, VaultUnavailable, unwrap_data
+
+    try:
+        data = unwrap_data(addr, token)
+    except VaultUnavailable as exc:
+        raise TransientError(f"cannot unwrap the job: {exc}") from exc
+    except VaultError as exc:
+        raise SecurityError(f"the job could not be unwrapped: {exc}") from exc
+    job = data.get("job")
+    if not isinstance(job, str) or not job:
+        raise BadJobError("the wrapped data holds no job")
+    return job, "the wrapped job"
 
 
 def _fetch(url: str) -> bytes:
@@ -283,6 +326,8 @@ def _is_transient(exc: BaseException) -> bool:
     import hvac.exceptions
     import requests
 
+    from lepton_tasks.adapters.vault import VaultUnavailable
+
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500
     return isinstance(
@@ -296,6 +341,8 @@ def _is_transient(exc: BaseException) -> bool:
             hvac.exceptions.VaultDown,
             hvac.exceptions.InternalServerError,
             hvac.exceptions.BadGateway,
+            VaultUnavailable,
+            TransientError,
         ),
     )
 
@@ -313,12 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer[%(name)s] %(levelname)s %(message)s")
     from lepton_tasks.core.messages import MessageError, TrainerJob, load
 
-    raw = os.environ.pop("LEPTON_JOB", None)
-    if not raw:
-        print("bad job: the LEPTON_JOB environment variable is empty", file=sys.stderr)
-        return EXIT_BAD_JOB
     try:
-        job = load(TrainerJob, raw, where="LEPTON_JOB")
+        raw, where = read_job_env(os.environ)
+    except BadJobError as exc:
+        print(f"bad job: {exc}", file=sys.stderr)
+        return EXIT_BAD_JOB
+    except SecurityError as exc:
+        print(f"security error: {exc}", file=sys.stderr)
+        return EXIT_SECURITY
+    except TransientError as exc:
+        print(f"transient error (a service did not answer; retry): {exc}", file=sys.stderr)
+        return EXIT_TRANSIENT
+    try:
+        job = load(TrainerJob, raw, where=where)
     except MessageError as exc:
         print(f"bad job: {exc}", file=sys.stderr)
         return EXIT_BAD_JOB
@@ -328,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("partner %s: %s (run %s, round %s)", args.partner, args.mode, job.run_id, job.round)
     try:
         if job.vault_token_wrapped:
-            from lepton_tasks.adapters.vault import VaultError, unwrap_token
+            from lepton_tasks.adapters.vault import VaultError, VaultUnavailable, unwrap_token
 
             try:  # a used or substituted wrapping token may mean the job was intercepted: a security failure
                 token = unwrap_token(job.vault_addr, job.vault_token)
+            except VaultUnavailable:
+                raise  # transient: handled below (exit 4)
             except VaultError as exc:
                 raise SecurityError(f"the job's Vault token could not be unwrapped: {exc}") from exc
             job = job.model_copy(update={"vault_token": token})

@@ -1,9 +1,15 @@
 """The per-partner trainer task: a hardened container whose secrets are minted at execute time.
 
 ``LeptonTrainerOperator`` is mapped over partners. In ``execute`` (never at parse time, never in XCom) it
-builds the partner's job — presigned URLs for that partner's objects only and a short-lived Vault token
-that can decrypt only that partner's key, **response-wrapped**: the job carries a single-use wrapping token
-that the trainer unwraps once at start, so what ``docker inspect`` shows afterwards cannot be used.
+first probes Vault (``sys/health``) and S3 (one HEAD, no retries): when either is down, the try fails at once
+with one message naming the service and its address (``ServicesDown``, transient: the DAG's retries with
+exponential backoff apply), before any token is minted or container started. Then it builds the partner's
+job — presigned URLs for that partner's objects only and a short-lived Vault token that can decrypt only
+that partner's key (itself response-wrapped) — and **response-wraps the whole job** (``sys/wrapping/wrap``,
+single use, valid :data:`WRAP_TTL`). The container's environment holds only that wrapping token
+(``LEPTON_JOB_TOKEN``) and the Vault address (``LEPTON_JOB_VAULT_ADDR``); the trainer unwraps it once at
+start, so what ``docker inspect`` shows afterwards is a spent token: no presigned URL, no usable token. A
+token nobody unwrapped (the trainer never started) is spent by the operator once the container ended.
 
 The container (see :func:`container_spec`):
 
@@ -47,6 +53,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow.providers.docker.operators.docker import DockerOperator
+
+from lepton_tasks.trainer.__main__ import JOB_TOKEN_ENV, JOB_VAULT_ENV, PLAIN_JOB_ENV
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,18 @@ class _WrappedTokenVault:
         return getattr(self._vault, name)
 
 
+def require_services(settings) -> None:
+    """Probe Vault and S3 (cheap, no retries); raise ``ServicesDown`` (transient) naming each one down."""
+    from lepton_tasks.adapters.health import require_up
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.adapters.vault import vault_health
+
+    require_up(
+        vault_health(settings.vault_addr),
+        Storage.from_settings(settings).health(settings.models_bucket),
+    )
+
+
 class TrainerFailed(RuntimeError):
     """A trainer exited with a code that a retry may fix (the message holds its last stderr lines)."""
 
@@ -203,6 +223,7 @@ class LeptonTrainerOperator(DockerOperator):
 
         hook = LeptonHook()
         settings = hook.get_settings()
+        self._require_services(settings)  # before any token is minted or container started; retried
         runtime, why = choose_runtime(settings)
         args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
         log.info(
@@ -229,17 +250,51 @@ class LeptonTrainerOperator(DockerOperator):
             round_number=self.round_number,
             ttl=ttl,
         ).model_copy(update={"vault_token_wrapped": True})
+        # the whole job, response-wrapped: the environment holds a single-use token, spent at the start
+        env = {
+            JOB_TOKEN_ENV: vault.wrap({"job": job.model_dump_json()}, ttl=int(WRAP_TTL.total_seconds())),
+            JOB_VAULT_ENV: job_settings.vault_addr,
+        }
         try:
             if runtime == "docker":
                 assert network is not None
-                self._run_container(settings, network, args, {"LEPTON_JOB": job.model_dump_json()})
+                self._run_container(settings, network, args, env)
             else:
-                self._run_local(args, job.model_dump_json(), ttl, why)
+                self._run_local(args, env, ttl, why)
         except Exception as exc:
             # the report and `aggregate` say why this partner is missing (the message is already scrubbed)
             self._record_failure(settings, str(exc))
             raise
+        finally:
+            self._spend_job_token(settings.vault_addr, env[JOB_TOKEN_ENV])
         return {"partner": self.partner, "mode": self.mode, "round": self.round_number, "runtime": runtime}
+
+    def _require_services(self, settings: Any) -> None:
+        """:func:`require_services`; when S3 answers, the reason is recorded for ``aggregate`` and the report
+        (it matters when the last try fails too)."""
+        from lepton_tasks.adapters.health import ServicesDown
+        from lepton_tasks.adapters.storage import StorageError
+
+        try:
+            require_services(settings)
+        except ServicesDown as exc:
+            if all(h.service != "S3" for h in exc.down):
+                try:
+                    self._record_failure(settings, str(exc))
+                except StorageError as record_exc:  # never mask the outage's own message
+                    log.warning("could not record why the task failed: %s", record_exc)
+            raise
+
+    @staticmethod
+    def _spend_job_token(vault_addr: str, token: str) -> None:
+        """Spend the job's wrapping token if the trainer never unwrapped it (it did not start, or crashed)."""
+        from lepton_tasks.adapters.vault import VaultError, spend_if_unused
+
+        try:
+            if spend_if_unused(vault_addr, token):
+                log.warning("the trainer never unwrapped its job: its wrapping token is now spent")
+        except VaultError as exc:  # never mask the task's outcome; the token expires with WRAP_TTL anyway
+            log.warning("could not check that the job's wrapping token is spent: %s", exc)
 
     def _record_failure(self, settings: Any, reason: str) -> None:
         from lepton_tasks.adapters.storage import Storage
@@ -349,15 +404,18 @@ class LeptonTrainerOperator(DockerOperator):
                 log.info("trainer container already gone: %s", exc)
 
     # local -------------------------------------------------------------------------------------------------
-    def _run_local(self, args: list[str], job_json: str, ttl: timedelta, why: str) -> None:
+    def _run_local(self, args: list[str], job: str | dict[str, str], ttl: timedelta, why: str) -> None:
+        """Run the trainer as a subprocess with the job's environment ``job`` (the wrapped job's variables),
+        or a plain job JSON (``LEPTON_JOB``: tools and tests)."""
         log.warning(
             "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
             "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
             why,
         )
-        env = {**os.environ, "LEPTON_JOB": job_json, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        for k in [k for k in env if k.startswith(("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_"))]:
-            env.pop(k)  # the trainer gets nothing but its job, like in a container
+        job_env = {PLAIN_JOB_ENV: job} if isinstance(job, str) else job
+        drop = ("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_", "LEPTON_JOB", "VAULT_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}  # nothing but its job
+        env |= {**job_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
         proc = subprocess.run(
             [sys.executable, "-m", "lepton_tasks.trainer", *args],
             env=env,

@@ -184,6 +184,8 @@ class Stack:
         elif not self.operator_token_file.exists():
             token = self.root_vault().setup_operator(self.settings().key_prefix)
             write_secret(self.operator_token_file, token.encode())
+        else:  # a stack made by an older Lepton: its operator policy gets what this one needs (job wrapping)
+            self.root_vault().write_operator_policy(self.settings().key_prefix)
         started["seaweedfs"] = self.seaweedfs.start()
         settings = self.settings()
         storage = Storage.from_settings(settings)
