@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_APPROVAL",
+    "SiteFiles",
     "SiteIdentity",
     "default_key_name",
     "exchange_storage",
@@ -56,6 +57,34 @@ __all__ = [
 
 DEFAULT_APPROVAL = Approval(required=True, deadline=timedelta(hours=24))
 RESERVED_KEY_PREFIX = "lepton-"
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """Where a site keeps its own files: ``settings.site_dir`` (``<data dir>/site``, mode 0700), written by
+    ``lepton site import`` (bundle, policy) and by the site's job DAG (state, outbound log); the privacy
+    ledger lives beside the state. None of them ever goes to the exchange bucket."""
+
+    root: Path
+
+    @property
+    def bundle(self) -> Path:
+        """The enrollment bundle (0600: it holds the exchange credentials)."""
+        return self.root / "enrollment.json"
+
+    @property
+    def policy(self) -> Path:
+        return self.root / "policy.yaml"
+
+    @property
+    def state(self) -> Path:
+        """:class:`~lepton_tasks.site.state.SiteState`: seen ids, rounds, handled and waiting job keys."""
+        return self.root / "state.json"
+
+    @property
+    def outbound_log(self) -> Path:
+        """:class:`~lepton_tasks.core.outbound_log.OutboundLog`: what the site wrote to the exchange."""
+        return self.root / "outbound.jsonl"
 
 
 def default_key_name(site: str) -> str:

@@ -1,0 +1,709 @@
+"""The site's real ``run_trainer``: a verified round job becomes an answer by training on the site's OWN data.
+
+:func:`lepton_tasks.site.jobs.handle_job` calls ``run_trainer(job, global_weights)`` once the job is
+authentic, allowed by the site's policy and approved. :class:`SiteTrainer` is that callable. It never trains
+a second way: it lays out, in the site's own ``models`` bucket, exactly what the single-stack training DAG
+would have there for a one-partner run, and then runs the existing trainer (``python -m
+lepton_tasks.trainer``, through :func:`lepton_tasks.federation.plan.trainer_job`) on it:
+
+- ``statistics`` (round 0): no trainer. The site reads its committed drops of the job's dataset
+  (:func:`lepton_tasks.ingest.stage.staged_manifests`, each manifest verified with the site's own key by
+  :func:`lepton_tasks.adapters.manifest.read_manifest`), keeps the latest drop per inbox file
+  (:func:`lepton_tasks.federation.plan.latest_per_source`) staged under the job's contract, and answers the
+  sum of their training-split :class:`~lepton_tasks.core.features.SufficientStats` — additive counts and
+  sums only: no minimum, maximum or raw category value ever is one of them (see ``core.features``).
+- ``train`` (rounds 1..R) and ``evaluate`` (round R+1): the site writes under ``models/<local run>/`` (the
+  local run id is :func:`local_run_id` of the coordinator's run id) a one-partner :class:`Plan` (written once
+  per run: every round trains on the same drops), ``stats.json`` (the merged statistics the job carries)
+  and the job's global weights, then asks the injected :data:`TrainerRunner` to run the trainer, and reads
+  its output back:
+
+  =============================  ==============================  =====================================
+  exchange job of round ``k``    global weights stored as        trainer runs as / output read from
+  =============================  ==============================  =====================================
+  ``train``                      ``round-<k>/global.npz``        train, round ``k+1`` →
+                                                                 ``round-<k+1>/<partner>.update``
+  ``evaluate``                   ``round-<k>/global.npz``        evaluate (the latest global) →
+                                                                 ``eval/<partner>.json``
+  =============================  ==============================  =====================================
+
+  (The trainer reads round ``j-1``'s global weights when it trains round ``j`` and none in round 1, so the
+  site trains one local round later than the exchange round: round 1's job also starts from the
+  coordinator's weights.)
+
+The runner is injected so that the site's Airflow passes the Docker-based ``LeptonTrainerOperator`` (the
+site DAG, ``dags/lepton_site.py``) and a test may pass :func:`local_runner` (the same trainer as a
+subprocess). Whatever the runner, the trainer gets a job that names only this site's partner objects and a
+token scoped to its key; no secret passes through here.
+
+What goes back in the answer: the sample count, the training metrics (aggregates: loss, AUC, counts), the
+held-out metric blocks with their score histograms, the DP-SGD charge, and the update's weights (with a
+minimal meta: run, round, sample count). Never a row, never a record's value, never a drop's key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from lepton_tasks.core.messages import (
+    EvalResult,
+    HParams,
+    Manifest,
+    MessageError,
+    Plan,
+    PlanDrop,
+    RoundAnswer,
+    RoundJob,
+    UpdateMeta,
+    dump,
+    load,
+)
+
+if TYPE_CHECKING:
+    from lepton_tasks.adapters.settings import Settings
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.adapters.vault import Vault
+    from lepton_tasks.core.features import SufficientStats
+    from lepton_tasks.core.outbound_log import OutboundLog
+    from lepton_tasks.core.signatures import Signer
+    from lepton_tasks.core.site_policy import SitePolicy
+    from lepton_tasks.site.jobs import JobOutcome
+    from lepton_tasks.site.state import SiteState
+
+__all__ = [
+    "LOCAL_RUN_PREFIX",
+    "JobNotAccepted",
+    "NoUsableData",
+    "Site",
+    "SiteTrainer",
+    "SiteTrainingError",
+    "TrainerRun",
+    "TrainerRunner",
+    "Verified",
+    "answer_job",
+    "describe_job",
+    "evaluation_answer",
+    "job_label",
+    "local_run_id",
+    "local_runner",
+    "select_drops",
+    "site_hparams",
+    "site_plan",
+    "statistics_answer",
+    "update_answer",
+    "verify_job",
+]
+
+log = logging.getLogger(__name__)
+
+#: a site's local runs for the coordinator's runs are ``exchange-<coordinator run id>`` in its models bucket
+LOCAL_RUN_PREFIX: Final = "exchange-"
+#: the scalar metrics of an evaluation that go into ``RoundAnswer.metrics``
+EVAL_SCALARS: Final = ("auc", "pr_auc", "accuracy", "log_loss", "n", "positives")
+
+
+class SiteTrainingError(RuntimeError):
+    """The job cannot be run at this site as given; running it again cannot help (no retry)."""
+
+
+class NoUsableData(SiteTrainingError):
+    """The site has no verified, committed drop of the job's dataset under the job's contract."""
+
+
+@dataclass(frozen=True)
+class TrainerRun:
+    """One trainer execution, in the single-stack trainer's own terms (``LeptonTrainerOperator``'s
+    parameters): the local run id whose plan the job is built from, the partner, mode and round."""
+
+    run_id: str
+    partner: str
+    mode: Literal["train", "evaluate"]
+    round_number: int
+
+
+#: runs the trainer for a :class:`TrainerRun` and returns once its output is written; raises if it failed
+TrainerRunner = Callable[[TrainerRun], None]
+
+
+def local_run_id(run_id: str) -> str:
+    """The site's local run id for the coordinator's run ``run_id`` (where its plan and outputs live)."""
+    return f"{LOCAL_RUN_PREFIX}{run_id}"
+
+
+# --------------------------------------------------------------------------------------------- pure parts
+
+
+def select_drops(manifests: Mapping[str, Manifest], contract_sha256: str) -> tuple[list[str], dict[str, str]]:
+    """Of one partner's verified manifests (key → manifest), the keys that count for a job under the contract
+    ``contract_sha256``: the latest drop per inbox file, staged under that contract. Returns ``(keys,
+    {left-out key: why})``."""
+    from lepton_tasks.federation.plan import latest_per_source
+
+    current, superseded = latest_per_source(dict(manifests))
+    excluded = {key: f"superseded by {by}" for key, by in superseded.items()}
+    keep = []
+    for key in current:
+        if manifests[key].contract_sha256 != contract_sha256:
+            excluded[key] = (
+                f"staged under contract {manifests[key].contract} ({manifests[key].contract_sha256[:12]}…), "
+                f"not the job's ({contract_sha256[:12]}…)"
+            )
+        else:
+            keep.append(key)
+    return keep, excluded
+
+
+def statistics_answer(manifests: Iterable[Manifest]) -> RoundAnswer:
+    """The answer to a ``statistics`` job: the sum of the drops' training-split statistics (additive counts
+    and sums; never a minimum, a maximum or a raw category value). :class:`NoUsableData` when empty."""
+    from lepton_tasks.core.features import merge
+
+    stats = [m.statistics_train for m in manifests]
+    if not stats:
+        raise NoUsableData("no committed drop to compute statistics from")
+    merged = merge(stats)
+    return RoundAnswer(mode="statistics", n_samples=merged.rows, statistics=merged)
+
+
+def site_hparams(job: RoundJob) -> HParams:
+    """The single-stack :class:`HParams` that make ``trainer_job`` hand the trainer the job's hparams."""
+    hp, dp = job.hparams, job.hparams.dp
+    return HParams(
+        rounds=job.rounds,
+        local_epochs=hp.local_epochs,
+        batch_size=hp.batch_size,
+        learning_rate=hp.learning_rate,
+        strategy=job.strategy,
+        min_partners=1,
+        seed=hp.seed,
+        fedprox_mu=hp.fedprox_mu,
+        dp_noise_multiplier=dp.noise_multiplier if dp is not None else None,
+        dp_l2_clip=dp.l2_clip if dp is not None else 1.0,
+        dp_delta=dp.delta if dp is not None else 1e-5,
+    )
+
+
+def site_plan(
+    job: RoundJob,
+    *,
+    run_id: str,
+    partner: str,
+    manifests: Mapping[str, Manifest],
+    feature_names: list[str],
+) -> Plan:
+    """The one-partner plan of the site's local run ``run_id`` over ``manifests`` (already selected)."""
+    drops = [
+        PlanDrop(
+            manifest=key,
+            drop_id=m.drop_id,
+            drop_sha256=m.drop_sha256,
+            rows=m.rows,
+            contract=m.contract,
+            objects=m.objects,
+        )
+        for key, m in sorted(manifests.items())
+    ]
+    if not drops:
+        raise NoUsableData(f"no committed {job.dataset} drop of {partner} under the job's contract")
+    return Plan(
+        run_id=run_id,
+        dataset=job.dataset,
+        contract=drops[0].contract,
+        contract_sha256=job.contract_sha256,
+        partners=[partner],
+        drops={partner: drops},
+        hparams=site_hparams(job),
+        feature_names=feature_names,
+    )
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, type(None))) and not isinstance(v, bool) and k != "score_summary"
+    }
+
+
+def update_answer(
+    raw: bytes, *, run_id: str, round_: int, local_run: str, local_round: int, partner: str
+) -> tuple[RoundAnswer, bytes]:
+    """The answer to a ``train`` job from the trainer's update file (``weights + UpdateMeta``).
+
+    The update that leaves the site carries the weights and a minimal meta (the coordinator's run and round,
+    the sample count); the trainer's meta (drop hashes, partner name) stays here. The metrics, the held-out
+    block of the incoming global model (with its score histogram) and the DP-SGD charge go in the answer.
+    :class:`SiteTrainingError` when the file is not this run's, round's and partner's update.
+    """
+    from lepton_tasks.core import weights as wio
+
+    try:
+        arrays, raw_meta = wio.loads(raw)
+        meta = load(UpdateMeta, raw_meta, where=f"the trainer's update of {local_run} round {local_round}")
+    except (ValueError, MessageError) as exc:
+        raise SiteTrainingError(f"the trainer's output is not an update: {exc}") from None
+    if (meta.run_id, meta.round, meta.partner) != (local_run, local_round, partner):
+        raise SiteTrainingError(
+            f"the trainer's update is for {meta.partner}/{meta.run_id}/round {meta.round}, not "
+            f"{partner}/{local_run}/round {local_round}"
+        )
+    fields: dict[str, Any] = {
+        "mode": "train",
+        "n_samples": meta.n_samples,
+        "metrics": _scalars(meta.metrics),
+        "evaluation": meta.global_prev_holdout,
+    }
+    if meta.privacy is not None and "privacy" in RoundAnswer.model_fields:
+        fields["privacy"] = meta.privacy
+    update = wio.dumps(arrays, {"run_id": run_id, "round": round_, "n_samples": meta.n_samples})
+    return RoundAnswer(**fields), update
+
+
+def evaluation_answer(raw: bytes | dict[str, Any], *, local_run: str, partner: str) -> RoundAnswer:
+    """The answer to an ``evaluate`` job from the trainer's :class:`EvalResult`: the global model's held-out
+    metric block (with its score histogram) and its scalars; the local-only models' blocks stay here."""
+    try:
+        result = load(EvalResult, raw, where=f"the trainer's evaluation of {local_run}")
+    except MessageError as exc:
+        raise SiteTrainingError(str(exc)) from None
+    if (result.partner, result.run_id) != (partner, local_run):
+        raise SiteTrainingError(
+            f"the trainer's evaluation is for {result.partner}/{result.run_id}, not {partner}/{local_run}"
+        )
+    block = dict(result.global_)
+    return RoundAnswer(
+        mode="evaluate",
+        n_samples=result.rows.holdout,
+        metrics=_scalars({k: block.get(k) for k in EVAL_SCALARS if k in block}),
+        evaluation=block,
+    )
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+
+
+class SiteTrainer:
+    """``run_trainer`` for :func:`~lepton_tasks.site.jobs.handle_job` (see the module docstring).
+
+    ``settings``/``storage``/``vault``: the SITE's own (its staging and models buckets, its Vault with the
+    partner's transit key). ``partner``: the partner whose staged data the site trains. ``run_id`` and
+    ``round_``: the exchange job's run and round (from the key the job was read from: ``handle_job`` has
+    checked that the signed header names the same). ``runner``: executes the trainer.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        vault: Vault,
+        *,
+        partner: str,
+        run_id: str,
+        round_: int,
+        runner: TrainerRunner,
+    ) -> None:
+        self.settings, self.storage, self.vault = settings, storage, vault
+        self.partner, self.run_id, self.round = partner, run_id, round_
+        self.runner = runner
+        self.local_run = local_run_id(run_id)
+
+    @classmethod
+    def for_key(
+        cls,
+        settings: Settings,
+        storage: Storage,
+        vault: Vault,
+        *,
+        partner: str,
+        key: str,
+        runner: TrainerRunner,
+    ) -> SiteTrainer:
+        """The trainer for the job stored at exchange key ``key`` (``jobs/<run>/<round>/<id>.json``)."""
+        from lepton_tasks.core.exchange import parse_object_key
+
+        parts = parse_object_key(key)
+        return cls(
+            settings, storage, vault, partner=partner, run_id=parts.run_id, round_=parts.round, runner=runner
+        )
+
+    def __call__(self, job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        self._check_contract(job)
+        manifests = self._manifests(job)
+        if job.mode == "statistics":
+            answer = statistics_answer(manifests.values())
+            log.info("site %s: statistics of %d drop(s)", self.partner, len(manifests))
+            return answer, None
+        if global_weights is None:
+            raise SiteTrainingError(f"a {job.mode} job needs global weights; this one names none")
+        self._prepare(job, manifests, global_weights)
+        if job.mode == "train":
+            return self._train()
+        return self._evaluate(), None
+
+    # steps ------------------------------------------------------------------------------------------------
+    def _check_contract(self, job: RoundJob) -> None:
+        from lepton_tasks.core.contracts import load_contract
+
+        try:
+            local = load_contract(job.dataset)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise SiteTrainingError(f"this site has no contract for {job.dataset}: {exc}") from None
+        if local.sha256 != job.contract_sha256:
+            raise SiteTrainingError(
+                f"the job's {job.dataset} contract ({job.contract_sha256[:12]}…) is not this site's "
+                f"({local.version_tag}, {local.sha256[:12]}…)"
+            )
+
+    def _manifests(self, job: RoundJob) -> dict[str, Manifest]:
+        """The partner's verified manifests of the job's dataset that count for this job."""
+        from lepton_tasks.adapters.manifest import ManifestError, read_manifest
+        from lepton_tasks.ingest.stage import staged_manifests
+
+        found = staged_manifests(self.storage, self.settings, job.dataset, [self.partner])
+        keys = found.get(self.partner, [])
+        verified: dict[str, Manifest] = {}
+        for key in keys:
+            try:
+                verified[key] = read_manifest(
+                    self.storage, self.settings, self.vault, self.partner, key, job.dataset
+                )
+            except ManifestError as exc:  # a tampered manifest is left out, loudly (never trained on)
+                log.error("site %s: leaving out %s: %s", self.partner, key, exc)
+        selected, excluded = select_drops(verified, job.contract_sha256)
+        for key, why in excluded.items():
+            log.warning("site %s: leaving out %s: %s", self.partner, key, why)
+        if not selected:
+            raise NoUsableData(
+                f"{self.partner} has no verified, committed {job.dataset} drop under the job's contract "
+                f"({len(keys)} staged, {len(keys) - len(verified)} failed verification)"
+            )
+        return {k: verified[k] for k in selected}
+
+    def _prefix(self) -> str:
+        from lepton_tasks.federation.plan import run_prefix
+
+        return run_prefix(self.local_run)
+
+    def _prepare(self, job: RoundJob, manifests: dict[str, Manifest], global_weights: bytes) -> None:
+        """Write the local plan (once per run), ``stats.json`` and the job's global weights."""
+        from lepton_tasks.core.contracts import load_contract
+        from lepton_tasks.core.features import GlobalStats, feature_names
+        from lepton_tasks.federation.plan import plan_key, read_plan
+
+        stats: SufficientStats | None = job.statistics
+        if stats is None:
+            raise SiteTrainingError(f"a {job.mode} job must carry the merged statistics; this one does not")
+        contract = load_contract(job.dataset)
+        names = feature_names(contract, GlobalStats.from_stats(stats, contract))
+        if job.feature_names and list(job.feature_names) != names:
+            raise SiteTrainingError(
+                f"the job's feature names ({len(job.feature_names)}) are not the ones its statistics give "
+                f"here ({len(names)}): the model would not match the global weights"
+            )
+        bucket, prefix = self.settings.models_bucket, self._prefix()
+        if self.storage.exists(bucket, plan_key(self.local_run)):
+            plan = read_plan(self.storage, self.settings, self.local_run)
+            if (plan.dataset, plan.contract_sha256, plan.partners) != (
+                job.dataset,
+                job.contract_sha256,
+                [self.partner],
+            ):
+                raise SiteTrainingError(
+                    f"the local run {self.local_run} was planned for {plan.partners}/{plan.dataset} "
+                    f"({plan.contract_sha256[:12]}…), not for this job"
+                )
+        else:
+            plan = site_plan(
+                job, run_id=self.local_run, partner=self.partner, manifests=manifests, feature_names=names
+            )
+            self.storage.put_json(bucket, plan_key(self.local_run), dump(plan))
+        self.storage.put_json(bucket, prefix + "stats.json", stats.model_dump(mode="json"))
+        self.storage.put_bytes(bucket, f"{prefix}round-{self.round}/global.npz", global_weights)
+
+    def _run(self, mode: Literal["train", "evaluate"], round_number: int, output: str) -> bytes:
+        bucket = self.settings.models_bucket
+        if self.storage.exists(bucket, output):
+            self.storage.remove(bucket, output)  # a retry never reads an earlier try's output
+        self.runner(TrainerRun(self.local_run, self.partner, mode, round_number))
+        if not self.storage.exists(bucket, output):
+            raise RuntimeError(f"the trainer finished but wrote no {output}")
+        return self.storage.get_bytes(bucket, output)
+
+    def _train(self) -> tuple[RoundAnswer, bytes]:
+        local_round = self.round + 1
+        raw = self._run("train", local_round, f"{self._prefix()}round-{local_round}/{self.partner}.update")
+        return update_answer(
+            raw,
+            run_id=self.run_id,
+            round_=self.round,
+            local_run=self.local_run,
+            local_round=local_round,
+            partner=self.partner,
+        )
+
+    def _evaluate(self) -> RoundAnswer:
+        raw = self._run("evaluate", 0, f"{self._prefix()}eval/{self.partner}.json")
+        return evaluation_answer(raw, local_run=self.local_run, partner=self.partner)
+
+
+# ------------------------------------------------------------------------------------- the local runtime
+
+
+def local_runner(
+    settings: Settings, storage: Storage, vault: Vault, *, timeout: timedelta = timedelta(hours=1)
+) -> TrainerRunner:
+    """A :data:`TrainerRunner` that runs the trainer as a subprocess of this process (the single stack's
+    local runtime): the job is :func:`~lepton_tasks.federation.plan.trainer_job`'s (presigned URLs for this
+    partner's objects, a token scoped to its key), passed in the environment only; the subprocess gets no
+    S3 or Vault credential of ours. For tests and machines without Docker; the site DAG uses the
+    Docker-based ``LeptonTrainerOperator``."""
+
+    def run(req: TrainerRun) -> None:
+        from lepton_tasks.federation.plan import trainer_job
+
+        job = trainer_job(
+            settings,
+            storage,
+            vault,
+            run_id=req.run_id,
+            partner=req.partner,
+            mode=req.mode,
+            round_number=req.round_number,
+            ttl=timeout,
+        )
+        private = ("AIRFLOW_CONN_", "LEPTON_", "VAULT_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(private)}
+        env.update({"LEPTON_JOB": job.model_dump_json(), "TF_CPP_MIN_LOG_LEVEL": "2"})
+        args = ["--partner", req.partner, "--mode", req.mode, "--round", str(req.round_number)]
+        proc = subprocess.run(
+            [sys.executable, "-m", "lepton_tasks.trainer", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout.total_seconds(),
+        )
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.splitlines()[-20:])
+            raise RuntimeError(f"the trainer for {req.partner} exited with {proc.returncode}:\n{tail}")
+
+    return run
+
+
+# ------------------------------------------------------------------- a job at the site (the DAG's tasks)
+
+
+class JobNotAccepted(RuntimeError):
+    """The site rejected the job (forged, tampered, replayed, moved: nothing sent) or refused it (a signed
+    refusal was sent). Permanent: the same job never becomes acceptable by retrying."""
+
+    def __init__(self, message: str, outcome: JobOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class _ReadyToTrain(Exception):
+    """Raised by the probe trainer of :func:`verify_job`: everything before training passed."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a site's job task needs, from the site's files (:class:`~lepton_tasks.site.enrollment.SiteFiles`)
+    and its own settings and Vault: the exchange client (the bundle's bucket-scoped credentials), the policy,
+    the state, the outbound log, the signer (the site's key in its Vault) and the site's staging/models."""
+
+    settings: Settings
+    vault: Vault
+    storage: Storage  # the site's own staging + models
+    exchange: Storage  # the site's exchange bucket only
+    bucket: str
+    policy: SitePolicy
+    state: SiteState
+    outbound_log: OutboundLog
+    signer: Signer
+    partner: str
+
+    @classmethod
+    def open(cls, settings: Settings, vault: Vault) -> Site:
+        from lepton_tasks.adapters.signing import TransitSigner
+        from lepton_tasks.adapters.storage import Storage
+        from lepton_tasks.core.outbound_log import OutboundLog
+        from lepton_tasks.core.site_policy import load_policy
+        from lepton_tasks.federation.enrollment import read_bundle
+        from lepton_tasks.site.enrollment import SiteFiles, default_key_name, exchange_storage
+        from lepton_tasks.site.state import SiteState
+
+        files = SiteFiles(settings.site_dir)
+        bundle = read_bundle(files.bundle)
+        policy = load_policy(files.policy)
+        if (bundle.site, bundle.consortium) != (policy.site, policy.consortium):
+            raise SiteTrainingError(
+                f"{files.bundle} is site {bundle.site!r} of {bundle.consortium!r} but {files.policy} is "
+                f"{policy.site!r} of {policy.consortium!r}"
+            )
+        return cls(
+            settings=settings,
+            vault=vault,
+            storage=Storage.from_settings(settings),
+            exchange=exchange_storage(bundle),
+            bucket=bundle.bucket,
+            policy=policy,
+            state=SiteState(files.state),
+            outbound_log=OutboundLog(files.outbound_log),
+            signer=TransitSigner.from_vault(vault, settings.site_key_name or default_key_name(policy.site)),
+            partner=settings.site_partner or policy.site,
+        )
+
+    def trainer(self, key: str, runner: TrainerRunner) -> SiteTrainer:
+        return SiteTrainer.for_key(
+            self.settings, self.storage, self.vault, partner=self.partner, key=key, runner=runner
+        )
+
+    def sample_count(self, job: RoundJob) -> int:
+        """The training rows of the drops this site would train a job on (for a privacy budget check)."""
+        probe = SiteTrainer(
+            self.settings, self.storage, self.vault, partner=self.partner, run_id="-", round_=0, runner=_never
+        )
+        return sum(m.rows.train for m in probe._manifests(job).values())
+
+    def handle(self, key: str, *, run_trainer: Any, approved: bool | None) -> JobOutcome:
+        from lepton_tasks.site.jobs import handle_job
+
+        raw = self.exchange.get_bytes(self.bucket, key)  # StorageError: transient, the task retries
+        return handle_job(
+            raw,
+            key=key,
+            policy=self.policy,
+            state=self.state,
+            run_trainer=run_trainer,
+            signer=self.signer,
+            storage=self.exchange,
+            bucket=self.bucket,
+            outbound_log=self.outbound_log,
+            approved=approved,
+            sample_count=self.sample_count,
+        )
+
+
+def _never(req: TrainerRun) -> None:
+    raise AssertionError("sample_count never runs a trainer")
+
+
+def job_label(key: str) -> str:
+    """How the site's grid names the job at ``key``: ``<run> round <k>``."""
+    from lepton_tasks.core.exchange import parse_object_key
+
+    try:
+        parts = parse_object_key(key)
+    except ValueError:
+        return key
+    return f"{parts.run_id} round {parts.round}"
+
+
+def describe_job(job: RoundJob, header: Any) -> str:
+    """What the site's approver reads (Markdown): who asks what of which data, under which terms."""
+    dp = job.hparams.dp
+    lines = [
+        f"**{header.consortium}** asks site **{header.site}** for a **{job.mode}** job",
+        f"- run `{header.run_id}`, round {header.round} of {job.rounds} (strategy {job.strategy}, "
+        f"at least {job.min_partners} partners)",
+        f"- dataset **{job.dataset}**, contract sha256 `{job.contract_sha256[:16]}…`",
+        f"- local epochs {job.hparams.local_epochs}, batch size {job.hparams.batch_size}, "
+        f"learning rate {job.hparams.learning_rate}",
+        "- differential privacy: "
+        + (f"DP-SGD, noise multiplier {dp.noise_multiplier}, clip {dp.l2_clip}" if dp else "none"),
+        f"- secure aggregation: {'yes' if job.secure_aggregation else 'no'}",
+        "",
+        "Approve: the site trains on its own staged data and sends a signed update (weights, sample count, "
+        "metrics; never rows). Reject: the site sends a signed refusal.",
+    ]
+    return "\n".join(lines)
+
+
+def _not_accepted(outcome: JobOutcome) -> JobNotAccepted:
+    from lepton_tasks.site.jobs import JobStatus
+
+    if outcome.status is JobStatus.REJECTED:
+        r = outcome.rejection or {}
+        return JobNotAccepted(
+            f"job {outcome.key} REJECTED ({r.get('reason_code')}, {r.get('field')}): {r.get('message')}; "
+            "nothing was sent to the coordinator",
+            outcome,
+        )
+    reasons = "; ".join(f"{r['code']} ({r['field']}): {r['message']}" for r in outcome.reasons)
+    return JobNotAccepted(f"job {outcome.key} REFUSED, signed refusal sent: {reasons}", outcome)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """What :func:`verify_job` found: the job is ``ready`` (train now) or ``waiting`` for a human."""
+
+    key: str
+    label: str
+    status: Literal["ready", "waiting"]
+    #: when a waiting job is refused for want of a decision (ISO 8601, UTC)
+    deadline: str | None = None
+    #: the job, for the approver (Markdown)
+    description: str = ""
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {
+            "key": self.key,
+            "label": self.label,
+            "status": self.status,
+            "deadline": self.deadline,
+            "description": self.description,
+        }
+
+
+def verify_job(site: Site, key: str) -> Verified:
+    """Authenticate and check the job at ``key`` without training it: ``handle_job`` with a probe trainer
+    that stops at the training step (nothing is written to the site's state for a job that passed).
+
+    A forged, tampered, replayed or moved job (REJECTED: nothing is sent) and a job the policy refuses
+    (REFUSED: the signed refusal is sent right here) raise :class:`JobNotAccepted`.
+    """
+    from lepton_tasks.site.jobs import JobStatus
+
+    def probe(job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        raise _ReadyToTrain
+
+    try:
+        outcome = site.handle(key, run_trainer=probe, approved=None)
+    except _ReadyToTrain:
+        return Verified(key, job_label(key), "ready")
+    if outcome.status is JobStatus.WAITING:
+        assert outcome.job is not None and outcome.header is not None
+        deadline = outcome.approval_deadline.isoformat() if outcome.approval_deadline else None
+        return Verified(key, job_label(key), "waiting", deadline, describe_job(outcome.job, outcome.header))
+    if outcome.status is JobStatus.ANSWERED:  # pragma: no cover - the probe never answers
+        raise AssertionError(f"{key}: answered without training")
+    raise _not_accepted(outcome)
+
+
+def answer_job(site: Site, key: str, *, approved: bool | None, runner: TrainerRunner) -> JobOutcome:
+    """Handle the job at ``key`` for good: train with ``runner`` on the site's data and send the signed
+    answer, or send the signed refusal (the approver declined, the deadline passed). A job that is now
+    rejected or refused for another reason raises :class:`JobNotAccepted`; one still waiting for its
+    approver raises :class:`SiteTrainingError`."""
+    from lepton_tasks.site.jobs import JobStatus, SiteRefusalCode
+
+    outcome = site.handle(key, run_trainer=site.trainer(key, runner), approved=approved)
+    if outcome.status is JobStatus.ANSWERED:
+        return outcome
+    if outcome.status is JobStatus.WAITING:
+        raise SiteTrainingError(
+            f"job {key} still waits for the site's approval (until {outcome.approval_deadline})"
+        )
+    if outcome.status is JobStatus.REFUSED and [r["code"] for r in outcome.reasons] == [
+        SiteRefusalCode.APPROVAL_DENIED.value
+    ]:
+        return outcome  # the approver's decision, carried out: not a failure
+    raise _not_accepted(outcome)
