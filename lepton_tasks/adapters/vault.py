@@ -56,6 +56,11 @@ path "{transit_mount}/verify/{key_name}/*" {{ capabilities = ["update"] }}
 """
 
 
+#: the names of a site's signing keys in its own Vault (``site-sign-<site>``); the operator token may sign
+#: with them, so the site's Airflow can sign its answers (a site's Vault holds no other site's key)
+SITE_SIGNING_KEY_PREFIX = "site-sign-"
+
+
 def operator_policy(transit_mount: str, key_prefix: str) -> str:
     """HCL of the Airflow operator's policy (no sys/ access but wrapping data, no policy writes, no root)."""
     return f"""
@@ -66,6 +71,9 @@ path "{transit_mount}/hmac/{key_prefix}*" {{ capabilities = ["update"] }}
 path "{transit_mount}/verify/{key_prefix}*" {{ capabilities = ["update"] }}
 path "{transit_mount}/keys/{key_prefix}*" {{ capabilities = ["read"] }}
 path "auth/token/create/{TRAINER_ROLE}" {{ capabilities = ["update"] }}
+# at a site, Airflow signs the site's answers with the site's own key (site.enrollment.default_key_name)
+path "{transit_mount}/sign/{SITE_SIGNING_KEY_PREFIX}*" {{ capabilities = ["update"] }}
+path "{transit_mount}/keys/{SITE_SIGNING_KEY_PREFIX}*" {{ capabilities = ["read"] }}
 # response-wrap a trainer's whole job (presigned URLs + wrapped token): docker inspect shows a spent token
 path "sys/wrapping/wrap" {{ capabilities = ["update"] }}
 path "auth/token/lookup-self" {{ capabilities = ["read"] }}

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from lepton_tasks.adapters.signing import TransitSigner, signer_policy
 from lepton_tasks.adapters.storage import Storage
+from lepton_tasks.adapters.vault import SITE_SIGNING_KEY_PREFIX
 from lepton_tasks.core.signatures import normalize_fingerprint
 from lepton_tasks.core.site_policy import (
     Approval,
@@ -88,7 +89,7 @@ class SiteFiles:
 
 
 def default_key_name(site: str) -> str:
-    return f"site-sign-{site}"
+    return f"{SITE_SIGNING_KEY_PREFIX}{site}"
 
 
 def signer_policy_name(key_name: str) -> str:

@@ -128,3 +128,20 @@ def test_the_coordinator_holds_no_site_address_and_cannot_decrypt(topology):
             text = path.read_bytes().decode("utf-8", errors="replace")
             found = [a for a in site_addresses if a in text]
             assert not found, f"{path} holds a site address: {found}"
+
+
+def test_a_sites_airflow_token_signs_with_the_sites_key_only(topology):
+    """The site's Airflow signs its answers with the site's key (its operator token), and cannot sign as the
+    coordinator (whose key lives in another Vault anyway) or create keys."""
+    a, b = (topology.site(s) for s in SITES)
+    sa = a.settings()
+    token = a.operator_token_file.read_text().strip()
+    key = json.loads(sa.site_key_file.read_text())
+    signer = TransitSigner.connect(sa.vault_addr, token, f"site-sign-{SITES[0]}")
+    assert verify(key["public_key"], b"answer", signer.sign(b"answer"))
+    client = hvac.Client(url=sa.vault_addr, token=token, timeout=10)
+    with pytest.raises(hvac.exceptions.Forbidden):
+        client.secrets.transit.create_key(name="site-sign-extra")
+    # site B's key is not in site A's Vault: A's token cannot produce B's signatures
+    b_key = json.loads(b.settings().site_key_file.read_text())["public_key"]
+    assert not verify(b_key, b"answer", signer.sign(b"answer"))
