@@ -36,6 +36,7 @@ from typing import Any
 from airflow.sdk import Param, TaskGroup, dag, get_current_context, task
 
 from lepton_airflow.answers_trigger import CollectAnswersOperator
+from lepton_airflow.roles import serves
 from lepton_tasks.core.contracts import available
 from lepton_tasks.core.strategies import STRATEGIES
 
@@ -282,4 +283,5 @@ def lepton_federated() -> None:
     failables >> publish()
 
 
-lepton_federated()
+if serves("lepton_federated"):  # only in an Airflow whose role runs it (lepton_airflow.roles)
+    lepton_federated()

@@ -28,6 +28,7 @@ from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from lepton_airflow.assets import DATASETS, staged_asset
 from lepton_airflow.inbox_trigger import InboxTrigger
+from lepton_airflow.roles import serves
 
 INBOXES = Asset(
     name="lepton-inboxes",
@@ -196,4 +197,5 @@ def lepton_ingest():
     announcements >> summary(batches, results)
 
 
-lepton_ingest()
+if serves("lepton_ingest"):  # only in an Airflow whose role runs it (lepton_airflow.roles)
+    lepton_ingest()

@@ -37,6 +37,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOper
 from airflow.sdk import Asset, AssetWatcher, Param, dag, get_current_context, task
 
 from lepton_airflow.exchange_trigger import ExchangeTrigger
+from lepton_airflow.roles import serves
 
 EXCHANGE_JOBS = Asset(
     name="lepton-exchange-jobs",
@@ -243,4 +244,5 @@ def lepton_site() -> None:
     summary(found, answered)
 
 
-lepton_site()
+if serves("lepton_site"):  # only in an Airflow whose role runs it (lepton_airflow.roles)
+    lepton_site()

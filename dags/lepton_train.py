@@ -35,6 +35,7 @@ from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from lepton_airflow.assets import DATASETS, staged_asset
+from lepton_airflow.roles import serves
 from lepton_airflow.trainer import LeptonTrainerOperator
 from lepton_tasks.core.contracts import load_contract
 from lepton_tasks.core.strategies import STRATEGIES
@@ -290,5 +291,6 @@ def build(dataset: str) -> Any:
     return train_dag()
 
 
-for _dataset in DATASETS:
-    build(_dataset)
+if serves("lepton_train"):  # only in an Airflow whose role runs it (lepton_airflow.roles)
+    for _dataset in DATASETS:
+        build(_dataset)

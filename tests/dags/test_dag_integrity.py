@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -13,11 +15,41 @@ DAG_FILES = sorted((REPO / "dags").glob("*.py"))
 HEAVY = ("tensorflow", "great_expectations", "pandas", "pyarrow", "sklearn", "matplotlib", "tink")
 
 
+ROLES = ("single", "site", "coordinator")
+
+
 @pytest.fixture(scope="module")
-def dagbag():
+def dagbags() -> dict[str, Any]:
+    """The DAG folder as the Airflow of each role loads it (``LEPTON_ROLE``)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"))
+    bags = {}
+    for role in ROLES:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LEPTON_ROLE", role)
+            bags[role] = DagBag(dag_folder=str(REPO / "dags"))
+    return bags
+
+
+@pytest.fixture(scope="module")
+def dagbag(dagbags) -> SimpleNamespace:
+    """Every DAG of every role (for the checks every DAG must pass)."""
+    dags: dict[str, Any] = {}
+    errors: dict[str, Any] = {}
+    for bag in dagbags.values():
+        dags |= bag.dags
+        errors |= bag.import_errors
+    return SimpleNamespace(dags=dags, import_errors=errors)
+
+
+def test_each_role_loads_only_its_dags(dagbags):
+    """A coordinator's Airflow has no ingest and no trainer DAG; a site's has no coordinator DAG."""
+    from lepton_tasks.core.contracts import available
+
+    train = {f"lepton_train_{d}" for d in available()}
+    assert set(dagbags["single"].dags) == {"lepton_ingest"} | train
+    assert set(dagbags["site"].dags) == {"lepton_ingest", "lepton_site"}
+    assert set(dagbags["coordinator"].dags) == {"lepton_federated"}
 
 
 def test_dag_files_exist():

@@ -287,9 +287,12 @@ def federated_dag(federation):
     from airflow.utils import db
 
     db.resetdb()
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert bag.import_errors == {}
-    return bag.get_dag("lepton_federated")
+    # the DAGs a coordinator's Airflow loads; for the whole module: dag.test re-parses the DAG file
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEPTON_ROLE", "coordinator")
+        bag = DagBag(dag_folder=str(REPO / "dags"))
+        assert bag.import_errors == {}
+        yield bag.get_dag("lepton_federated")
 
 
 @pytest.fixture

@@ -198,6 +198,7 @@ def rig(
             "AIRFLOW_CONN_LEPTON_VAULT",
             "LEPTON_DATA_DIR",
             "LEPTON_TRAINER_RUNTIME",
+            "LEPTON_ROLE",
         )
     }
     enrolled = False
@@ -260,6 +261,7 @@ def rig(
         from airflow.utils import db
 
         db.resetdb()
+        os.environ["LEPTON_ROLE"] = "site"  # the DAGs a site's Airflow loads (dag.test re-parses the file)
         bag = DagBag(dag_folder=str(REPO / "dags"))
         assert bag.import_errors == {}
         print(f"\nsite rig ready in {time.monotonic() - started:.1f} s")
