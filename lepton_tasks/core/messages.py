@@ -252,6 +252,18 @@ class PlanDrop(BaseModel):
     contract: str
     objects: dict[Literal["train", "holdout"], StagedObject]
 
+    @classmethod
+    def of(cls, key: str, manifest: Manifest) -> PlanDrop:
+        """The plan's entry for the staged drop whose manifest ``manifest`` was read at ``key``."""
+        return cls(
+            manifest=key,
+            drop_id=manifest.drop_id,
+            drop_sha256=manifest.drop_sha256,
+            rows=manifest.rows,
+            contract=manifest.contract,
+            objects=manifest.objects,
+        )
+
 
 class Plan(Message):
     """``models/<run>/plan.json``: immutable once written (a cleared ``plan`` task reuses it)."""

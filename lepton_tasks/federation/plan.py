@@ -165,16 +165,7 @@ def plan_run(
                 excluded[key] = reason
                 continue
             stats.append(m.statistics_train)
-            drops.append(
-                PlanDrop(
-                    manifest=key,
-                    drop_id=m.drop_id,
-                    drop_sha256=m.drop_sha256,
-                    rows=m.rows,
-                    contract=m.contract,
-                    objects=m.objects,
-                )
-            )
+            drops.append(PlanDrop.of(key, m))
         if drops:
             plan_partners[partner] = drops
     if len(plan_partners) < hparams.min_partners:

@@ -199,17 +199,7 @@ def site_plan(
     feature_names: list[str],
 ) -> Plan:
     """The one-partner plan of the site's local run ``run_id`` over ``manifests`` (already selected)."""
-    drops = [
-        PlanDrop(
-            manifest=key,
-            drop_id=m.drop_id,
-            drop_sha256=m.drop_sha256,
-            rows=m.rows,
-            contract=m.contract,
-            objects=m.objects,
-        )
-        for key, m in sorted(manifests.items())
-    ]
+    drops = [PlanDrop.of(key, m) for key, m in sorted(manifests.items())]
     if not drops:
         raise NoUsableData(f"no committed {job.dataset} drop of {partner} under the job's contract")
     return Plan(
