@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import time
 import uuid
 
 import pytest
@@ -18,6 +17,7 @@ from lepton_tasks.adapters.storage import Storage, StorageError
 from lepton_tasks.federation.enrollment import read_bundle
 from lepton_tasks.ops.cli import app
 from lepton_tasks.site.enrollment import exchange_storage
+from tests.integration.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +35,6 @@ FINGERPRINT = re.compile(r"(?:[0-9a-f]{4} ){15}[0-9a-f]{4}")
 def _fingerprint(output: str) -> str:
     """The last fingerprint the command printed (16 groups of 4 hex digits)."""
     return FINGERPRINT.findall(output)[-1]
-
-
-def _until(fn, seconds: float = 20.0):
-    """A new SeaweedFS identity takes a moment to apply (and to vanish): retry until ``fn`` holds."""
-    deadline = time.monotonic() + seconds
-    while not fn():
-        assert time.monotonic() < deadline, "the identity change did not apply in time"
-        time.sleep(0.25)
 
 
 def test_enroll_import_pin_remove(cli, settings, tmp_path):
@@ -92,8 +84,8 @@ def test_enroll_import_pin_remove(cli, settings, tmp_path):
         except (S3Error, StorageError):
             return False
 
-    _until(can_write)
+    wait_until(can_write)
     removed = cli("coordinator", "remove", site)
     assert removed.exit_code == 0, removed.output
-    _until(lambda: not can_write())
+    wait_until(lambda: not can_write())
     assert site not in cli("coordinator", "sites").output

@@ -81,31 +81,13 @@ from lepton_tasks.ops.partners import SeaweedIdentities
 from lepton_tasks.site.enrollment import SiteIdentity, exchange_storage, import_bundle
 from lepton_tasks.site.jobs import JobOutcome, JobStatus, handle_job, run_pending
 from lepton_tasks.site.state import SiteState
+from tests.integration.waiting import wait_live
 
 pytestmark = pytest.mark.integration
 
 CONSORTIUM = "credit-risk"
 SHAPES = ((4, 3), (3,))
 JOB_TTL = timedelta(hours=1)
-
-
-def _propagating(exc: BaseException) -> bool:
-    codes = ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
-    return (isinstance(exc, S3Error) and exc.code in codes) or (
-        isinstance(exc, StorageError) and any(c in str(exc) for c in codes)
-    )
-
-
-def _wait_live(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
-    """A new SeaweedFS identity takes a moment to apply: retry access errors until it is live."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return fn()
-        except (S3Error, StorageError) as exc:
-            if not _propagating(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
 
 
 @dataclass
@@ -265,7 +247,7 @@ def rig(services, settings, admin_storage, root_vault, tmp_path_factory) -> Iter
                 n=n,
             )
         for site in sites.values():
-            _wait_live(lambda s=site: list(s.storage.list(s.bucket)))
+            wait_live(lambda s=site: list(s.storage.list(s.bucket)))
         rig = Rig(
             settings=settings,
             admin=admin_storage,
@@ -380,7 +362,7 @@ def test_enrollment_pins_both_keys_and_the_registry_holds_no_site_credential(rig
 
 def test_a_sites_exchange_credentials_reach_no_other_sites_bucket(rig):
     a, b = rig.site("a"), rig.site("b")
-    _wait_live(lambda: a.storage.put_bytes(a.bucket, "probe/a.txt", b"mine"))
+    wait_live(lambda: a.storage.put_bytes(a.bucket, "probe/a.txt", b"mine"))
     assert a.storage.get_bytes(a.bucket, "probe/a.txt") == b"mine"
     assert [o.key for o in a.storage.list(a.bucket, "probe/")] == ["probe/a.txt"]
     rig.admin.put_bytes(b.bucket, "probe/b.txt", b"bravo's")

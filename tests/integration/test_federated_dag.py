@@ -26,17 +26,16 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import hvac
 import numpy as np
 import pytest
-from minio.error import S3Error
 
 from lepton_tasks.adapters.signing import TransitSigner, signer_policy
-from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.core import weights
 from lepton_tasks.core.contracts import load_contract
 from lepton_tasks.core.exchange import canonical_json
@@ -59,24 +58,12 @@ from lepton_tasks.site.enrollment import exchange_storage, import_bundle
 from lepton_tasks.site.jobs import run_pending
 from lepton_tasks.site.state import SiteState
 from tests.conftest import REPO
+from tests.integration.waiting import wait_live
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CONSORTIUM = "fed-dag"
 TAMPERED_ROUND = 2
-
-
-def _wait_live(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
-    """A new SeaweedFS identity takes a moment to apply: retry access errors until it is live."""
-    codes = ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return fn()
-        except (S3Error, StorageError) as exc:
-            if not any(c in str(exc) for c in codes) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
 
 
 class TamperingStorage:
@@ -248,7 +235,7 @@ def federation(services, settings, admin_storage, root_vault, tmp_path_factory) 
                 n=n,
             )
         for site in sites.values():
-            _wait_live(lambda s=site: list(s.storage.list(s.bucket)))
+            wait_live(lambda s=site: list(s.storage.list(s.bucket)))
 
         # the DAG's connections: the storage identity, and a Vault token that can only sign with its key
         conns = airflow_connections(settings)

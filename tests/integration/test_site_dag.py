@@ -33,7 +33,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -41,10 +41,9 @@ from typing import Any
 
 import hvac
 import pytest
-from minio.error import S3Error
 
 from lepton_tasks.adapters.signing import TransitSigner, signer_policy
-from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.adapters.vault import OPERATOR_POLICY
 from lepton_tasks.core import weights
 from lepton_tasks.core.contracts import load_contract
@@ -65,6 +64,7 @@ from lepton_tasks.ops.partners import SeaweedIdentities, drop_as_partner
 from lepton_tasks.site.enrollment import SiteFiles, exchange_storage, import_bundle
 from lepton_tasks.site.training import local_run_id
 from tests.conftest import REPO
+from tests.integration.waiting import wait_live
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,19 +81,6 @@ def banks_csv(n: int) -> bytes:
         for i in range(n)
     ]
     return ("\n".join([HEADER, *rows]) + "\n").encode()
-
-
-def _wait_live(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
-    """A new SeaweedFS identity takes a moment to apply: retry access errors until it is live."""
-    codes = ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return fn()
-        except (S3Error, StorageError) as exc:
-            if time.monotonic() > deadline or not any(c in str(exc) for c in codes):
-                raise
-            time.sleep(0.25)
 
 
 @dataclass
@@ -247,7 +234,7 @@ def rig(
             registry, name, identity.public_key, identity.fingerprint, key_version=identity.key_version
         )
         exchange = exchange_storage(bundle)
-        _wait_live(lambda: list(exchange.list(bundle.bucket)))
+        wait_live(lambda: list(exchange.list(bundle.bucket)))
 
         # the site's Airflow: its S3 identity, and a Vault token = the operator's policy + the site's signer
         site_settings = settings.model_copy(

@@ -17,9 +17,8 @@ what it spent is those charges composed.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -27,10 +26,9 @@ from typing import Any
 import hvac
 import numpy as np
 import pytest
-from minio.error import S3Error
 
 from lepton_tasks.adapters.signing import TransitSigner, signer_policy
-from lepton_tasks.adapters.storage import Storage, StorageError
+from lepton_tasks.adapters.storage import Storage
 from lepton_tasks.core import privacy, weights
 from lepton_tasks.core.contracts import load_contract
 from lepton_tasks.core.messages import DPTraining, PrivacyCharge, RoundAnswer, RoundJob, TrainerHParams
@@ -48,6 +46,7 @@ from lepton_tasks.ops.partners import SeaweedIdentities
 from lepton_tasks.site.enrollment import exchange_storage, import_bundle
 from lepton_tasks.site.jobs import JobOutcome, JobStatus, run_pending
 from lepton_tasks.site.state import SiteState
+from tests.integration.waiting import wait_live
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +56,6 @@ JOB_TTL = timedelta(hours=1)
 DP = DPTraining(noise_multiplier=1.0, l2_clip=1.0, delta=1e-5)
 BATCH = 32
 LIMIT = 2.3
-
-
-def _wait_live(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
-    """A new SeaweedFS identity takes a moment to apply: retry access errors until it is live."""
-    codes = ("InvalidAccessKeyId", "AccessDenied", "SignatureDoesNotMatch")
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return fn()
-        except (S3Error, StorageError) as exc:
-            live_error = (isinstance(exc, S3Error) and exc.code in codes) or any(c in str(exc) for c in codes)
-            if not live_error or time.monotonic() > deadline:
-                raise
-            time.sleep(0.25)
 
 
 @dataclass
@@ -221,7 +206,7 @@ def rig(services, settings, admin_storage, root_vault, tmp_path_factory) -> Iter
                 delta=delta,
             )
         for site in made.values():
-            _wait_live(lambda s=site: list(s.storage.list(s.bucket)))
+            wait_live(lambda s=site: list(s.storage.list(s.bucket)))
         yield Rig(
             admin=admin_storage,
             coordinator=coordinator,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import stat
-import time
 from collections.abc import Iterator
 
 import hvac
@@ -21,6 +20,7 @@ from lepton_tasks.federation.enrollment import SiteRegistry, read_bundle
 from lepton_tasks.ops.topology import Topology, TopologyError
 from lepton_tasks.site.enrollment import exchange_storage
 from tests.conftest import need
+from tests.integration.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +46,6 @@ def _denied(fn) -> bool:
     except (S3Error, StorageError) as exc:
         return "AccessDenied" in str(exc) or getattr(exc, "code", "") == "AccessDenied"
     return False
-
-
-def _eventually(check, seconds: float = 20.0) -> None:
-    """A new SeaweedFS identity takes a moment to apply."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "the condition did not hold in time"
-        time.sleep(0.25)
 
 
 def test_every_organization_has_its_own_private_dir_and_ports(topology):
@@ -93,7 +85,7 @@ def test_a_sites_exchange_credentials_reach_only_its_own_bucket(topology):
         except (S3Error, StorageError):
             return False
 
-    _eventually(writes_own)
+    wait_until(writes_own)
     assert _denied(lambda: storage_a.put_bytes(b.bucket, "answers/forged", b"x"))
     assert _denied(lambda: storage_a.get_bytes(b.bucket, "answers/probe"))
     assert _denied(lambda: list(storage_a.list(b.bucket)))
