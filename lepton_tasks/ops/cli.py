@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -283,6 +284,48 @@ def demo_run(
 
     for line in run_demo(_stack(), scenario, seed=seed, rounds=rounds, timeout=timeout):
         console.print(line)
+
+
+@demo_app.command("topology")
+def demo_topology(
+    sites: Annotated[str, typer.Option(help="Comma-separated site names.")] = "hosp-a,hosp-b,hosp-c",
+    root: Annotated[
+        Path | None, typer.Option(help="The topology's directory (default: <LEPTON_DATA_DIR>/topology).")
+    ] = None,
+    scenario: Annotated[str, typer.Option("--scenario", "-s")] = "banks",
+    seed: int = 7,
+    rounds: int = 2,
+    timeout: float = 1800.0,
+) -> None:
+    """A coordinator and its sites as separate stacks: up, each site ingests its partner's file, one
+    federated run at the coordinator; prints the timings, the AUCs and the report. The stacks stay up
+    (`lepton topology down --root …`)."""
+    from lepton_tasks.ops.topology_cli import _root
+    from lepton_tasks.ops.topology_demo import TopologyDemoError, run_topology_demo
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    try:
+        res = run_topology_demo(
+            _root(root),
+            names,
+            rounds=rounds,
+            scenario=scenario,
+            seed=seed,
+            timeout=timeout,
+            progress=console.print,
+        )
+    except TopologyDemoError as exc:
+        _fail(str(exc))
+    console.print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in res.timings.items()))
+    if res.peak_pss:
+        console.print(f"peak memory of every stack's processes (PSS): {res.peak_pss / 1024**3:.2f} GB")
+    for who, auc in res.auc.items():
+        console.print(f"AUC {who}: {'n/a' if auc is None else f'{auc:.4f}'}")
+    for who, why in res.excluded.items():
+        console.print(f"EXCLUDED {who}: {why}")
+    console.print(f"REPORT: {res.report_path} ({res.report_url})")
+    for org, url in res.ui.items():
+        console.print(f"Airflow UI {org}: {url}")
 
 
 def main() -> None:  # pragma: no cover

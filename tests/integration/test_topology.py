@@ -91,6 +91,20 @@ def test_a_sites_exchange_credentials_reach_only_its_own_bucket(topology):
     assert _denied(lambda: list(storage_a.list(b.bucket)))
 
 
+def test_the_coordinators_airflow_identity_reaches_every_sites_exchange(topology):
+    """Its rounds write the jobs and read the answers with Airflow's own S3 identity (not the admin's); this
+    was AccessDenied on the first real run (``statistics.send``)."""
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.enrollment import exchange_bucket
+
+    storage = Storage.from_settings(topology.coordinator().airflow_settings())
+    for site in SITES:
+        storage.put_bytes(exchange_bucket(site), "jobs/probe-airflow", b"x")
+        assert storage.get_bytes(exchange_bucket(site), "jobs/probe-airflow") == b"x"
+        assert any(o.key == "jobs/probe-airflow" for o in storage.list(exchange_bucket(site), "jobs/"))
+        storage.remove(exchange_bucket(site), "jobs/probe-airflow")
+
+
 def test_the_coordinator_holds_no_site_address_and_cannot_decrypt(topology):
     coordinator = topology.coordinator()
     cs = coordinator.settings()
