@@ -14,7 +14,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 # e.g. UNIT_MARKERS="not integration and not docker and not slow" to leave the slow ones out too
 UNIT_MARKERS ?= not integration and not docker
 
-.PHONY: setup image demo test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
+.PHONY: setup image demo demo-topology test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
 
 # requirements.txt: the runtime pins; requirements-dev.txt: the tools (pytest, ruff, mypy + stubs, coverage),
 # installed into the same venv for development and CI, never into the runtime images.
@@ -48,6 +48,12 @@ demo: setup  ## everything: docker (if installable), trainer image, stack, partn
 	@$(MAKE) --no-print-directory image
 	$(BIN)/lepton up
 	$(BIN)/lepton demo run --scenario $(SCENARIO)
+
+demo-topology: setup  ## stage 2 preview: a coordinator and 3 sites as separate stacks, one federated run across them
+	-@scripts/dockerd.sh install
+	-@scripts/dockerd.sh start
+	@$(MAKE) --no-print-directory image
+	$(BIN)/lepton demo topology --sites hosp-a,hosp-b,hosp-c
 
 test: setup  ## lint, then the whole test suite against real services (started and stopped by the tests), coverage
 	@$(MAKE) --no-print-directory lint

@@ -108,6 +108,8 @@ def test_the_coordinators_airflow_identity_reaches_every_sites_exchange(topology
 def test_the_coordinator_holds_no_site_address_and_cannot_decrypt(topology):
     coordinator = topology.coordinator()
     cs = coordinator.settings()
+    # a coordinator trains nothing: no trainer gateway on its stack
+    assert not coordinator.gateway_proc.pid_file.exists()
     # Airflow's Vault token at the coordinator: sign with the coordinator key, nothing else
     token = coordinator.operator_token_file.read_text().strip()
     signer = TransitSigner.connect(cs.vault_addr, token, cs.coordinator_key_name)

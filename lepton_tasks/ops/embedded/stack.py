@@ -198,8 +198,8 @@ class Stack:
         for bucket in settings.shared_buckets():
             storage.ensure_bucket(bucket)
         self.write_env(self.airflow(settings).task_settings())  # Airflow's identity, never the admin's
-        try:
-            gateway = self.trainer_gateway(settings.trainer_network)
+        try:  # a coordinator trains nothing: no trainer network, no gateway
+            gateway = None if self.role == "coordinator" else self.trainer_gateway(settings.trainer_network)
         except TrainerNetworkError as exc:
             raise ServiceError(f"trainer network: {exc}") from exc
         if gateway is not None:
