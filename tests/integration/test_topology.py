@@ -105,6 +105,30 @@ def test_the_coordinators_airflow_identity_reaches_every_sites_exchange(topology
         storage.remove(exchange_bucket(site), "jobs/probe-airflow")
 
 
+def test_each_roles_airflow_identity_reaches_only_its_roles_buckets(topology):
+    """Least privilege by role: at the coordinator no inbox, staging or quarantine; at a site no exchange."""
+    from lepton_tasks.adapters.storage import Storage
+
+    coordinator = topology.coordinator()
+    admin = Storage.from_settings(coordinator.settings())
+    admin.ensure_bucket("inbox-probe")
+    admin.put_bytes("inbox-probe", "banks/x.csv", b"a\n")
+    airflow = Storage.from_settings(coordinator.airflow_settings())
+    for bucket, key in (("inbox-probe", "banks/x.csv"), ("staging", "probe"), ("quarantine", "probe")):
+        assert _denied(lambda b=bucket, k=key: airflow.put_bytes(b, k, b"x")), bucket
+        assert _denied(lambda b=bucket: list(airflow.list(b))), bucket
+    airflow.put_bytes("models", "probe-airflow", b"x")  # its own bucket still works
+    airflow.remove("models", "probe-airflow")
+
+    site = topology.site(SITES[0])
+    site_admin = Storage.from_settings(site.settings())
+    site_admin.ensure_bucket("exchange-probe")
+    site_airflow = Storage.from_settings(site.airflow_settings())
+    assert _denied(lambda: site_airflow.put_bytes("exchange-probe", "jobs/x", b"x"))
+    site_airflow.put_bytes("staging", "probe-airflow", b"x")
+    site_airflow.remove("staging", "probe-airflow")
+
+
 def test_the_coordinator_holds_no_site_address_and_cannot_decrypt(topology):
     coordinator = topology.coordinator()
     cs = coordinator.settings()

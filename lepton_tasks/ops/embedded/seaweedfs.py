@@ -49,15 +49,17 @@ AIRFLOW_INBOX_PATTERN = "{inbox_prefix}*"
 AIRFLOW_EXCHANGE_PATTERN = "exchange-*"
 
 
-def airflow_actions(buckets: list[str], inbox_prefix: str) -> list[str]:
-    """SeaweedFS actions of Airflow's identity: object read/write/list/tagging on ``buckets``, on every
-    ``<inbox_prefix>*`` bucket (ingest reads the partners' inboxes) and every ``exchange-*`` bucket (a
-    coordinator's rounds: jobs out, answers in), nothing else."""
-    targets = [
-        *buckets,
-        AIRFLOW_INBOX_PATTERN.format(inbox_prefix=inbox_prefix),
-        AIRFLOW_EXCHANGE_PATTERN,
-    ]
+def airflow_actions(buckets: list[str], inbox_prefix: str, *, coordinator: bool = False) -> list[str]:
+    """SeaweedFS actions of Airflow's identity, by role; object read/write/list/tagging only, never ``Admin``.
+
+    - a site or the single stack: ``buckets`` (staging, quarantine, models) and every ``<inbox_prefix>*``
+      bucket (ingest reads the partners' inboxes);
+    - a coordinator: ``models`` and every ``exchange-*`` bucket (jobs out, answers in), no inbox or staging.
+    """
+    if coordinator:
+        targets = [b for b in buckets if b == "models"] + [AIRFLOW_EXCHANGE_PATTERN]
+    else:
+        targets = [*buckets, AIRFLOW_INBOX_PATTERN.format(inbox_prefix=inbox_prefix)]
     return [f"{action}:{bucket}" for bucket in targets for action in AIRFLOW_ACTIONS]
 
 
@@ -77,6 +79,8 @@ class SeaweedFS:
     #: the buckets Airflow's identity may use (besides every ``inbox_prefix*`` bucket)
     airflow_buckets: tuple[str, ...] = ("staging", "quarantine", "models")
     inbox_prefix: str = "inbox-"
+    #: a coordinator's storage: Airflow's identity gets ``models`` and ``exchange-*`` only
+    coordinator: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()  # the server runs with its home as cwd
@@ -142,7 +146,9 @@ class SeaweedFS:
                 {
                     "name": "lepton-airflow",
                     "credentials": [{"accessKey": airflow[0], "secretKey": airflow[1]}],
-                    "actions": airflow_actions(list(self.airflow_buckets), self.inbox_prefix),
+                    "actions": airflow_actions(
+                        list(self.airflow_buckets), self.inbox_prefix, coordinator=self.coordinator
+                    ),
                 }
             )
         return json.dumps({"identities": identities}, sort_keys=True).encode()

@@ -122,7 +122,16 @@ class Stack:
     @property
     def seaweedfs(self) -> SeaweedFS:
         p = self.ports
-        return SeaweedFS(self.data_dir, self.host, p.s3, p.s3_master, p.s3_volume, p.s3_filer, p.s3_admin)
+        return SeaweedFS(
+            self.data_dir,
+            self.host,
+            p.s3,
+            p.s3_master,
+            p.s3_volume,
+            p.s3_filer,
+            p.s3_admin,
+            coordinator=self.role == "coordinator",
+        )
 
     def airflow(self, settings: Settings) -> EmbeddedAirflow:
         """The embedded Airflow; its S3 connection carries Airflow's own identity, not the admin's."""
