@@ -12,11 +12,13 @@ local training settings (empty: the contract's `training:` defaults).
 
 1. `start` checks the sites against the registry (enrolled, pinned, this consortium) and writes the run's
    immutable spec: the dataset's contract and its sha256, the sites, the hyper-parameters.
-2. `statistics` (round 0): `send` signs one statistics job per site; `collect` **defers** to a trigger that
+2. `statistics` (round 0): `send` signs one statistics job per site (or skips, naming the task that
+   failed before it); `collect` **defers** to a trigger that
    polls the exchange (no worker slot held while sites work) until every site answered, refused or was
    rejected, or the round deadline passed; then it merges the statistics and builds the round-0 model.
-3. `round_1` … `round_8`: the same three steps with train jobs (merged statistics + the previous global
-   weights); `collect` aggregates the accepted updates with the run's strategy. Rounds beyond `rounds` skip.
+3. `round_1` … `round_8`: the same two steps with train jobs (merged statistics + the previous global
+   weights); `collect` aggregates the accepted updates with the run's strategy. The first round beyond
+   `rounds` skips in its `send`; the later ones skip without running a task.
 4. `evaluation`: each site scores the final model on its held-out split (metrics + a score histogram).
 5. `publish` writes `metrics.json`, `report.html` (every excluded site, per round, and why: deadline missed,
    refused with the site's reasons, verification failure, training failure) and the versioned model.
@@ -177,38 +179,27 @@ def lepton_federated() -> None:
         )
         return {"run_id": spec.run_id, "sites": spec.sites, "rounds": spec.rounds}
 
-    @task(task_id="gate", trigger_rule="all_done")
-    def gate(which: int | str) -> None:
-        """Run this round only when it is requested and everything before it completed; else skip,
-        naming the task whose log says why (one failure, one message)."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from lepton_tasks.federation.coordinator import blocked_by, read_spec
-
-        _, storage, bucket, run_id = _coordinator()
-        why = blocked_by(storage, bucket, run_id, 0)
-        if why:
-            raise AirflowSkipException(why)
-        spec = read_spec(storage, bucket, run_id)
-        if isinstance(which, int) and which > spec.rounds:
-            raise AirflowSkipException(f"round {which} not requested (rounds={spec.rounds})")
-        why = blocked_by(storage, bucket, run_id, _round_of(spec, which))
-        if why:
-            raise AirflowSkipException(why)
-
     @task(task_id="send")
     def send(which: int | str) -> dict[str, str]:
-        """Sign and write this round's job into every site's exchange bucket (once per round)."""
-        from airflow.sdk.exceptions import AirflowFailException
+        """Sign and write this round's job into every site's exchange bucket (once per round) -- only when
+        the round is requested and everything before it completed; else skip, naming the task whose log
+        says why (one failure, one message)."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from lepton_tasks.adapters.signing import SigningError, TransitSigner
-        from lepton_tasks.federation.coordinator import CoordinatorError, read_spec, send_jobs
+        from lepton_tasks.federation.coordinator import CoordinatorError, blocked_by, read_spec, send_jobs
         from lepton_tasks.federation.enrollment import EnrollmentError, SiteRegistry
 
         hook, storage, bucket, run_id = _coordinator()
         settings = hook.get_settings()
+        if why := blocked_by(storage, bucket, run_id, 0):
+            raise AirflowSkipException(why)
         spec = read_spec(storage, bucket, run_id)
+        if isinstance(which, int) and which > spec.rounds:
+            raise AirflowSkipException(f"round {which} not requested (rounds={spec.rounds})")
         round_ = _round_of(spec, which)
+        if why := blocked_by(storage, bucket, run_id, round_):
+            raise AirflowSkipException(why)
         signer = TransitSigner.from_vault(hook.get_vault(), settings.coordinator_key_name)
         try:
             sent = send_jobs(storage, bucket, signer, SiteRegistry(settings.site_registry_file), spec, round_)
@@ -235,10 +226,14 @@ def lepton_federated() -> None:
     groups: list[tuple[str, int | str, str]] = [("statistics", 0, "statistics round: merged statistics")]
     groups += [(f"round_{k}", k, f"federated round {k}") for k in range(1, MAX_ROUNDS + 1)]
     groups.append(("evaluation", "evaluation", "held-out evaluation of the final model at every site"))
+    collects: list[Any] = []
     for group_id, which, tooltip in groups:
         with TaskGroup(group_id=group_id, tooltip=tooltip):
-            g = gate(which)
-            s = send(which)
+            # a train round after a skipped one skips without running a task; after a failure its `send`
+            # runs to skip naming the failed task. The evaluation's `send` waits for every round.
+            s = send.override(
+                trigger_rule="none_skipped" if isinstance(which, int) and which > 0 else "all_done"
+            )(which)
             c = CollectAnswersOperator(
                 task_id="collect",
                 round_number=which,
@@ -246,8 +241,9 @@ def lepton_federated() -> None:
                 # no execution_timeout: Airflow would cap the deferral with it; the operator's own deferral
                 # timeout is the round's deadline plus a grace period
             )
-            previous >> g >> s >> c
-            failables += [g, s, c]
+            (collects if which == "evaluation" else previous) >> s >> c
+            failables += [s, c]
+            collects.append(c)
             previous = c
 
     @task(trigger_rule="none_failed")

@@ -342,9 +342,9 @@ def test_a_run_completes_with_the_remaining_quorum_and_the_report_names_both_exc
     states = _task_states(run.run_id)
     assert run.state == "success", {k: v for k, v in states.items() if v != "success"}
     for group in ("statistics", "round_1", "round_2", "evaluation"):
-        assert [states[f"{group}.{t}"] for t in ("gate", "send", "collect")] == ["success"] * 3, group
+        assert [states[f"{group}.{t}"] for t in ("send", "collect")] == ["success"] * 2, group
     for k in range(3, 9):
-        assert {states[f"round_{k}.{t}"] for t in ("gate", "send", "collect")} == {"skipped"}
+        assert {states[f"round_{k}.{t}"] for t in ("send", "collect")} == {"skipped"}
     assert states["publish"] == "success"
     assert "running trigger in line" in logs  # each collect deferred to the trigger (run inline by dag.test)
 
@@ -411,7 +411,7 @@ def test_a_round_below_quorum_fails_the_run_with_one_error_and_the_rest_skips(
     assert [t for t, s in states.items() if s == "failed"] == ["round_2.collect"]  # ONE error
     assert states["publish"] == "upstream_failed"  # marks the run failed; it never ran, it logs nothing
     assert {t for t, s in states.items() if s not in ("success", "skipped")} == {"round_2.collect", "publish"}
-    for t in ("round_3.gate", "round_3.send", "round_3.collect", "evaluation.gate", "evaluation.send"):
+    for t in ("round_3.send", "round_3.collect", "round_4.send", "evaluation.send", "evaluation.collect"):
         assert states[t] == "skipped", t
     for group in ("statistics", "round_1"):
         assert states[f"{group}.collect"] == "success"
