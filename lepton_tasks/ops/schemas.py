@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lepton_tasks.core import secagg_messages
 from lepton_tasks.core.messages import json_schemas
 
 #: where the committed copies live (a test checks they match the models)
@@ -15,7 +16,7 @@ def render() -> dict[str, str]:
     """``{file name: JSON text}`` of every boundary model's schema (stable: sorted keys, trailing newline)."""
     return {
         f"{name}.schema.json": json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-        for name, schema in json_schemas().items()
+        for name, schema in {**json_schemas(), **secagg_messages.json_schemas()}.items()
     }
 
 
