@@ -3,23 +3,31 @@
 
 Runs in a partner's own Airflow (a **site**). **Starts** when the site's exchange watcher (an `AssetWatcher`
 on `ExchangeTrigger`, outbound only: it lists the site's exchange bucket on the coordinator's storage with
-the site's bucket-scoped credentials) finds a new job; one DAG run per job (a run that receives several at
-once maps over them; the grid names each job `<run> round <k>`). From the UI: one job key (Param), or none
-to sweep every job the site has not finished.
+the site's bucket-scoped credentials every `LEPTON_EXCHANGE_POLL_SECONDS`, default 10 s) finds a new job;
+one DAG run per job (a run that receives several at once maps over them; the grid names each job
+`<run> round <k>`). From the UI: one job key (Param), or none to sweep every job the site has not finished.
 
-1. `verify` authenticates the job with the coordinator key pinned in the site's policy, checks it is for
+1. `handle` authenticates the job with the coordinator key pinned in the site's policy, checks it is for
    this site, this bucket and the current round, then the policy (dataset and contract, strategy, rounds,
    minimum partners, privacy budget) and the global weights' hash. A forged, tampered, replayed or moved
    job is **rejected** (nothing is sent); a job the policy refuses gets a **signed refusal** with its
    reasons; both fail the task at once, without retries, naming the reason. A storage error retries.
-2. `approve` (only for a policy that requires approval): a person at the site approves or rejects the job
-   in this Airflow's *Required actions* page (Airflow's human-in-the-loop `ApprovalOperator`), before the
-   policy's deadline. No training happens before that decision.
-3. `answer` trains on the site's own staged data in the trainer container (the same trainer and image as
-   single-stack training; the job's global weights and a one-partner plan are laid out in the site's own
-   `models` bucket), then signs and uploads the update and the answer; a rejection by the approver, or no
-   decision by the deadline, sends a signed refusal instead. Every object written to the exchange is in the
-   site's outbound log first.
+   A job that needs no approval is then trained and answered **in the same task** (one task between the
+   job's arrival and its answer: the site's part of every federated round); one that needs approval waits.
+2. `approve` (only for jobs waiting for approval): a person at the site approves or rejects the job in this
+   Airflow's *Required actions* page (Airflow's human-in-the-loop `ApprovalOperator`), before the policy's
+   deadline. No training happens before that decision.
+3. `answer` (only for those jobs) reads its approver's decision and trains, or sends a signed refusal for a
+   rejection or no decision by the deadline.
+
+Training runs the trainer container on the site's own staged data (the same trainer and image as
+single-stack training; the job's global weights and a one-partner plan are laid out in the site's own
+`models` bucket), then the site signs and uploads the update and the answer. A site that cannot train says
+so with a signed refusal, so the coordinator excludes it at once instead of at the round's deadline:
+`no_usable_data` (no committed drop under the job's contract; at once) or `trainer_failed` (a trainer exit
+other than the transient 4, or no usable output: at once; Vault/S3 down or exit 4: retried, and refused on
+the task's last try). Every object written to the exchange is in the site's outbound log first.
+
 4. `summary` fails the run when a job was not answered (rejected, refused, failed), so a red run is a job
    that did not go through; the reasons are in the task logs.
 
@@ -30,19 +38,25 @@ staged data it trains: `LEPTON_SITE_PARTNER` (default: the site's name); its sig
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
 from airflow.sdk import Asset, AssetWatcher, Param, dag, get_current_context, task
 
+from lepton_airflow.approval import SiteApprovalOperator
 from lepton_airflow.exchange_trigger import ExchangeTrigger
 from lepton_airflow.roles import serves
+from lepton_tasks.adapters.settings import load_settings
 
 EXCHANGE_JOBS = Asset(
     name="lepton-exchange-jobs",
     uri="s3://exchange/jobs/",
-    watchers=[AssetWatcher(name="lepton_exchange_watcher", trigger=ExchangeTrigger(poll_interval=10.0))],
+    watchers=[
+        AssetWatcher(
+            name="lepton_exchange_watcher",
+            trigger=ExchangeTrigger(poll_interval=load_settings().exchange_poll_seconds),
+        )
+    ],
 )
 #: transient failures (storage, Vault) retry with backoff; security and policy failures fail at once
 DEFAULT_ARGS: dict[str, Any] = {
@@ -52,31 +66,8 @@ DEFAULT_ARGS: dict[str, Any] = {
     "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=2),
 }
-
-
-class SiteApprovalOperator(ApprovalOperator):
-    """``ApprovalOperator`` for one job: its deadline is the site policy's (counted from when the site first
-    saw the job), and a "Reject" is recorded, not turned into skipped tasks: `answer` sends the signed
-    refusal for it. (On timeout the task fails; `answer` then refuses with ``approval_timeout``.)"""
-
-    def __init__(self, *, job_key: str, job_label: str, deadline: str | None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.job_key = job_key
-        self.job_label = job_label
-        self.deadline = deadline
-
-    def execute(self, context: Any) -> Any:
-        if self.deadline:
-            left = datetime.fromisoformat(self.deadline) - datetime.now(UTC)
-            if left <= timedelta(0):  # a retry after the deadline: no one may approve any more
-                from airflow.sdk.exceptions import AirflowFailException
-
-                raise AirflowFailException(f"the site's approval deadline {self.deadline} has passed")
-            self.response_timeout = left
-        return super().execute(context)
-
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        return HITLOperator.execute_complete(self, context, event)
+#: how long one trainer run may take (its presigned URLs and token live as long)
+TRAINER_TIMEOUT = timedelta(hours=1)
 
 
 def _site() -> Any:
@@ -94,6 +85,12 @@ def _site() -> Any:
         return Site.open(hook.get_settings(), hook.get_vault())
     except (EnrollmentError, PolicyError, SiteStateError, FileNotFoundError) as exc:
         raise AirflowFailException(f"this site is not set up (`lepton site import`): {exc}") from exc
+
+
+def _last_try() -> bool:
+    """Whether the running task is on its last try (a transient trainer failure then becomes a refusal)."""
+    ctx = get_current_context()
+    return ctx["ti"].try_number > (ctx["task"].retries or 0)
 
 
 @dag(
@@ -137,93 +134,87 @@ def lepton_site() -> None:
         print(f"{len(unique)} job(s): {', '.join(unique) or 'none'}")
         return [{"key": k, "label": job_label(k)} for k in unique]
 
-    @task(map_index_template="{{ task.op_kwargs['job']['label'] }}")
-    def verify(job: dict[str, str]) -> dict[str, Any]:
-        """Authenticate + policy (lepton_tasks.site.training.verify_job); security/policy: no retry."""
+    @task(map_index_template="{{ task.op_kwargs['job']['label'] }}", execution_timeout=2 * TRAINER_TIMEOUT)
+    def handle(job: dict[str, str]) -> dict[str, Any]:
+        """Authenticate + policy, then train and answer when no approval is needed
+        (lepton_tasks.site.training.take_job); rejected/refused: no retry."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lepton_tasks.site.training import JobNotAccepted, SiteTrainingError, verify_job
+        from lepton_airflow.trainer import trainer_runner
+        from lepton_tasks.site.training import JobNotAccepted, SiteTrainingError, Verified, take_job
 
         try:
-            verified = verify_job(_site(), job["key"])
+            result = take_job(
+                _site(), job["key"], runner=trainer_runner(timeout=TRAINER_TIMEOUT), last_try=_last_try()
+            )
         except (JobNotAccepted, SiteTrainingError) as exc:
             raise AirflowFailException(str(exc)) from exc
-        print(
-            f"{job['key']}: {verified.status}"
-            + (f" (until {verified.deadline})" if verified.deadline else "")
-        )
-        return verified.to_dict()
+        if isinstance(result, Verified):
+            print(f"{job['key']}: waits for the site's approver (until {result.deadline})")
+            return result.to_dict()
+        print(f"{job['key']}: {result.status.value}; wrote {', '.join(result.written)}")
+        return {"key": job["key"], "status": result.status.value, "written": list(result.written)}
 
     @task(trigger_rule="all_done")
-    def approval_requests(verified: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
-        """One approval request per job that waits for the site's approver."""
+    def approval_requests(handled: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+        """One approval request per job that waits for the site's approver (none: `approve` and `answer`
+        expand to nothing and are skipped without running)."""
         return [
             {
-                "subject": f"Approve the coordinator's job {v['label']}?",
-                "body": v["description"],
-                "job_key": v["key"],
-                "job_label": v["label"],
-                "deadline": v["deadline"],
+                "subject": f"Approve the coordinator's job {h['label']}?",
+                "body": h["description"],
+                "job_key": h["key"],
+                "job_label": h["label"],
+                "deadline": h["deadline"],
             }
-            for v in verified
-            if v and v["status"] == "waiting"
+            for h in handled or []
+            if h and h["status"] == "waiting"
         ]
 
-    @task(trigger_rule="all_done")
-    def decisions(verified: list[dict[str, Any] | None], requests: list[dict[str, Any]]) -> list[dict]:
-        """Each verified job with its approver's decision (None: none needed, or none given in time)."""
-        ti = get_current_context()["ti"]
-        out = []
-        asked = {r["job_key"]: i for i, r in enumerate(requests or [])}
-        for v in verified:
-            if not v:
-                continue
-            approved = None
-            if v["status"] == "waiting":
-                reply = ti.xcom_pull(task_ids="approve", map_indexes=asked[v["key"]])
-                chosen = (reply or {}).get("chosen_options") or []
-                approved = (
-                    {ApprovalOperator.APPROVE: True, ApprovalOperator.REJECT: False}.get(chosen[0])
-                    if chosen
-                    else None
-                )
-                print(f"{v['label']}: approver chose {chosen or 'nothing'}")
-            out.append({"key": v["key"], "label": v["label"], "approved": approved})
-        return out
-
-    @task(map_index_template="{{ task.op_kwargs['job']['label'] }}", execution_timeout=timedelta(hours=2))
-    def answer(job: dict[str, Any]) -> dict[str, Any]:
-        """Train in the trainer container on the site's own data, sign, upload (or send the refusal)."""
+    @task(
+        trigger_rule="all_done",
+        map_index_template="{{ task.op_kwargs['request']['job_label'] }}",
+        execution_timeout=2 * TRAINER_TIMEOUT,
+    )
+    def answer(request: dict[str, Any]) -> dict[str, Any]:
+        """Train on the approver's "Approve", or send the signed refusal (rejected, no decision in time)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from lepton_airflow.trainer import LeptonTrainerOperator
-        from lepton_tasks.site.training import JobNotAccepted, SiteTrainingError, TrainerRun, answer_job
+        from lepton_airflow.approval import decision
+        from lepton_airflow.trainer import trainer_runner
+        from lepton_tasks.site.training import JobNotAccepted, SiteTrainingError, answer_job
 
-        ctx = get_current_context()
-
-        def run_trainer(req: TrainerRun) -> None:  # the single-stack trainer task, run for this job
-            LeptonTrainerOperator(
-                task_id=f"trainer_{req.mode}",
-                partner=req.partner,
-                mode=req.mode,
-                round_number=req.round_number,
-                run_id_=req.run_id,
-                execution_timeout=timedelta(hours=1),
-            ).execute(ctx)
-
+        ti = get_current_context()["ti"]  # `approve` is mapped over the same requests: same map index
+        reply = ti.xcom_pull(task_ids="approve", map_indexes=ti.map_index)
+        approved = decision(reply)
+        print(
+            f"{request['job_label']}: the approver chose {(reply or {}).get('chosen_options') or 'nothing'}"
+        )
+        key = request["job_key"]
         try:
-            outcome = answer_job(_site(), job["key"], approved=job["approved"], runner=run_trainer)
+            outcome = answer_job(
+                _site(),
+                key,
+                approved=approved,
+                runner=trainer_runner(timeout=TRAINER_TIMEOUT),
+                last_try=_last_try(),
+            )
         except (JobNotAccepted, SiteTrainingError) as exc:
             raise AirflowFailException(str(exc)) from exc
-        print(f"{job['key']}: {outcome.status.value}; wrote {', '.join(outcome.written)}")
-        return {"key": job["key"], "status": outcome.status.value, "written": list(outcome.written)}
+        print(f"{key}: {outcome.status.value}; wrote {', '.join(outcome.written)}")
+        return {"key": key, "status": outcome.status.value, "written": list(outcome.written)}
 
     @task(trigger_rule="all_done")
-    def summary(jobs: list[dict[str, str]], answered: list[dict[str, Any] | None]) -> None:
-        """Fail the run when a job was not answered (the reasons are in `verify`'s and `answer`'s logs)."""
+    def summary(
+        jobs: list[dict[str, str]],
+        handled: list[dict[str, Any] | None],
+        answered: list[dict[str, Any] | None],
+    ) -> None:
+        """Fail the run when a job was not answered (the reasons are in `handle`'s and `answer`'s logs)."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        done = {a["key"]: a["status"] for a in answered or [] if a}
+        done = {h["key"]: h["status"] for h in handled or [] if h and h["status"] != "waiting"}
+        done |= {a["key"]: a["status"] for a in answered or [] if a}
         for j in jobs:
             print(f"{j['label']}: {done.get(j['key'], 'NOT ANSWERED')}")
         missing = [j["label"] for j in jobs if j["key"] not in done]
@@ -233,15 +224,14 @@ def lepton_site() -> None:
             )
 
     found = jobs()
-    verified = verify.expand(job=found)
-    requests = approval_requests(verified)
+    handled = handle.expand(job=found)
+    requests = approval_requests(handled)
     approve = SiteApprovalOperator.partial(
         task_id="approve", map_index_template="{{ task.job_label }}"
     ).expand_kwargs(requests)
-    decided = decisions(verified, requests)
-    approve >> decided
-    answered = answer.expand(job=decided)
-    summary(found, answered)
+    answered = answer.expand(request=requests)
+    approve >> answered
+    summary(found, handled, answered)
 
 
 if serves("lepton_site"):  # only in an Airflow whose role runs it (lepton_airflow.roles)

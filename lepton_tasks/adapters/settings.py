@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     #: the site's ed25519 signing key in its own Vault; empty: ``site-sign-<site>``, what ``lepton site
     #: import`` creates (``site.enrollment.default_key_name``)
     site_key_name: str = ""
+    #: seconds between two listings of the site's exchange bucket by its exchange watcher (the
+    #: ``ExchangeTrigger`` of ``dags/lepton_site.py``, read when the DAG file is parsed): how long a new job
+    #: may wait before the site sees it; each listing is one request to the coordinator's storage
+    exchange_poll_seconds: float = Field(10.0, gt=0, allow_inf_nan=False)
 
     # training
     trainer_image: str = "lepton-trainer:latest"

@@ -54,8 +54,14 @@ field, message) — the coordinator reports it as the site's reason for leaving 
 site writes is appended to its outbound log BEFORE the put (``core.outbound_log``); answers and their blobs
 live under ``answers/``, refusals under ``refusals/``, exactly the prefixes the log reconciles.
 
-A trainer that raises is NOT turned into a refusal: the exception propagates (the task fails and is
-retried; its text may hold data values, which must not leave the site).
+A trainer that cannot answer says so by raising :class:`CannotAnswer` (from ``run_trainer`` or
+``sample_count``): the site then sends a signed refusal with its code and message, so the coordinator
+excludes the site at once, with the reason, instead of waiting for the round's deadline — ``no_usable_data``
+(no committed drop of the job's dataset under its contract: retrying cannot add data) or ``trainer_failed``
+(the trainer exited non-zero, wrote no or unusable output, or kept failing for a transient reason until its
+task's last try). The message is the caller's, written to name what failed without a secret or a data
+value. Any other exception from the trainer is NOT turned into a refusal: it propagates (the task fails and
+is retried; its text may hold data values, which must not leave the site) and the state is not written.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ from lepton_tasks.site.state import SiteState, StateDoc
 
 __all__ = [
     "DEFAULT_ANSWER_TTL",
+    "CannotAnswer",
     "JobOutcome",
     "JobStatus",
     "SampleCount",
@@ -160,6 +167,26 @@ class SiteRefusalCode(StrEnum):
     PRIVACY_LEDGER_CONFLICT = "privacy_ledger_conflict"
     #: the site already answered this (run, round) under its privacy budget (a re-sent job)
     ROUND_ALREADY_ANSWERED = "round_already_answered"
+    #: no verified, committed drop of the job's dataset under its contract (nothing to train on)
+    NO_USABLE_DATA = "no_usable_data"
+    #: the trainer failed (exit code, no or unusable output, or a transient failure on the last try); the
+    #: coordinator counts it as a training failure (``federation.coordinator.TRAINING_FAILURE_CODES``)
+    TRAINER_FAILED = "trainer_failed"
+
+
+class CannotAnswer(RuntimeError):
+    """Raised by a :data:`Trainer` (or a :data:`SampleCount`) when the site cannot answer the job: instead of
+    failing silently (the coordinator would wait for the round's deadline), :func:`handle_job` sends a signed
+    refusal with ``code``, ``field`` and the message. The message crosses to the coordinator: it must name
+    what failed without a secret or a data value (build it from codes and counts, not from exception text)."""
+
+    def __init__(self, code: str, message: str, *, field: str = "training") -> None:
+        super().__init__(message)
+        self.code, self.field, self.message = str(code), field, message
+
+    def reason(self) -> dict[str, str]:
+        """The refusal reason (code, field, message) it becomes."""
+        return _reason(self.code, self.field, self.message)
 
 
 @dataclass(frozen=True)
@@ -491,7 +518,10 @@ def _decide(
             )
         ledger = state.read_ledger(scope)
         if sample_count is not None:
-            n = sample_count(job)
+            try:
+                n = sample_count(job)
+            except CannotAnswer as exc:  # e.g. no usable data: known before approval and training
+                return refuse([exc.reason()], job)
             planned = privacy.planned_charge(dp, n, job.hparams.batch_size, job.hparams.local_epochs)
             entry = privacy.ledger_charge(
                 planned, run_id=header.run_id, round=header.round, dataset=job.dataset
@@ -520,7 +550,11 @@ def _decide(
             )
         return JobOutcome(key, JobStatus.WAITING, header=header, job=job, approval_deadline=deadline)
 
-    answer, update = run_trainer(job, global_weights)
+    try:
+        answer, update = run_trainer(job, global_weights)
+    except CannotAnswer as exc:
+        log.warning("site %s cannot answer %s: %s", policy.site, key, exc)
+        return refuse([exc.reason()], job)
     if answer.mode != job.mode:
         raise ValueError(f"the trainer answered a {answer.mode!r} job; the job is {job.mode!r}")
     if scope is not None and ledger is not None:

@@ -31,10 +31,20 @@ lepton_tasks.trainer``, through :func:`lepton_tasks.federation.plan.trainer_job`
   site trains one local round later than the exchange round: round 1's job also starts from the
   coordinator's weights.)
 
-The runner is injected so that the site's Airflow passes the Docker-based ``LeptonTrainerOperator`` (the
-site DAG, ``dags/lepton_site.py``) and a test may pass :func:`local_runner` (the same trainer as a
-subprocess). Whatever the runner, the trainer gets a job that names only this site's partner objects and a
-token scoped to its key; no secret passes through here.
+The runner is injected so that the site's Airflow passes the Docker-based trainer of the single stack
+(``lepton_airflow.trainer.run_trainer``, what ``LeptonTrainerOperator`` runs; the site DAG,
+``dags/lepton_site.py``) and a test may pass :func:`local_runner` (the same trainer as a subprocess).
+Whatever the runner, the trainer gets a job that names only this site's partner objects and a token scoped
+to its key; no secret passes through here.
+
+When the site cannot answer, it says so (a signed refusal, :class:`~lepton_tasks.site.jobs.CannotAnswer`)
+rather than leaving the coordinator to wait for the round's deadline: ``no_usable_data`` when it has no
+usable drop (:class:`NoUsableData`, at once: retrying cannot add data), ``trainer_failed`` when the trainer
+fails for good — a non-zero exit other than the transient one (4), an update or evaluation missing or not
+this job's (at once) — or keeps failing for a transient reason (a service down, exit 4, the runtime
+unavailable) until the task's last try (:func:`trainer_refusal`; earlier tries raise, and Airflow retries).
+The refusal names the exit code and the kind of the trainer's last error line, never its text (which may
+hold a data value or an address); the whole stderr tail stays in the site's task log.
 
 What goes back in the answer: the sample count, the training metrics (aggregates: loss, AUC, counts), the
 held-out metric blocks with their score histograms, the DP-SGD charge, and the update's weights (with a
@@ -45,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -84,6 +95,7 @@ __all__ = [
     "Site",
     "SiteTrainer",
     "SiteTrainingError",
+    "TrainerFailed",
     "TrainerRun",
     "TrainerRunner",
     "Verified",
@@ -97,6 +109,9 @@ __all__ = [
     "site_hparams",
     "site_plan",
     "statistics_answer",
+    "take_job",
+    "trainer_error_kind",
+    "trainer_refusal",
     "update_answer",
     "verify_job",
 ]
@@ -115,6 +130,105 @@ class SiteTrainingError(RuntimeError):
 
 class NoUsableData(SiteTrainingError):
     """The site has no verified, committed drop of the job's dataset under the job's contract."""
+
+
+class BadTrainerOutput(SiteTrainingError):
+    """The trainer exited 0 but its output is not this job's update or evaluation (its message names what is
+    wrong with identifiers only: it becomes the ``trainer_failed`` refusal's message)."""
+
+
+#: the trainer's exit code for a transient failure (``lepton_tasks.trainer.__main__.EXIT_TRANSIENT``)
+EXIT_TRANSIENT: Final = 4
+#: the prefixes of the trainer's own last stderr line (``lepton_tasks.trainer.__main__.main``), kept in a
+#: refusal; the text after them is not
+_ERROR_KINDS: Final = ("security error", "transient error", "bad job", "error")
+#: the prefixes the trainer follows with the exception's class name (``type(exc).__name__: message``)
+_TYPED_KINDS: Final = ("transient error", "error")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+#: a bare traceback's last line names an exception class like these
+_ERROR_TYPE = re.compile(r"[A-Z][A-Za-z0-9_]{0,63}(?:Error|Exception|Failure|Timeout|Denied|Down|Exit)")
+
+
+class TrainerFailed(RuntimeError):
+    """A trainer that exited with ``exit_code`` (non-zero). The message (for the task log) holds its last
+    stderr lines, secrets scrubbed; ``stderr_tail`` keeps those lines for :meth:`refusal_message`."""
+
+    def __init__(self, message: str, *, exit_code: int, stderr_tail: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stderr_tail = tuple(stderr_tail)
+
+    @property
+    def transient(self) -> bool:
+        """Whether a later try may succeed (the trainer's own verdict: a service did not answer)."""
+        return self.exit_code == EXIT_TRANSIENT
+
+    def refusal_message(self) -> str:
+        """What the site's refusal says about it: the exit code, its meaning and the kind of the trainer's
+        last error line (never that line's text: it may hold a data value)."""
+        from lepton_tasks.trainer.__main__ import EXIT_CODES
+
+        code = self.exit_code
+        signal = -code if code < 0 else code - 128 if code > 128 else None  # subprocess: < 0; Docker: 128 + n
+        meaning = EXIT_CODES.get(code) or (f"killed by signal {signal}" if signal else "error")
+        kind = next((k for line in reversed(self.stderr_tail) if (k := trainer_error_kind(line))), None)
+        detail = f"; its last error: {kind}" if kind else ""
+        return f"the trainer exited with code {code} ({meaning}){detail}"
+
+
+def trainer_error_kind(line: str) -> str | None:
+    """The kind of a trainer's stderr line, safe to send: the trainer's own prefix (``error``, ``transient
+    error``, ``bad job``, ``security error``) and, after ``error``/``transient error``, the exception class it
+    names — ``error: ValueError`` for ``error: ValueError: could not convert 'x7'``; a bare traceback line
+    ``SomeError: …`` gives ``SomeError``. ``None`` for any other line (a log line, a traceback frame). The
+    text after the kind is never kept: it may hold a data value, an address or a path."""
+    text = line.strip()
+    for prefix in _ERROR_KINDS:
+        rest = text[len(prefix) :] if text.startswith(prefix) else None
+        if rest is None:
+            continue
+        if rest.startswith(" (") and ")" in rest:  # "transient error (a service did not answer; retry): …"
+            rest = rest.split(")", 1)[1]
+        if not rest.startswith(":"):
+            continue
+        if prefix in _TYPED_KINDS and _IDENTIFIER.fullmatch(name := rest[1:].split(":", 1)[0].strip()):
+            return f"{prefix}: {name}"
+        return prefix
+    head = text.split(":", 1)[0]
+    return head if ":" in text and _ERROR_TYPE.fullmatch(head) else None
+
+
+def trainer_refusal(exc: BaseException, *, last_try: bool) -> str | None:
+    """The ``trainer_failed`` refusal message for a trainer run that raised ``exc``, or ``None``: raise it
+    and let Airflow retry the task. Transient — the trainer's exit 4, a service its task needs down
+    (``ServicesDown``), or the runtime failing otherwise (Docker, a timeout) — refuses only on the task's
+    last try; any other exit code refuses at once (retrying the same job on the same data cannot help).
+    The message names what failed by kind, code and service, never by an exception's text."""
+    from lepton_tasks.adapters.health import ServicesDown
+    from lepton_tasks.ops.images import StaleImageError
+
+    if _caused_by(exc, StaleImageError):  # the site's operator must rebuild it: no retry will
+        return "the site's trainer image is older than its trainer code (stale image); not retried"
+    if isinstance(exc, TrainerFailed):
+        if not exc.transient:
+            return exc.refusal_message()
+        return exc.refusal_message() + " on the task's last try" if last_try else None
+    if not last_try:
+        return None
+    if isinstance(exc, ServicesDown):
+        down = ", ".join(sorted({h.service for h in exc.down})) or "a service"
+        return f"the trainer could not be started: {down} did not answer, up to the task's last try"
+    return f"the trainer could not be run ({type(exc).__name__}), up to the task's last try"
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it was raised from (``__cause__`` chain) is a ``kind``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 @dataclass(frozen=True)
@@ -230,7 +344,7 @@ def update_answer(
     The update that leaves the site carries the weights and a minimal meta (the coordinator's run and round,
     the sample count); the trainer's meta (drop hashes, partner name) stays here. The metrics, the held-out
     block of the incoming global model (with its score histogram) and the DP-SGD charge go in the answer.
-    :class:`SiteTrainingError` when the file is not this run's, round's and partner's update.
+    :class:`BadTrainerOutput` when the file is not this run's, round's and partner's update.
     """
     from lepton_tasks.core import weights as wio
 
@@ -238,9 +352,10 @@ def update_answer(
         arrays, raw_meta = wio.loads(raw)
         meta = load(UpdateMeta, raw_meta, where=f"the trainer's update of {local_run} round {local_round}")
     except (ValueError, MessageError) as exc:
-        raise SiteTrainingError(f"the trainer's output is not an update: {exc}") from None
+        log.error("the trainer's update of %s round %s is unreadable: %s", local_run, local_round, exc)
+        raise BadTrainerOutput(f"the trainer's output is not an update ({type(exc).__name__})") from None
     if (meta.run_id, meta.round, meta.partner) != (local_run, local_round, partner):
-        raise SiteTrainingError(
+        raise BadTrainerOutput(
             f"the trainer's update is for {meta.partner}/{meta.run_id}/round {meta.round}, not "
             f"{partner}/{local_run}/round {local_round}"
         )
@@ -262,9 +377,10 @@ def evaluation_answer(raw: bytes | dict[str, Any], *, local_run: str, partner: s
     try:
         result = load(EvalResult, raw, where=f"the trainer's evaluation of {local_run}")
     except MessageError as exc:
-        raise SiteTrainingError(str(exc)) from None
+        log.error("the trainer's evaluation of %s is unreadable: %s", local_run, exc)
+        raise BadTrainerOutput(f"the trainer's output is not an evaluation ({type(exc).__name__})") from None
     if (result.partner, result.run_id) != (partner, local_run):
-        raise SiteTrainingError(
+        raise BadTrainerOutput(
             f"the trainer's evaluation is for {result.partner}/{result.run_id}, not {partner}/{local_run}"
         )
     block = dict(result.global_)
@@ -285,7 +401,9 @@ class SiteTrainer:
     ``settings``/``storage``/``vault``: the SITE's own (its staging and models buckets, its Vault with the
     partner's transit key). ``partner``: the partner whose staged data the site trains. ``run_id`` and
     ``round_``: the exchange job's run and round (from the key the job was read from: ``handle_job`` has
-    checked that the signed header names the same). ``runner``: executes the trainer.
+    checked that the signed header names the same). ``runner``: executes the trainer. ``last_try``: whether
+    this is the task's last try (a transient trainer failure then becomes a refusal, see
+    :func:`trainer_refusal`).
     """
 
     def __init__(
@@ -298,10 +416,11 @@ class SiteTrainer:
         run_id: str,
         round_: int,
         runner: TrainerRunner,
+        last_try: bool = True,
     ) -> None:
         self.settings, self.storage, self.vault = settings, storage, vault
         self.partner, self.run_id, self.round = partner, run_id, round_
-        self.runner = runner
+        self.runner, self.last_try = runner, last_try
         self.local_run = local_run_id(run_id)
 
     @classmethod
@@ -314,20 +433,35 @@ class SiteTrainer:
         partner: str,
         key: str,
         runner: TrainerRunner,
+        last_try: bool = True,
     ) -> SiteTrainer:
         """The trainer for the job stored at exchange key ``key`` (``jobs/<run>/<round>/<id>.json``)."""
         from lepton_tasks.core.exchange import parse_object_key
 
         parts = parse_object_key(key)
         return cls(
-            settings, storage, vault, partner=partner, run_id=parts.run_id, round_=parts.round, runner=runner
+            settings,
+            storage,
+            vault,
+            partner=partner,
+            run_id=parts.run_id,
+            round_=parts.round,
+            runner=runner,
+            last_try=last_try,
         )
 
     def __call__(self, job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        """The answer to ``job`` and its update's bytes; :class:`~lepton_tasks.site.jobs.CannotAnswer` when
+        the site has no usable data or the trainer failed for good (the site then refuses the job)."""
+        from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
+
         self._check_contract(job)
-        manifests = self._manifests(job)
+        try:
+            manifests = self._manifests(job)
+        except NoUsableData as exc:
+            raise CannotAnswer(SiteRefusalCode.NO_USABLE_DATA, str(exc), field="dataset") from exc
         if job.mode == "statistics":
-            answer = statistics_answer(manifests.values())
+            answer = statistics_answer(manifests.values())  # manifests is not empty: no NoUsableData
             log.info("site %s: statistics of %d drop(s)", self.partner, len(manifests))
             return answer, None
         if global_weights is None:
@@ -418,29 +552,55 @@ class SiteTrainer:
         self.storage.put_bytes(bucket, f"{prefix}round-{self.round}/global.npz", global_weights)
 
     def _run(self, mode: Literal["train", "evaluate"], round_number: int, output: str) -> bytes:
+        """Run the trainer and read ``output`` back; a failure the site refuses for (see
+        :func:`trainer_refusal`) becomes :class:`~lepton_tasks.site.jobs.CannotAnswer`, others raise."""
+        from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
+
         bucket = self.settings.models_bucket
         if self.storage.exists(bucket, output):
             self.storage.remove(bucket, output)  # a retry never reads an earlier try's output
-        self.runner(TrainerRun(self.local_run, self.partner, mode, round_number))
+        try:
+            self.runner(TrainerRun(self.local_run, self.partner, mode, round_number))
+        except Exception as exc:  # classified: a refusal, or raised again for Airflow to retry
+            message = trainer_refusal(exc, last_try=self.last_try)
+            if message is None:
+                raise
+            log.error("site %s: %s: %s", self.partner, message, exc)
+            raise CannotAnswer(SiteRefusalCode.TRAINER_FAILED, message, field="trainer") from exc
         if not self.storage.exists(bucket, output):
-            raise RuntimeError(f"the trainer finished but wrote no {output}")
+            what = "update" if mode == "train" else "evaluation"
+            raise CannotAnswer(
+                SiteRefusalCode.TRAINER_FAILED,
+                f"the trainer exited with code 0 but wrote no {what}",
+                field="trainer",
+            )
         return self.storage.get_bytes(bucket, output)
 
     def _train(self) -> tuple[RoundAnswer, bytes]:
+        from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
+
         local_round = self.round + 1
         raw = self._run("train", local_round, f"{self._prefix()}round-{local_round}/{self.partner}.update")
-        return update_answer(
-            raw,
-            run_id=self.run_id,
-            round_=self.round,
-            local_run=self.local_run,
-            local_round=local_round,
-            partner=self.partner,
-        )
+        try:
+            return update_answer(
+                raw,
+                run_id=self.run_id,
+                round_=self.round,
+                local_run=self.local_run,
+                local_round=local_round,
+                partner=self.partner,
+            )
+        except BadTrainerOutput as exc:
+            raise CannotAnswer(SiteRefusalCode.TRAINER_FAILED, str(exc), field="trainer") from exc
 
     def _evaluate(self) -> RoundAnswer:
+        from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
+
         raw = self._run("evaluate", 0, f"{self._prefix()}eval/{self.partner}.json")
-        return evaluation_answer(raw, local_run=self.local_run, partner=self.partner)
+        try:
+            return evaluation_answer(raw, local_run=self.local_run, partner=self.partner)
+        except BadTrainerOutput as exc:
+            raise CannotAnswer(SiteRefusalCode.TRAINER_FAILED, str(exc), field="trainer") from exc
 
 
 # ------------------------------------------------------------------------------------- the local runtime
@@ -481,8 +641,12 @@ def local_runner(
             timeout=timeout.total_seconds(),
         )
         if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.splitlines()[-20:])
-            raise RuntimeError(f"the trainer for {req.partner} exited with {proc.returncode}:\n{tail}")
+            lines = proc.stderr.splitlines()[-20:]
+            raise TrainerFailed(
+                f"the trainer for {req.partner} exited with {proc.returncode}:\n" + "\n".join(lines),
+                exit_code=proc.returncode,
+                stderr_tail=lines,
+            )
 
     return run
 
@@ -551,17 +715,30 @@ class Site:
             partner=settings.site_partner or policy.site,
         )
 
-    def trainer(self, key: str, runner: TrainerRunner) -> SiteTrainer:
+    def trainer(self, key: str, runner: TrainerRunner, *, last_try: bool = True) -> SiteTrainer:
         return SiteTrainer.for_key(
-            self.settings, self.storage, self.vault, partner=self.partner, key=key, runner=runner
+            self.settings,
+            self.storage,
+            self.vault,
+            partner=self.partner,
+            key=key,
+            runner=runner,
+            last_try=last_try,
         )
 
     def sample_count(self, job: RoundJob) -> int:
-        """The training rows of the drops this site would train a job on (for a privacy budget check)."""
+        """The training rows of the drops this site would train a job on (for a privacy budget check);
+        :class:`~lepton_tasks.site.jobs.CannotAnswer` (``no_usable_data``) when there are none."""
+        from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
+
         probe = SiteTrainer(
             self.settings, self.storage, self.vault, partner=self.partner, run_id="-", round_=0, runner=_never
         )
-        return sum(m.rows.train for m in probe._manifests(job).values())
+        try:
+            manifests = probe._manifests(job)
+        except NoUsableData as exc:
+            raise CannotAnswer(SiteRefusalCode.NO_USABLE_DATA, str(exc), field="dataset") from exc
+        return sum(m.rows.train for m in manifests.values())
 
     def handle(self, key: str, *, run_trainer: Any, approved: bool | None) -> JobOutcome:
         from lepton_tasks.site.jobs import handle_job
@@ -678,14 +855,17 @@ def verify_job(site: Site, key: str) -> Verified:
     raise _not_accepted(outcome)
 
 
-def answer_job(site: Site, key: str, *, approved: bool | None, runner: TrainerRunner) -> JobOutcome:
+def answer_job(
+    site: Site, key: str, *, approved: bool | None, runner: TrainerRunner, last_try: bool = True
+) -> JobOutcome:
     """Handle the job at ``key`` for good: train with ``runner`` on the site's data and send the signed
     answer, or send the signed refusal (the approver declined, the deadline passed). A job that is now
-    rejected or refused for another reason raises :class:`JobNotAccepted`; one still waiting for its
-    approver raises :class:`SiteTrainingError`."""
+    rejected or refused for another reason — no usable data, the trainer failed for good — raises
+    :class:`JobNotAccepted` (the refusal is sent); one still waiting for its approver raises
+    :class:`SiteTrainingError`. ``last_try``: the task's last try (see :func:`trainer_refusal`)."""
     from lepton_tasks.site.jobs import JobStatus, SiteRefusalCode
 
-    outcome = site.handle(key, run_trainer=site.trainer(key, runner), approved=approved)
+    outcome = site.handle(key, run_trainer=site.trainer(key, runner, last_try=last_try), approved=approved)
     if outcome.status is JobStatus.ANSWERED:
         return outcome
     if outcome.status is JobStatus.WAITING:
@@ -696,4 +876,23 @@ def answer_job(site: Site, key: str, *, approved: bool | None, runner: TrainerRu
         SiteRefusalCode.APPROVAL_DENIED.value
     ]:
         return outcome  # the approver's decision, carried out: not a failure
+    raise _not_accepted(outcome)
+
+
+def take_job(site: Site, key: str, *, runner: TrainerRunner, last_try: bool = True) -> JobOutcome | Verified:
+    """Verify the job at ``key`` and, when the site's policy needs no approval for it, train and answer it in
+    the same pass (one read and one verification of the job; no task in between on the round's critical
+    path). Returns the ANSWERED outcome, or a ``waiting`` :class:`Verified` for a job that waits for the
+    site's approver (nothing trained: :func:`answer_job` takes it on once decided). Raises like
+    :func:`answer_job`: :class:`JobNotAccepted` for a rejected or refused job (nothing sent, or the signed
+    refusal sent), the runner's exception for a transient trainer failure before the last try."""
+    from lepton_tasks.site.jobs import JobStatus
+
+    outcome = site.handle(key, run_trainer=site.trainer(key, runner, last_try=last_try), approved=None)
+    if outcome.status is JobStatus.ANSWERED:
+        return outcome
+    if outcome.status is JobStatus.WAITING:
+        assert outcome.job is not None and outcome.header is not None
+        deadline = outcome.approval_deadline.isoformat() if outcome.approval_deadline else None
+        return Verified(key, job_label(key), "waiting", deadline, describe_job(outcome.job, outcome.header))
     raise _not_accepted(outcome)

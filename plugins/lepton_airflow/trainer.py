@@ -29,6 +29,12 @@ trainer's last stderr lines are in the task's failure message; its documented ex
 (security failure) fail the task without retries (``AirflowFailException``), other codes fail it normally
 (retried).
 
+All of that is :func:`run_trainer`, a plain function: the operator's ``execute`` calls it, and so does a
+site's job task (``dags/lepton_site.py``, through :func:`trainer_runner`), which trains inside its own task
+instead of executing an operator outside Airflow's task runner. :func:`run_trainer` raises
+:class:`TrainerFailed` (with the exit code) for every non-zero exit; the operator turns exits 2 and 3 into
+``AirflowFailException``, the site classifies them itself (``lepton_tasks.site.training.trainer_refusal``).
+
 Why not ``DockerOperator.execute``: ``apache-airflow-providers-docker`` 4.6.1 (the latest) has no
 constructor parameter for a read-only root file system, ``cap_drop``, ``security_opt`` or tmpfs mounts,
 and its private environment can only be given at construction (the job exists only at execute time). So
@@ -48,15 +54,30 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow.providers.docker.operators.docker import DockerOperator
 
 from lepton_tasks.trainer.__main__ import JOB_TOKEN_ENV, JOB_VAULT_ENV, PLAIN_JOB_ENV
 
+if TYPE_CHECKING:
+    from lepton_tasks.site.training import TrainerFailed, TrainerRun, TrainerRunner
+
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    """``TrainerFailed`` (``lepton_tasks.site.training``), imported when first used: that module pulls in
+    pandas, which DAG files importing this plugin must not load at parse time."""
+    if name == "TrainerFailed":
+        from lepton_tasks.site.training import TrainerFailed
+
+        return TrainerFailed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: the trainer's documented exit codes that no retry can fix (see ``lepton_tasks.trainer.__main__``)
 NO_RETRY_EXIT_CODES = {2: "bad job", 3: "security failure"}
@@ -173,29 +194,286 @@ def require_services(settings) -> None:
     )
 
 
-class TrainerFailed(RuntimeError):
-    """A trainer exited with a code that a retry may fix (the message holds its last stderr lines)."""
-
-
-def failure(partner: str, code: int, stderr_tail: list[str]):
-    """The exception for a trainer that exited with ``code``: no retry for 2 and 3, a normal failure else."""
-    from airflow.sdk.exceptions import AirflowFailException
+def exited(partner: str, code: int, stderr_tail: list[str]) -> TrainerFailed:
+    """The :class:`TrainerFailed` of a trainer that exited with ``code``: its last stderr lines, scrubbed."""
+    from lepton_tasks.site.training import TrainerFailed
 
     meaning = EXIT_MEANINGS.get(code, "killed" if code >= 128 else "error")
-    tail = "\n".join(scrub(line) for line in stderr_tail[-STDERR_TAIL_LINES:]) or "(no stderr output)"
-    message = f"trainer for {partner} failed: {meaning} (exit code {code}); its last stderr lines:\n{tail}"
-    if code in NO_RETRY_EXIT_CODES:
-        return AirflowFailException(message + "\n(not retried: a retry cannot fix this)")
-    return TrainerFailed(message)
+    tail = [scrub(line) for line in stderr_tail[-STDERR_TAIL_LINES:]]
+    text = "\n".join(tail) or "(no stderr output)"
+    message = f"trainer for {partner} failed: {meaning} (exit code {code}); its last stderr lines:\n{text}"
+    return TrainerFailed(message, exit_code=code, stderr_tail=tail)
+
+
+def for_airflow(exc: TrainerFailed) -> Exception:
+    """The operator's failure for ``exc``: no retry for exits 2 and 3 (``AirflowFailException``), ``exc``
+    itself (a normal failure, retried) for the others."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    if exc.exit_code in NO_RETRY_EXIT_CODES:
+        return AirflowFailException(f"{exc}\n(not retried: a retry cannot fix this)")
+    return exc
+
+
+def failure(partner: str, code: int, stderr_tail: list[str]) -> Exception:
+    """The operator's exception for a trainer that exited with ``code``: no retry for 2 and 3, a normal
+    failure (:class:`TrainerFailed`) else."""
+    return for_airflow(exited(partner, code, stderr_tail))
+
+
+def run_trainer(
+    *,
+    partner: str,
+    mode: str,
+    round_number: int,
+    run_id: str,
+    timeout: timedelta = timedelta(hours=1),
+    docker_client: Callable[[], Any] | None = None,
+    on_container: Callable[[str | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train (or evaluate) ``partner``'s model for the local run ``run_id`` in its own hardened container
+    (or the local runtime), as described in the module docstring; returns what ran.
+
+    ``timeout``: how long the job's presigned URLs and token live, and the local runtime's limit.
+    ``docker_client``: makes the Docker ``APIClient`` to use, called only when the runtime is Docker (default:
+    one for ``DOCKER_HOST``; the operator's honours its ``docker_url``/``docker_conn_id``/TLS).
+    ``on_container``: told the container's id once it exists and ``None`` once it is removed (for the
+    operator's ``on_kill``). Raises ``ServicesDown`` (transient) before anything is minted,
+    ``AirflowFailException`` for a stale image, :class:`TrainerFailed` for a non-zero exit. It runs inside
+    the calling task (a plain function: no operator is executed outside Airflow's task runner).
+    """
+    from lepton_airflow.hook import LeptonHook
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.plan import trainer_job
+
+    where = {"run_id": run_id, "mode": mode, "round_number": round_number, "partner": partner}
+    hook = LeptonHook()
+    settings = hook.get_settings()
+    _require_services(settings, where)  # before any token is minted or container started; retried
+    runtime, why = choose_runtime(settings)
+    args = ["--partner", partner, "--mode", mode, "--round", str(round_number)]
+    log.info("trainer for %s (%s, round %s) runtime=%s (%s)", partner, mode, round_number, runtime, why)
+    job_settings, network, cli = settings, None, None
+    if runtime == "docker":
+        from lepton_tasks.ops.embedded.docker import api_client
+
+        cli = docker_client() if docker_client is not None else api_client()
+        _check_image(cli, settings.trainer_image)  # before any secret is minted or container started
+        job_settings, network = _network(cli, settings)
+    vault = hook.get_vault()
+    job = trainer_job(
+        job_settings,
+        Storage.from_settings(job_settings),
+        _WrappedTokenVault(vault),
+        run_id=run_id,
+        partner=partner,
+        mode=mode,
+        round_number=round_number,
+        ttl=timeout,
+    ).model_copy(update={"vault_token_wrapped": True})
+    # the whole job, response-wrapped: the environment holds a single-use token, spent at the start
+    env = {
+        JOB_TOKEN_ENV: vault.wrap({"job": job.model_dump_json()}, ttl=int(WRAP_TTL.total_seconds())),
+        JOB_VAULT_ENV: job_settings.vault_addr,
+    }
+    try:
+        if runtime == "docker":
+            assert network is not None
+            _run_container(cli, settings, network, args, env, where, on_container or (lambda cid: None))
+        else:
+            run_local(args, env, timeout, why, partner)
+    except Exception as exc:
+        # the report and `aggregate` say why this partner is missing (the message is already scrubbed)
+        _record_failure(settings, where, str(exc))
+        raise
+    finally:
+        _spend_job_token(settings.vault_addr, env[JOB_TOKEN_ENV])
+    return {"partner": partner, "mode": mode, "round": round_number, "runtime": runtime}
+
+
+def trainer_runner(*, timeout: timedelta = timedelta(hours=1)) -> TrainerRunner:
+    """The site's ``TrainerRunner`` (``lepton_tasks.site.training``): :func:`run_trainer` for each
+    :class:`TrainerRun`, inside the calling task."""
+
+    def run(req: TrainerRun) -> None:
+        run_trainer(
+            partner=req.partner,
+            mode=req.mode,
+            round_number=req.round_number,
+            run_id=req.run_id,
+            timeout=timeout,
+        )
+
+    return run
+
+
+def _require_services(settings: Any, where: dict[str, Any]) -> None:
+    """:func:`require_services`; when S3 answers, the reason is recorded for ``aggregate`` and the report (it
+    matters when the last try fails too)."""
+    from lepton_tasks.adapters.health import ServicesDown
+    from lepton_tasks.adapters.storage import StorageError
+
+    try:
+        require_services(settings)
+    except ServicesDown as exc:
+        if all(h.service != "S3" for h in exc.down):
+            try:
+                _record_failure(settings, where, str(exc))
+            except StorageError as record_exc:  # never mask the outage's own message
+                log.warning("could not record why the task failed: %s", record_exc)
+        raise
+
+
+def _spend_job_token(vault_addr: str, token: str) -> None:
+    """Spend the job's wrapping token if the trainer never unwrapped it (it did not start, or crashed)."""
+    from lepton_tasks.adapters.vault import VaultError, spend_if_unused
+
+    try:
+        if spend_if_unused(vault_addr, token):
+            log.warning("the trainer never unwrapped its job: its wrapping token is now spent")
+    except VaultError as exc:  # never mask the task's outcome; the token expires with WRAP_TTL anyway
+        log.warning("could not check that the job's wrapping token is spent: %s", exc)
+
+
+def _record_failure(settings: Any, where: dict[str, Any], reason: str) -> None:
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.plan import record_failure
+
+    record_failure(settings, Storage.from_settings(settings), reason=reason, **where)
+
+
+# docker -----------------------------------------------------------------------------------------------------
+def _check_image(cli: Any, image: str) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from lepton_tasks.ops.images import StaleImageError, check_trainer_image
+
+    try:
+        log.info("%s", check_trainer_image(cli, image))
+    except StaleImageError as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
+def _network(cli: Any, settings: Any) -> tuple[Any, str]:
+    """(settings with the addresses a container uses, network name) for ``settings.trainer_network``."""
+    from lepton_tasks.ops.embedded.docker import BUILTIN_NETWORKS, ensure_trainer_network
+
+    name = settings.trainer_network
+    if name in BUILTIN_NETWORKS:
+        if name == "host":
+            log.warning("trainer containers share the HOST network (LEPTON_TRAINER_NETWORK=host)")
+        return settings, name
+    net = ensure_trainer_network(name, client=cli)
+    if not net.internal:
+        log.warning("trainer network %s is not internal: its containers can reach other networks", name)
+    if not net.gateway:
+        return settings, name
+    job_settings = via_gateway(settings, net.gateway)
+    if job_settings is not settings:
+        _require_gateway(job_settings, net.gateway)
+    return job_settings, name
+
+
+def _require_gateway(job_settings: Any, gateway: str) -> None:
+    import socket
+
+    for addr in (urlsplit(job_settings.vault_addr).netloc, job_settings.s3_endpoint):
+        host, _, port = addr.rpartition(":")
+        with socket.socket() as s:
+            s.settimeout(3)
+            if s.connect_ex((host, int(port))) != 0:
+                raise RuntimeError(
+                    f"nothing answers on the trainer network's gateway {addr}: the trainer gateway is "
+                    f"not running; run `lepton up` (it forwards {gateway} to the services on 127.0.0.1)"
+                )
+
+
+def _run_container(
+    cli: Any,
+    settings: Any,
+    network: str,
+    args: list[str],
+    env: dict[str, str],
+    where: dict[str, Any],
+    on_container: Callable[[str | None], None],
+) -> None:
+    partner = where["partner"]
+    host_config = cli.create_host_config(**container_spec(settings, network=network))
+    container = cli.create_container(
+        image=settings.trainer_image,
+        command=args,
+        environment=env,
+        host_config=host_config,
+        user=TRAINER_USER,
+        working_dir=TRAINER_HOME,
+        labels={
+            LABEL: "1",
+            f"{LABEL}.partner": partner,
+            f"{LABEL}.mode": where["mode"],
+            f"{LABEL}.round": str(where["round_number"]),
+        },
+    )
+    cid = container["Id"]
+    on_container(cid)
+    try:
+        stream = cli.attach(container=cid, stdout=True, stderr=True, stream=True, logs=True)
+        cli.start(cid)
+        buffer = ""
+        for chunk in stream:
+            buffer += chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk
+            *lines, buffer = buffer.split("\n")
+            for line in lines:
+                log.info("trainer: %s", scrub(line.rstrip()))
+        if buffer:
+            log.info("trainer: %s", scrub(buffer.rstrip()))
+        code = int(cli.wait(cid).get("StatusCode", -1))
+        if code != 0:
+            raw = cli.logs(cid, stdout=False, stderr=True, tail=STDERR_TAIL_LINES)
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+            raise exited(partner, code, text.splitlines())
+    finally:
+        try:
+            cli.remove_container(cid, force=True)
+        except Exception as exc:  # noqa: BLE001 - never mask the task's own outcome; logged
+            log.warning("could not remove trainer container %s: %s", cid[:12], exc)
+        on_container(None)
+
+
+# local ------------------------------------------------------------------------------------------------------
+def run_local(args: list[str], job: str | dict[str, str], ttl: timedelta, why: str, partner: str) -> None:
+    """Run the trainer as a subprocess with the job's environment ``job`` (the wrapped job's variables), or
+    a plain job JSON (``LEPTON_JOB``: tools and tests); :class:`TrainerFailed` for a non-zero exit."""
+    log.warning(
+        "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
+        "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
+        why,
+    )
+    job_env = {PLAIN_JOB_ENV: job} if isinstance(job, str) else job
+    drop = ("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_", "LEPTON_JOB", "VAULT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}  # nothing but its job
+    env |= {**job_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lepton_tasks.trainer", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=ttl.total_seconds(),
+    )
+    for line in (proc.stdout + proc.stderr).splitlines():
+        log.info("trainer: %s", scrub(line))
+    if proc.returncode != 0:
+        raise exited(partner, proc.returncode, proc.stderr.splitlines())
 
 
 class LeptonTrainerOperator(DockerOperator):
-    """Train (or evaluate) one partner's model in its own hardened container.
+    """Train (or evaluate) one partner's model in its own hardened container (:func:`run_trainer`).
 
     Image, network, limits and GPUs come from Lepton's settings (``LEPTON_TRAINER_IMAGE``,
     ``LEPTON_TRAINER_NETWORK``, ``LEPTON_TRAINER_MEMORY``, ``LEPTON_TRAINER_CPUS``, ``LEPTON_TRAINER_GPUS``),
     resolved in :meth:`execute`, like the connections — never at parse time. DockerOperator's parameters
     that say how to reach the daemon (``docker_url``, ``docker_conn_id``, TLS, ``timeout``) are honoured.
+    Exit codes 2 and 3 fail the task without retries (``AirflowFailException``).
     """
 
     template_fields = (*DockerOperator.template_fields, "run_id_", "partner")
@@ -217,183 +495,26 @@ class LeptonTrainerOperator(DockerOperator):
         self.run_id_ = run_id_
 
     def execute(self, context) -> dict[str, Any]:
-        from lepton_airflow.hook import LeptonHook
-        from lepton_tasks.adapters.storage import Storage
-        from lepton_tasks.federation.plan import trainer_job
-
-        hook = LeptonHook()
-        settings = hook.get_settings()
-        self._require_services(settings)  # before any token is minted or container started; retried
-        runtime, why = choose_runtime(settings)
-        args = ["--partner", self.partner, "--mode", self.mode, "--round", str(self.round_number)]
-        log.info(
-            "trainer for %s (%s, round %s) runtime=%s (%s)",
-            self.partner,
-            self.mode,
-            self.round_number,
-            runtime,
-            why,
-        )
-        job_settings, network = settings, None
-        if runtime == "docker":
-            self._check_image(settings.trainer_image)  # before any secret is minted or container started
-            job_settings, network = self._network(settings)
-        vault = hook.get_vault()
-        ttl = self.execution_timeout or timedelta(hours=1)
-        job = trainer_job(
-            job_settings,
-            Storage.from_settings(job_settings),
-            _WrappedTokenVault(vault),
-            run_id=self.run_id_,
-            partner=self.partner,
-            mode=self.mode,
-            round_number=self.round_number,
-            ttl=ttl,
-        ).model_copy(update={"vault_token_wrapped": True})
-        # the whole job, response-wrapped: the environment holds a single-use token, spent at the start
-        env = {
-            JOB_TOKEN_ENV: vault.wrap({"job": job.model_dump_json()}, ttl=int(WRAP_TTL.total_seconds())),
-            JOB_VAULT_ENV: job_settings.vault_addr,
-        }
-        try:
-            if runtime == "docker":
-                assert network is not None
-                self._run_container(settings, network, args, env)
-            else:
-                self._run_local(args, env, ttl, why)
-        except Exception as exc:
-            # the report and `aggregate` say why this partner is missing (the message is already scrubbed)
-            self._record_failure(settings, str(exc))
-            raise
-        finally:
-            self._spend_job_token(settings.vault_addr, env[JOB_TOKEN_ENV])
-        return {"partner": self.partner, "mode": self.mode, "round": self.round_number, "runtime": runtime}
-
-    def _require_services(self, settings: Any) -> None:
-        """:func:`require_services`; when S3 answers, the reason is recorded for ``aggregate`` and the report
-        (it matters when the last try fails too)."""
-        from lepton_tasks.adapters.health import ServicesDown
-        from lepton_tasks.adapters.storage import StorageError
+        from lepton_tasks.site.training import TrainerFailed
 
         try:
-            require_services(settings)
-        except ServicesDown as exc:
-            if all(h.service != "S3" for h in exc.down):
-                try:
-                    self._record_failure(settings, str(exc))
-                except StorageError as record_exc:  # never mask the outage's own message
-                    log.warning("could not record why the task failed: %s", record_exc)
-            raise
+            return run_trainer(
+                partner=self.partner,
+                mode=self.mode,
+                round_number=self.round_number,
+                run_id=self.run_id_,
+                timeout=self.execution_timeout or timedelta(hours=1),
+                docker_client=lambda: self.cli,
+                on_container=self._track,
+            )
+        except TrainerFailed as exc:
+            if (fail := for_airflow(exc)) is exc:
+                raise
+            raise fail from exc
 
-    @staticmethod
-    def _spend_job_token(vault_addr: str, token: str) -> None:
-        """Spend the job's wrapping token if the trainer never unwrapped it (it did not start, or crashed)."""
-        from lepton_tasks.adapters.vault import VaultError, spend_if_unused
-
-        try:
-            if spend_if_unused(vault_addr, token):
-                log.warning("the trainer never unwrapped its job: its wrapping token is now spent")
-        except VaultError as exc:  # never mask the task's outcome; the token expires with WRAP_TTL anyway
-            log.warning("could not check that the job's wrapping token is spent: %s", exc)
-
-    def _record_failure(self, settings: Any, reason: str) -> None:
-        from lepton_tasks.adapters.storage import Storage
-        from lepton_tasks.federation.plan import record_failure
-
-        record_failure(
-            settings,
-            Storage.from_settings(settings),
-            run_id=self.run_id_,
-            mode=self.mode,
-            round_number=self.round_number,
-            partner=self.partner,
-            reason=reason,
-        )
-
-    # docker ------------------------------------------------------------------------------------------------
-    def _check_image(self, image: str) -> None:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from lepton_tasks.ops.images import StaleImageError, check_trainer_image
-
-        try:
-            log.info("%s", check_trainer_image(self.cli, image))
-        except StaleImageError as exc:
-            raise AirflowFailException(str(exc)) from exc
-
-    def _network(self, settings):
-        """(settings with the addresses a container uses, network name) for ``settings.trainer_network``."""
-        from lepton_tasks.ops.embedded.docker import BUILTIN_NETWORKS, ensure_trainer_network
-
-        name = settings.trainer_network
-        if name in BUILTIN_NETWORKS:
-            if name == "host":
-                log.warning("trainer containers share the HOST network (LEPTON_TRAINER_NETWORK=host)")
-            return settings, name
-        net = ensure_trainer_network(name, client=self.cli)
-        if not net.internal:
-            log.warning("trainer network %s is not internal: its containers can reach other networks", name)
-        if not net.gateway:
-            return settings, name
-        job_settings = via_gateway(settings, net.gateway)
-        if job_settings is not settings:
-            self._require_gateway(job_settings, net.gateway)
-        return job_settings, name
-
-    @staticmethod
-    def _require_gateway(job_settings, gateway: str) -> None:
-        import socket
-
-        for addr in (urlsplit(job_settings.vault_addr).netloc, job_settings.s3_endpoint):
-            host, _, port = addr.rpartition(":")
-            with socket.socket() as s:
-                s.settimeout(3)
-                if s.connect_ex((host, int(port))) != 0:
-                    raise RuntimeError(
-                        f"nothing answers on the trainer network's gateway {addr}: the trainer gateway is "
-                        f"not running; run `lepton up` (it forwards {gateway} to the services on 127.0.0.1)"
-                    )
-
-    def _run_container(self, settings, network: str, args: list[str], env: dict[str, str]) -> None:
-        cli = self.cli
-        host_config = cli.create_host_config(**container_spec(settings, network=network))
-        self.container = cli.create_container(
-            image=settings.trainer_image,
-            command=args,
-            environment=env,
-            host_config=host_config,
-            user=TRAINER_USER,
-            working_dir=TRAINER_HOME,
-            labels={
-                LABEL: "1",
-                f"{LABEL}.partner": self.partner,
-                f"{LABEL}.mode": self.mode,
-                f"{LABEL}.round": str(self.round_number),
-            },
-        )
-        cid = self.container["Id"]
-        try:
-            stream = cli.attach(container=cid, stdout=True, stderr=True, stream=True, logs=True)
-            cli.start(cid)
-            buffer = ""
-            for chunk in stream:
-                buffer += chunk.decode("utf-8", errors="replace") if isinstance(chunk, bytes) else chunk
-                *lines, buffer = buffer.split("\n")
-                for line in lines:
-                    log.info("trainer: %s", scrub(line.rstrip()))
-            if buffer:
-                log.info("trainer: %s", scrub(buffer.rstrip()))
-            code = int(cli.wait(cid).get("StatusCode", -1))
-            if code != 0:
-                raw = cli.logs(cid, stdout=False, stderr=True, tail=STDERR_TAIL_LINES)
-                text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-                raise failure(self.partner, code, text.splitlines())
-        finally:
-            try:
-                cli.remove_container(cid, force=True)
-            except Exception as exc:  # noqa: BLE001 - never mask the task's own outcome; logged
-                log.warning("could not remove trainer container %s: %s", cid[:12], exc)
-            self.container = None  # type: ignore[assignment]
+    def _track(self, cid: str | None) -> None:
+        """Remember the running container for :meth:`on_kill` (DockerOperator's public ``container``)."""
+        self.container = {"Id": cid} if cid else None  # type: ignore[assignment]
 
     def on_kill(self) -> None:
         if self.container is not None and self.hook.client_created:
@@ -403,28 +524,13 @@ class LeptonTrainerOperator(DockerOperator):
             except Exception as exc:  # noqa: BLE001 - best effort while being killed
                 log.info("trainer container already gone: %s", exc)
 
-    # local -------------------------------------------------------------------------------------------------
     def _run_local(self, args: list[str], job: str | dict[str, str], ttl: timedelta, why: str) -> None:
-        """Run the trainer as a subprocess with the job's environment ``job`` (the wrapped job's variables),
-        or a plain job JSON (``LEPTON_JOB``: tools and tests)."""
-        log.warning(
-            "!!! LOCAL RUNTIME: Docker is not available (%s); running the trainer as a subprocess "
-            "of the Airflow worker. Partner isolation then relies on the scoped token only. !!!",
-            why,
-        )
-        job_env = {PLAIN_JOB_ENV: job} if isinstance(job, str) else job
-        drop = ("AIRFLOW_CONN_", "LEPTON_S3_", "LEPTON_VAULT_", "LEPTON_JOB", "VAULT_")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}  # nothing but its job
-        env |= {**job_env, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        proc = subprocess.run(
-            [sys.executable, "-m", "lepton_tasks.trainer", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=ttl.total_seconds(),
-        )
-        for line in (proc.stdout + proc.stderr).splitlines():
-            log.info("trainer: %s", scrub(line))
-        if proc.returncode != 0:
-            raise failure(self.partner, proc.returncode, proc.stderr.splitlines())
+        """:func:`run_local` for this operator's partner, exits 2 and 3 not retried (tools and tests)."""
+        from lepton_tasks.site.training import TrainerFailed
+
+        try:
+            run_local(args, job, ttl, why, self.partner)
+        except TrainerFailed as exc:
+            if (fail := for_airflow(exc)) is exc:
+                raise
+            raise fail from exc

@@ -7,18 +7,24 @@ key, its policy pinning the coordinator's key) into ``<data dir>/site``; the coo
 key. The site is also a partner with one banks drop ingested (validated, encrypted, staged with its
 manifest) in its own staging. The site's Airflow gets its connections (the stack's S3 identity and a Vault
 token with the operator policy plus the site-signer policy) and ``LEPTON_TRAINER_RUNTIME=local``: the
-`answer` task runs ``LeptonTrainerOperator`` itself, whose local runtime is the real trainer as a
-subprocess (``python -m lepton_tasks.trainer``: decrypts the staged data with a token scoped to the
-partner's key, trains the contract's model one epoch).
+job tasks run the single stack's trainer (``lepton_airflow.trainer.run_trainer``, what
+``LeptonTrainerOperator`` runs), whose local runtime is the real trainer as a subprocess (``python -m
+lepton_tasks.trainer``: decrypts the staged data with a token scoped to the partner's key, trains the
+contract's model one epoch).
 
 Shown:
 1. a statistics job, a train job and an evaluate job are answered by the DAG and accepted by
    ``collect_answers`` (statistics: the site's exact training rows; train: an update of the global model's
-   shapes; evaluate: held-out metrics and a score histogram of the holdout split);
-2. a forged job (signed with another Vault key) fails `verify` at once (try 1, no retry) naming
+   shapes; evaluate: held-out metrics and a score histogram of the holdout split), each in the one task
+   `handle` (`approve` and `answer` expand to nothing);
+2. a forged job (signed with another Vault key) fails `handle` at once (try 1, no retry) naming
    ``bad_signature``, and nothing is written to the exchange bucket or the outbound log; a job the site's
-   policy refuses fails `verify` at once too, and its signed refusal reaches ``collect_answers``;
-3. with approval required, the job waits in `approve` (Airflow's HITL ``ApprovalOperator``, AWAITING_INPUT):
+   policy refuses fails `handle` at once too, and its signed refusal reaches ``collect_answers``;
+3. a site that cannot train says so at once (try 1) with a signed refusal that ``collect_answers`` verifies
+   and the coordinator turns into its exclusion (``exclusion_of``), listed in the outbound log: no usable
+   data (the site's partner has no committed drop) → ``no_usable_data``; the trainer failing (the staged
+   split tampered with: exit 3) → ``trainer_failed``, a training failure, naming the exit code only;
+4. with approval required, the job waits in `approve` (Airflow's HITL ``ApprovalOperator``, AWAITING_INPUT):
    no training, nothing written; the test then answers as the site's approver does through Airflow's
    Required-actions API (the same DB writes as ``PATCH .../hitlDetails``: the response, then
    ``handle_event_submit``), and the job is trained and answered. A rejection sends a signed refusal
@@ -294,7 +300,22 @@ def _run(rig: Rig, key: str) -> Any:
     started = time.monotonic()
     run = rig.dag.test(run_conf={"job_key": key})
     print(f"dag run {run.run_id}: {run.state} in {time.monotonic() - started:.1f} s")
+    print(_timeline(run.run_id))
     return run
+
+
+def _timeline(run_id: str) -> str:
+    """Each task instance's start and end, in seconds from the run's first start (the per-job cost)."""
+    tis = sorted((ti for ti in _tis(run_id).values() if ti.start_date), key=lambda ti: ti.start_date)
+    if not tis:
+        return "no task ran"
+    t0 = tis[0].start_date
+    lines = [
+        f"  {ti.task_id}[{ti.map_index}] {ti.state}: {(ti.start_date - t0).total_seconds():5.1f} → "
+        f"{((ti.end_date or ti.start_date) - t0).total_seconds():5.1f} s"
+        for ti in tis
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------- tests
@@ -319,8 +340,9 @@ def test_statistics_train_and_evaluate_jobs_are_answered_and_accepted_by_the_coo
     run = _run(rig, key)
     assert run.state == "success"
     tis = _tis(run.run_id)
-    assert tis[("verify", 0)].rendered_map_index == f"{run_id} round 1"
-    assert tis[("answer", 0)].state == "success" and tis[("approve", -1)].state == "skipped"
+    assert tis[("handle", 0)].rendered_map_index == f"{run_id} round 1"
+    assert tis[("handle", 0)].state == "success"  # verified, trained and answered in one task
+    assert tis[("approve", -1)].state == tis[("answer", -1)].state == "skipped"  # expanded to nothing
     outcome = rig.collect(sent)
     site = outcome.sites[rig.name]
     assert site.status.value == "accepted", outcome.excluded
@@ -348,7 +370,7 @@ def test_statistics_train_and_evaluate_jobs_are_answered_and_accepted_by_the_coo
     assert rig.written() == sorted(rig.outbound())
 
 
-def test_a_forged_job_fails_verify_at_once_and_nothing_leaves_the_site(rig):
+def test_a_forged_job_fails_verification_at_once_and_nothing_leaves_the_site(rig):
     run_id = f"fed-forged-{uuid.uuid4().hex[:6]}"
     payload = canonical_json(dump(_job(rig.contract, "statistics")))
     header = make_header(
@@ -370,8 +392,8 @@ def test_a_forged_job_fails_verify_at_once_and_nothing_leaves_the_site(rig):
 
     assert run.state == "failed"
     tis = _tis(run.run_id)
-    verify = tis[("verify", 0)]
-    assert (verify.state, verify.try_number) == ("failed", 1)  # no retry
+    handle = tis[("handle", 0)]
+    assert (handle.state, handle.try_number) == ("failed", 1)  # no retry
     assert tis[("answer", -1)].state in ("skipped", "upstream_failed")
     assert tis[("summary", -1)].state == "failed"
     assert rig.written() == before and rig.outbound() == logged  # nothing was sent
@@ -379,18 +401,78 @@ def test_a_forged_job_fails_verify_at_once_and_nothing_leaves_the_site(rig):
     assert f'"{key}":"rejected:bad_signature"' in state
 
 
-def test_a_job_the_policy_refuses_fails_verify_at_once_and_the_signed_refusal_reaches_the_coordinator(rig):
+def test_a_job_the_policy_refuses_fails_at_once_and_the_signed_refusal_reaches_the_coordinator(rig):
     run_id = f"fed-policy-{uuid.uuid4().hex[:6]}"
     job = _job(rig.contract, "statistics").model_copy(update={"strategy": "krum"})  # the policy: fedavg
     sent = rig.send(run_id, 0, job)
     run = _run(rig, object_key(sent[rig.name]))
     assert run.state == "failed"
-    verify = _tis(run.run_id)[("verify", 0)]
-    assert (verify.state, verify.try_number) == ("failed", 1)  # a policy refusal is never retried
+    handle = _tis(run.run_id)[("handle", 0)]
+    assert (handle.state, handle.try_number) == ("failed", 1)  # a policy refusal is never retried
     outcome = rig.collect(sent)
     assert outcome.sites[rig.name].status.value == "refused"
     assert outcome.excluded[rig.name].startswith("refused by the site: strategy_not_allowed")
     assert rig.written() == sorted(rig.outbound())
+
+
+def _refused_at_once(rig: Rig, sent: dict, run: Any, round_: int) -> Any:
+    """The coordinator's reading of the site's reply to a job the site could not train: a signed refusal,
+    verified with the site's pinned key, sent on the task's first try and listed in the outbound log."""
+    from lepton_tasks.federation.coordinator import exclusion_of
+
+    assert run.state == "failed"
+    tis = _tis(run.run_id)
+    handle = tis[("handle", 0)]
+    assert (handle.state, handle.try_number) == ("failed", 1)  # refused at once: no retry, no deadline wait
+    assert tis[("summary", -1)].state == "failed"
+    outcome = rig.collect(sent)
+    site = outcome.sites[rig.name]
+    assert site.status.value == "refused", outcome.excluded
+    assert site.reply is not None and object_key(site.reply) in rig.outbound()
+    assert rig.written() == sorted(rig.outbound())
+    exclusion = exclusion_of(site, round_)
+    assert exclusion is not None
+    return exclusion
+
+
+def test_a_site_without_usable_data_refuses_at_once_with_a_signed_no_usable_data(rig, monkeypatch):
+    monkeypatch.setenv("LEPTON_SITE_PARTNER", f"nobody-{uuid.uuid4().hex[:6]}")  # no drop staged for it
+    run_id = f"fed-nodata-{uuid.uuid4().hex[:6]}"
+    sent = rig.send(run_id, 0, _job(rig.contract, "statistics"))
+    exclusion = _refused_at_once(rig, sent, _run(rig, object_key(sent[rig.name])), 0)
+    assert (exclusion.kind.value, exclusion.code) == ("refused", "no_usable_data")
+    assert exclusion.reason.startswith(
+        "refused by the site: no_usable_data (dataset): nobody-"
+    ) and exclusion.reason.endswith(
+        "has no verified, committed banks drop under the job's contract (0 staged, 0 failed verification)"
+    )
+
+
+def test_a_failing_trainer_refuses_at_once_with_a_signed_trainer_failed_naming_only_the_exit(rig):
+    import json
+
+    from lepton_tasks.ingest.stage import staged_manifests
+
+    assert rig.stats is not None, "needs the statistics of the first test"
+    [manifest_key] = staged_manifests(rig.admin, rig.settings, "banks", [rig.name])[rig.name]
+    signed = json.loads(rig.admin.get_bytes(rig.settings.staging_bucket, manifest_key))
+    split = signed["manifest"]["objects"]["train"]["key"]
+    original = rig.admin.get_bytes(rig.settings.staging_bucket, split)
+    rig.admin.put_bytes(rig.settings.staging_bucket, split, original[:-1] + bytes([original[-1] ^ 1]))
+    try:  # the staged split no longer matches its manifest: the trainer stops with a security error (exit 3)
+        run_id = f"fed-trainfail-{uuid.uuid4().hex[:6]}"
+        sent = rig.send(
+            run_id, 1, _job(rig.contract, "train", rig.stats), _initial_weights(rig.contract, rig.stats)
+        )
+        exclusion = _refused_at_once(rig, sent, _run(rig, object_key(sent[rig.name])), 1)
+    finally:
+        rig.admin.put_bytes(rig.settings.staging_bucket, split, original)
+    assert (exclusion.kind.value, exclusion.code) == ("training_failed", "trainer_failed")
+    assert exclusion.reason == (
+        "refused by the site: trainer_failed (trainer): the trainer exited with code 3 (security failure); "
+        "its last error: security error"
+    )
+    assert split not in exclusion.reason and rig.settings.staging_bucket not in exclusion.reason
 
 
 def _respond(dag_id: str, run_id: str, option: str) -> None:
@@ -482,7 +564,7 @@ def test_a_job_needing_approval_does_not_train_until_the_sites_approver_decides(
         assert "error" not in seen, seen.get("error")
         # while the job waited for its approver: nothing trained, nothing sent, `answer` not started
         assert seen["trained"] is False and seen["written"] == before
-        assert seen["states"][("verify", 0)] == "success"
+        assert seen["states"][("handle", 0)] == "success"
         assert seen["states"][("approve", 0)] == "awaiting_input"
         assert seen["states"].get(("answer", -1)) in (None, "scheduled")
         assert run.state == "success"

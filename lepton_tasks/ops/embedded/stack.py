@@ -38,6 +38,9 @@ from lepton_tasks.ops.embedded.process import ManagedProcess, ServiceError, writ
 from lepton_tasks.ops.embedded.seaweedfs import SeaweedFS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+#: an embedded site lists its exchange bucket every 2 s (``Settings.exchange_poll_seconds``, 10 s by default):
+#: the coordinator's storage is on the same machine, and a job seen sooner is a round finished sooner
+EMBEDDED_SITE_POLL_S = 2.0
 
 
 @dataclass
@@ -173,6 +176,8 @@ class Stack:
             "trainer_network": trainer_network_name(),
             "role": self.role,
         }
+        if self.role == "site" and "LEPTON_EXCHANGE_POLL_SECONDS" not in os.environ:
+            values["exchange_poll_seconds"] = EMBEDDED_SITE_POLL_S
         if self.seaweedfs.credentials_file.exists():
             access, secret = self.seaweedfs.admin_credentials()
             values |= {"s3_access_key": access, "s3_secret_key": secret}

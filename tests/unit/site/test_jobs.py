@@ -33,7 +33,7 @@ from lepton_tasks.core.exchange import (
 from lepton_tasks.core.messages import BlobRef, RoundAnswer, RoundJob, RoundRefusal, dump, load
 from lepton_tasks.core.outbound_log import ListedObject, OutboundLog, reconcile
 from lepton_tasks.federation.exchange import global_weights_key
-from lepton_tasks.site.jobs import JobOutcome, JobStatus, handle_job, poll_jobs, run_pending
+from lepton_tasks.site.jobs import CannotAnswer, JobOutcome, JobStatus, handle_job, poll_jobs, run_pending
 from lepton_tasks.site.state import SiteState, SiteStateError
 from tests.unit.site.fakes import CONSORTIUM, RUN, LocalSigner, MemoryStorage, round_job, site_policy
 
@@ -361,6 +361,36 @@ def test_a_failing_trainer_propagates_and_leaves_no_trace(world):
     assert world.site_writes() == [] and world.log.records() == []
     assert world.state.read().handled == {}  # retried by the task, not refused
     assert world.handle(job).status is JobStatus.ANSWERED
+
+
+@pytest.mark.parametrize(
+    ("code", "field", "message"),
+    [
+        ("trainer_failed", "trainer", "the trainer exited with code 3 (security failure)"),
+        (
+            "no_usable_data",
+            "dataset",
+            "bank-a has no verified, committed banks drop under the job's contract",
+        ),
+    ],
+)
+def test_a_trainer_that_cannot_answer_sends_a_signed_refusal_the_coordinator_verifies(
+    world, code, field, message
+):
+    def cannot(job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        raise CannotAnswer(code, message, field=field)
+
+    job = world.post()
+    outcome = world.handle(job, run_trainer=cannot)
+    assert outcome.status is JobStatus.REFUSED
+    [key] = outcome.written
+    header, payload = world.open_reply(job, key)  # verified with the site's key, bound to the job
+    assert isinstance(header, RefusalHeader) and key.startswith("refusals/")
+    assert load(RoundRefusal, payload, where="test").reasons == [
+        {"code": code, "field": field, "message": message}
+    ]
+    assert [r.object_key for r in world.log.records()] == [key]  # in the outbound log
+    assert world.state.read().handled == {object_key(job): "refused"}  # not fetched again
 
 
 def test_a_trainer_answering_another_mode_is_a_bug_not_an_answer(world):

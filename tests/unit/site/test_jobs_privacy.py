@@ -29,7 +29,7 @@ from lepton_tasks.core.messages import (
 )
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.site_policy import SITE_LEDGER, BudgetScope, DatasetGrant, PrivacyBudget
-from lepton_tasks.site.jobs import JobOutcome, JobStatus
+from lepton_tasks.site.jobs import CannotAnswer, JobOutcome, JobStatus
 from lepton_tasks.site.state import SiteState
 from tests.unit.site.fakes import RUN, LocalSigner, MemoryStorage, contract, round_job, site_policy
 from tests.unit.site.test_jobs import SITE, UPDATE, World
@@ -163,6 +163,19 @@ def test_rounds_compose_and_the_round_over_budget_is_refused_before_training(wor
     assert len(world.trained) == 2  # refused BEFORE training
     assert world.ledger().entries == before.entries  # a refusal costs nothing
     assert outcome.reply is not None and outcome.written == (object_key(outcome.reply),)  # no update
+
+
+def test_no_usable_data_is_refused_before_the_approver_is_asked_or_anything_is_charged(world):
+    """The budget check counts the site's rows first: with none, the job is refused (signed) right there."""
+    world.policy = budget_policy(world.coordinator, approval_required=True)
+
+    def no_rows(job: RoundJob) -> int:
+        raise CannotAnswer("no_usable_data", f"{SITE} has no verified, committed banks drop", field="dataset")
+
+    outcome = world.handle(world.post(dp_job()), sample_count=no_rows)
+    assert [r["code"] for r in _refusal(world, outcome).reasons] == ["no_usable_data"]
+    assert world.trained == [] and list(world.ledger().entries) == []
+    assert world.state.read().handled == {outcome.key: "refused"}
 
 
 def test_without_a_sample_count_the_budget_is_enforced_after_training_and_nothing_leaves(world):
