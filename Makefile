@@ -14,7 +14,7 @@ PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 # e.g. UNIT_MARKERS="not integration and not docker and not slow" to leave the slow ones out too
 UNIT_MARKERS ?= not integration and not docker
 
-.PHONY: setup image demo demo-topology test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
+.PHONY: setup image demo demo-single test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
 
 # requirements.txt: the runtime pins; requirements-dev.txt: the tools (pytest, ruff, mypy + stubs, coverage),
 # installed into the same venv for development and CI, never into the runtime images.
@@ -42,18 +42,18 @@ image: setup
 up: setup  ## start the embedded stack (OpenBao, SeaweedFS, Airflow) on 127.0.0.1
 	$(BIN)/lepton up
 
-demo: setup  ## everything: docker (if installable), trainer image, stack, partners, drops, federated run, report
+demo: setup  ## everything: Docker, the trainer image, a coordinator + one site per partner (each its own stack), enrollment, drops, one federated run, the report
+	-@scripts/dockerd.sh install
+	-@scripts/dockerd.sh start
+	@$(MAKE) --no-print-directory image
+	$(BIN)/lepton demo topology --scenario $(SCENARIO)
+
+demo-single: setup  ## development only: stage 1's single stack (one Airflow for every partner) and its demo
 	-@scripts/dockerd.sh install
 	-@scripts/dockerd.sh start
 	@$(MAKE) --no-print-directory image
 	$(BIN)/lepton up
 	$(BIN)/lepton demo run --scenario $(SCENARIO)
-
-demo-topology: setup  ## stage 2 preview: a coordinator and 3 sites as separate stacks, one federated run across them
-	-@scripts/dockerd.sh install
-	-@scripts/dockerd.sh start
-	@$(MAKE) --no-print-directory image
-	$(BIN)/lepton demo topology --sites hosp-a,hosp-b,hosp-c
 
 test: setup  ## lint, then the whole test suite against real services (started and stopped by the tests), coverage
 	@$(MAKE) --no-print-directory lint
@@ -63,7 +63,8 @@ test: setup  ## lint, then the whole test suite against real services (started a
 test-unit: setup  ## the pure tests only (tests/unit, tests/dags): no services, no Docker, no image build
 	$(PYTEST) tests/unit tests/dags -m "$(UNIT_MARKERS)" --durations=5
 
-down:  ## stop the embedded stack
+down:  ## stop the demo's stacks (the coordinator and its sites) and the single stack, if running
+	@if [ -f "$(LEPTON_DATA_DIR)/topology/topology.json" ]; then $(BIN)/lepton topology down; fi
 	$(BIN)/lepton down
 
 status:
@@ -85,6 +86,7 @@ bench-round: setup image
 
 bench-quality: setup
 	$(BIN)/python bench/quality/banks.py
+	PATH=$(BIN):$$PATH $(BIN)/python bench/quality/federated.py --seeds 1 2 3 --rounds 5
 
 # secure aggregation vs plain FedAvg (pure, ~1 min); then DP-SGD utility on the banks data, seed 1 (starts its
 # own OpenBao + SeaweedFS: `bao` and `weed` must be on PATH)

@@ -288,18 +288,20 @@ def demo_run(
 
 @demo_app.command("topology")
 def demo_topology(
-    sites: Annotated[str, typer.Option(help="Comma-separated site names.")] = "hosp-a,hosp-b,hosp-c",
+    sites: Annotated[
+        str, typer.Option(help="Comma-separated site names; empty: one per scenario partner (bank-a, …).")
+    ] = "",
     root: Annotated[
         Path | None, typer.Option(help="The topology's directory (default: <LEPTON_DATA_DIR>/topology).")
     ] = None,
     scenario: Annotated[str, typer.Option("--scenario", "-s")] = "banks",
     seed: int = 7,
-    rounds: int = 2,
+    rounds: Annotated[int | None, typer.Option(help="Train rounds; default: the contract's.")] = None,
     timeout: float = 1800.0,
 ) -> None:
-    """A coordinator and its sites as separate stacks: up, each site ingests its partner's file, one
-    federated run at the coordinator; prints the timings, the AUCs and the report. The stacks stay up
-    (`lepton topology down --root …`)."""
+    """`make demo`: a coordinator and one site per partner as separate stacks: up, each site ingests its
+    partner's file, one federated run at the coordinator; prints the timings, the AUCs next to the
+    references and the report. The stacks stay up (`lepton topology down`)."""
     from lepton_tasks.ops.topology_cli import _root
     from lepton_tasks.ops.topology_demo import TopologyDemoError, run_topology_demo
 
@@ -307,7 +309,7 @@ def demo_topology(
     try:
         res = run_topology_demo(
             _root(root),
-            names,
+            names or None,
             rounds=rounds,
             scenario=scenario,
             seed=seed,
@@ -321,6 +323,8 @@ def demo_topology(
         console.print(f"peak memory of every stack's processes (PSS): {res.peak_pss / 1024**3:.2f} GB")
     for who, auc in res.auc.items():
         console.print(f"AUC {who}: {'n/a' if auc is None else f'{auc:.4f}'}")
+    for who, auc in res.references.items():  # trained by the demo from its own files: not the federation's
+        console.print(f"AUC {who} (reference, union of holdouts): {'n/a' if auc is None else f'{auc:.4f}'}")
     for who, why in res.excluded.items():
         console.print(f"EXCLUDED {who}: {why}")
     console.print(f"REPORT: {res.report_path} ({res.report_url})")

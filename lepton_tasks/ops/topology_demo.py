@@ -7,6 +7,8 @@ each with its own Airflow, OpenBao and SeaweedFS.
    credentials; the site's ``lepton_ingest`` (its inbox watcher) stages it.
 3. ``federated``: trigger ``lepton_federated`` on the coordinator's Airflow (REST API); the sites' exchange
    watchers start ``lepton_site`` runs that answer each round's job; the coordinator publishes its report.
+4. ``references``: what the federated AUC is judged against, computed by the demo outside the protocol (a
+   real federation has neither): a centralized model on the pooled files and each site's local-only model.
 
 Every phase is timed (wall clock, ``time.monotonic``); the memory of every process of every stack is sampled
 while it runs (PSS: shared pages split between the processes sharing them, so the sum is what the machine
@@ -33,6 +35,14 @@ if TYPE_CHECKING:
     from lepton_tasks.ops.topology import Topology
 
 DAG_WAIT_S = 180.0
+#: how often the coordinator looks for the sites' answers in the demo (the DAG's default is 10 s: on one
+#: machine every look is a few local S3 requests, and each look saved is time off every round)
+DEMO_POLL_S = 2.0
+
+
+def site_names(scenario: str) -> list[str]:
+    """The demo's sites: one per scenario partner, named after it (``bank_a`` → ``bank-a``)."""
+    return [raw.replace("_", "-") for raw in SCENARIOS[scenario].partners]
 
 
 class TopologyDemoError(RuntimeError):
@@ -53,6 +63,9 @@ class TopologyDemoResult:
     peak_pss: int = 0
     #: AUC on each site's holdout and of the federated model on the union of the holdouts
     auc: dict[str, float | None] = field(default_factory=dict)
+    #: AUC on the union of the holdouts of the demo's references (computed by the demo from the files it
+    #: generated, outside the protocol): "centralized" (pooled data) and "mean local-only" (each site alone)
+    references: dict[str, float | None] = field(default_factory=dict)
     excluded: dict[str, Any] = field(default_factory=dict)
     ui: dict[str, str] = field(default_factory=dict)
 
@@ -144,13 +157,15 @@ def check_trainer_image(stack: Stack) -> str:
     return fresh.reason
 
 
-def bring_up(topo: Topology) -> Iterator[str]:
-    """Start every stack and enroll every site (both idempotent)."""
+def bring_up(topo: Topology, dataset: str = "banks") -> Iterator[str]:
+    """Start every stack and enroll every site (both idempotent); a new site's policy allows ``dataset``."""
+    from lepton_tasks.ops.topology import SiteSetup
+
     yield check_trainer_image(topo.site(topo.sites[0]))
     for org, started in topo.up().items():
         fresh = [service for service, new in started.items() if new]
         yield f"{org}: {'started ' + ', '.join(fresh) if fresh else 'already running'}"
-    for site, fingerprint in topo.enroll().items():
+    for site, fingerprint in topo.enroll(SiteSetup(datasets=(dataset,))).items():
         yield f"{site}: enrolled, key pinned {fingerprint}"
 
 
@@ -221,13 +236,14 @@ def federated_run(
     topo: Topology,
     dataset: str,
     *,
-    rounds: int,
+    rounds: int | None,
     min_partners: int,
-    poll_seconds: float = 3.0,
+    poll_seconds: float = DEMO_POLL_S,
     timeout: float = 1800.0,
     result: TopologyDemoResult,
 ) -> Iterator[str]:
-    """Trigger ``lepton_federated`` at the coordinator and wait for it; fills ``result``."""
+    """Trigger ``lepton_federated`` at the coordinator (``rounds`` None: the contract's default) and wait for
+    it; fills ``result``."""
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
 
@@ -265,26 +281,58 @@ def federated_run(
     result.excluded = metrics.get("excluded") or {}
 
 
+def references(topo: Topology, scenario: str, *, seed: int, result: TopologyDemoResult) -> Iterator[str]:
+    """REFERENCES ONLY, impossible in a real federation: the centralized model on the pooled scenario files
+    (:func:`lepton_tasks.ops.demo.centralized_reference`) and each site's local-only model scored on every
+    site's holdout (:func:`lepton_tasks.ops.inprocess_run.local_only_baseline`), with the run's own
+    hyper-parameters; both train in this process."""
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.coordinator import exchange_run_id, read_spec
+    from lepton_tasks.ops.demo import centralized_reference
+    from lepton_tasks.ops.inprocess_run import local_only_baseline
+
+    cs = topo.coordinator().settings()
+    spec = read_spec(Storage.from_settings(cs), cs.models_bucket, exchange_run_id(result.run_id))
+    hp = spec.hparams
+    ref = centralized_reference(
+        scenario,
+        seed=seed,
+        hparams={
+            "rounds": spec.rounds,
+            "local_epochs": hp.local_epochs,
+            "batch_size": hp.batch_size,
+            "learning_rate": hp.learning_rate,
+            "seed": hp.seed,
+        },
+    )
+    result.references["centralized"] = ref["overall"].get("auc")
+    yield "centralized reference trained on the pooled files"
+    local = local_only_baseline(topo, spec.run_id)
+    result.references["mean local-only"] = local.mean_union_auc
+    yield f"local-only models trained and scored at {', '.join(sorted(local.union))}"
+
+
 def run_topology_demo(
     root: Path,
-    sites: list[str] | tuple[str, ...],
+    sites: list[str] | tuple[str, ...] | None = None,
     *,
-    rounds: int = 2,
+    rounds: int | None = None,
     scenario: str = "banks",
     seed: int = 7,
     timeout: float = 1800.0,
     progress: Callable[[str], None] = print,
 ) -> TopologyDemoResult:
-    """The whole federated demo across separate stacks (see the module docstring); the stacks stay up."""
+    """The whole federated demo across separate stacks (see the module docstring); the stacks stay up.
+    ``sites`` None: one site per scenario partner (:func:`site_names`); ``rounds`` None: the contract's."""
     from lepton_tasks.ops.topology import Topology
 
     if scenario not in SCENARIOS:
         raise TopologyDemoError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
-    topo = Topology.create(root, list(sites))
+    topo = Topology.create(root, list(sites or site_names(scenario)))
     result = TopologyDemoResult(root=root, sites=topo.sites)
     with _MemorySampler(list(topo.stacks().values())) as mem:
         for phase, steps in (
-            ("up", lambda: bring_up(topo)),
+            ("up", lambda: bring_up(topo, SCENARIOS[scenario].dataset)),
             ("ingest", lambda: ingest_at_sites(topo, scenario, seed=seed)),
             (
                 "federated",
@@ -297,6 +345,7 @@ def run_topology_demo(
                     result=result,
                 ),
             ),
+            ("references", lambda: references(topo, scenario, seed=seed, result=result)),
         ):
             t0 = time.monotonic()
             for line in steps():
