@@ -19,6 +19,11 @@ local training settings (empty: the contract's `training:` defaults).
 3. `round_1` … `round_8`: the same two steps with train jobs (merged statistics + the previous global
    weights); `collect` aggregates the accepted updates with the run's strategy. The first round beyond
    `rounds` skips in its `send`; the later ones skip without running a task.
+   With `secure_aggregation` on (fedavg/fedprox only, at least 3 sites: `start` refuses anything else
+   before a job goes out), the statistics and train rounds' answers carry no statistics or update: once
+   they are in, `collect` runs the round's secure aggregation (Bonawitz et al.) in the same task, deferring
+   between its phases (keys, shares, masked inputs, reveal), and decides the round on the unmasked sum alone.
+   A run without it never enters that path (no extra task).
 4. `evaluation`: each site scores the final model on its held-out split (metrics + a score histogram).
 5. `publish` writes `metrics.json`, `report.html` (every excluded site, per round, and why: deadline missed,
    refused with the site's reasons, verification failure, training failure) and the versioned model.
@@ -119,6 +124,12 @@ def _round_of(spec: Any, which: int | str) -> int:
             description="Record-level DP-SGD at every site (noise multiplier sigma); empty: no DP.",
         ),
         "dp_l2_clip": Param(1.0, type="number", exclusiveMinimum=0),
+        "secure_aggregation": Param(
+            False,
+            type="boolean",
+            description="Secure aggregation: the coordinator learns only the sum of the sites' "
+            "statistics and updates (fedavg/fedprox, at least 3 sites).",
+        ),
         "dp_delta": Param(1e-5, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
     },
 )
@@ -170,12 +181,14 @@ def lepton_federated() -> None:
                 hparams=hparams,
                 trim_beta=float(p["trim_beta"]),
                 krum_f=int(p["krum_f"]),
+                secure_aggregation=bool(p["secure_aggregation"]),
             )
         except CoordinatorError as exc:  # sites not enrolled/pinned, quorum: a retry cannot fix it
             raise AirflowFailException(str(exc)) from exc
         print(
             f"run {spec.run_id}: {spec.dataset} ({spec.contract}), sites {', '.join(spec.sites)}, "
-            f"{spec.rounds} round(s), {spec.strategy}, min_partners {spec.min_partners}"
+            f"{spec.rounds} round(s), {spec.strategy}, min_partners {spec.min_partners}, "
+            f"secure aggregation {'on' if spec.secure_aggregation else 'off'}"
         )
         return {"run_id": spec.run_id, "sites": spec.sites, "rounds": spec.rounds}
 

@@ -28,6 +28,14 @@ so with a signed refusal, so the coordinator excludes it at once instead of at t
 other than the transient 4, or no usable output: at once; Vault/S3 down or exit 4: retried, and refused on
 the task's last try). Every object written to the exchange is in the site's outbound log first.
 
+Secure aggregation: a round job with `secure_aggregation` is trained as above, but its update (or its
+statistics) stays at the site, encrypted under the site's `lepton-secagg-<site>` Vault key, and the answer
+carries neither. The coordinator's phase jobs that follow (`lepton-secagg-*`: setup, roster, inbox,
+survivors) are announced by the same watcher and taken by `handle` without a trainer run and without
+approval (the approval covered the round's job): the site joins (checking the setup is bound to the job
+it answered), shares its keys, masks its held input, and reveals. A site without that key refuses secure
+jobs (`secure_aggregation_unavailable`).
+
 4. `summary` fails the run when a job was not answered (rejected, refused, failed), so a red run is a job
    that did not go through; the reasons are in the task logs.
 

@@ -30,10 +30,17 @@ task finds what an earlier try wrote (sending and deciding are idempotent)::
 No Airflow import here (the DAG and the trigger in ``plugins/lepton_airflow`` wire it); no site address or
 credential is ever needed: the coordinator writes into and reads from the exchange buckets of its own storage.
 
-Secure aggregation: :func:`aggregate_updates` is where masked updates would be summed
-(:mod:`lepton_tasks.federation.secagg`: ``unmask`` yields the sum only, so only fedavg/fedprox qualify, see
-``core.strategies.NEEDS_INDIVIDUAL_UPDATES``). It is not wired yet: a run spec with ``secure_aggregation``
-set raises there, and the DAG never sets it.
+Secure aggregation (``RunSpec.secure_aggregation``, Bonawitz et al. 2017 through
+:mod:`lepton_tasks.federation.secagg_round`): a site's statistics and updates never cross on their own. In the
+statistics round and every train round the sites answer the round's job WITHOUT their statistics or update
+(they keep them at the site); once the round's answers are in, :func:`secure_aggregation_step` starts an
+aggregation over the accepted sites (each setup bound to the job the site answered) and, called again as each
+phase's replies arrive, advances it (keys → shares → masked inputs → reveal) and finishes it: the coordinator
+unmasks only the sum over the sites whose masked input arrived (weighted FedAvg ``sum n w / sum n``, or the
+merged statistics) and decides the round with it (:func:`decide_round` ``secure=``). The aggregation's state
+lives beside the round (``round-<kkkk>/secagg.json``). Only fedavg and fedprox can run on a sum
+(``core.strategies.NEEDS_INDIVIDUAL_UPDATES``): :func:`start_run` refuses any other strategy before the run
+starts, and a run with fewer than 3 sites (the protocol's minimum).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from lepton_tasks.core import weights as wio
 from lepton_tasks.core.contracts import Contract, load_contract
 from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader
 from lepton_tasks.core.messages import RoundAnswer, RoundJob, TrainerHParams, dump, load
+from lepton_tasks.core.secagg_messages import UpdateLayout
 from lepton_tasks.core.strategies import NEEDS_INDIVIDUAL_UPDATES, Strategy
 from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
 from lepton_tasks.federation.exchange import (
@@ -71,6 +79,7 @@ if TYPE_CHECKING:
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.core.features import SufficientStats
     from lepton_tasks.core.signatures import PublicKey, Signer
+    from lepton_tasks.federation.secagg_round import AggregationState, SecAggResult
 
 __all__ = [
     "STATISTICS_ROUND",
@@ -83,6 +92,7 @@ __all__ = [
     "RoundRecord",
     "RunSetupError",
     "RunSpec",
+    "SecureAggregationFailed",
     "aggregate_updates",
     "blocked_by",
     "check_quorum",
@@ -92,11 +102,14 @@ __all__ = [
     "initial_weights",
     "merge_statistics",
     "poll_round",
+    "poll_secure_aggregation",
     "publish_run",
+    "read_aggregation",
     "read_record",
     "read_sent",
     "read_spec",
     "round_deadline",
+    "secure_aggregation_step",
     "select_sites",
     "send_jobs",
     "start_run",
@@ -113,6 +126,11 @@ STATISTICS_ROUND: Final = 0
 #: refuses with is its decision)
 TRAINING_FAILURE_CODES: Final = frozenset({"training_failed", "trainer_failed"})
 PREFIX: Final = "federated"
+#: secure aggregation: the largest absolute value of a weight in a site's update (``UpdateLayout.clip``); a
+#: site whose model holds a larger one refuses to mask it rather than clip it silently
+SECAGG_UPDATE_CLIP: Final = 64.0
+#: secure aggregation: the fewest sites the protocol runs with (``federation.secagg.RoundConfig``)
+SECAGG_MIN_SITES: Final = 3
 
 
 class CoordinatorError(RuntimeError):
@@ -126,6 +144,11 @@ class QuorumError(CoordinatorError):
 class RunSetupError(CoordinatorError):
     """The run's parameters do not fit the registry (a site not enrolled, not pinned, in another
     consortium) or name no contract."""
+
+
+class SecureAggregationFailed(CoordinatorError):
+    """The round's secure aggregation ended without a sum (too few sites at a phase, or a secret that cannot
+    be rebuilt); the message names every site lost and why."""
 
 
 class RoundNotComplete(RuntimeError):
@@ -227,6 +250,9 @@ class RoundRecord(BaseModel):
     #: train: each accepted site's DP-SGD charge and privacy ledger as it reported them (``privacy``,
     #: ``budget`` of its answer; sites training without DP are absent) — the report's "what protected it"
     charges: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: secure aggregation: the aggregation's id, the sites in the sum (``survivors``), those recovered after
+    #: they dropped out (``recovered``), survivors that did not reveal, and the decoding's error bound
+    secure_aggregation: dict[str, Any] | None = None
     warnings: list[str] = Field(default_factory=list)
     decided_at: AwareDatetime
 
@@ -282,6 +308,10 @@ def _record_key(run_id: str, round_: int) -> str:
 
 def _global_key(run_id: str, round_: int) -> str:
     return round_prefix(run_id, round_) + "global.npz"
+
+
+def _secagg_key(run_id: str, round_: int) -> str:
+    return f"{round_prefix(run_id, round_)}secagg.json"
 
 
 def _stats_key(run_id: str) -> str:
@@ -372,16 +402,27 @@ def start_run(
     hparams: TrainerHParams,
     trim_beta: float = 0.2,
     krum_f: int = 0,
+    secure_aggregation: bool = False,
     now: datetime | None = None,
 ) -> RunSpec:
     """Write the run's spec (sites, the dataset's contract and its sha256, rounds, strategy, quorum…) and
     return it. Idempotent: a spec already written for this Airflow run is returned unchanged, so a retried
-    or cleared ``start`` never changes a run whose jobs went out."""
+    or cleared ``start`` never changes a run whose jobs went out.
+
+    ``secure_aggregation``: the coordinator learns only sums; checked here, before anything is written: the
+    strategy must work on a sum (fedavg, fedprox), at least 3 sites, and every numeric feature of the
+    contract needs a public bound for its statistics (:func:`~lepton_tasks.federation.secagg_round.
+    statistics_layout`). Each violation is a :class:`RunSetupError` saying what to change."""
     run_id = exchange_run_id(airflow_run_id)
     if storage.exists(bucket, _spec_key(run_id)):
         spec = read_spec(storage, bucket, run_id)
         log.info("run %s already started (spec written before a retry or clear): reusing it", run_id)
         return spec
+    if secure_aggregation and strategy in NEEDS_INDIVIDUAL_UPDATES:
+        raise RunSetupError(
+            f"strategy {strategy!r} needs every site's individual update, but under secure aggregation the "
+            "coordinator learns only their sum: choose fedavg or fedprox, or run without secure aggregation"
+        )
     try:
         contract = load_contract(dataset)
     except (FileNotFoundError, ValueError) as exc:
@@ -391,6 +432,18 @@ def start_run(
     except EnrollmentError as exc:
         raise RunSetupError(f"the site registry cannot be used: {exc}") from None
     chosen = select_sites(entries, sites, consortium=consortium, min_partners=min_partners)
+    if secure_aggregation:
+        from lepton_tasks.federation.secagg_round import statistics_layout
+
+        if len(chosen) < SECAGG_MIN_SITES:
+            raise RunSetupError(
+                f"secure aggregation needs at least {SECAGG_MIN_SITES} sites (the sum of two reveals each "
+                f"one's input to the other); this run has {len(chosen)}: {', '.join(chosen)}"
+            )
+        try:
+            statistics_layout(contract)
+        except ValueError as exc:
+            raise RunSetupError(f"secure aggregation of {contract.version_tag}'s statistics: {exc}") from None
     spec = RunSpec(
         run_id=run_id,
         airflow_run_id=airflow_run_id,
@@ -406,6 +459,7 @@ def start_run(
         hparams=hparams,
         trim_beta=trim_beta,
         krum_f=krum_f,
+        secure_aggregation=secure_aggregation,
         created_at=(now or datetime.now(UTC)).astimezone(UTC),
     )
     storage.put_json(bucket, _spec_key(run_id), spec.model_dump(mode="json"))
@@ -541,6 +595,7 @@ def poll_round(
         seen_ids=seen_reply_ids(storage, bucket, spec, round_),
         now=now,
         coordinator_key=coordinator_key,
+        secure_aggregation=spec.secure_aggregation and spec.mode_of(round_) != "evaluate",
     )
 
 
@@ -673,20 +728,14 @@ def aggregate_updates(
     *,
     trim_beta: float = 0.2,
     krum_f: int = 0,
-    secure_aggregation: bool = False,
 ) -> list[np.ndarray]:
     """The new global weights from the round's usable updates, with the run's strategy
     (``federation.aggregate``: fedavg, fedprox, median, trimmed_mean, krum).
 
-    Hook for secure aggregation: with it, sites would send masked updates and this function would sum
-    them with :func:`lepton_tasks.federation.secagg.unmask` (the sum is all the coordinator learns; only
-    fedavg/fedprox can use it). Not wired yet."""
+    Individual updates only: under secure aggregation the coordinator never holds one, and the round's sum
+    is unmasked by :func:`secure_aggregation_step` instead."""
     from lepton_tasks.federation.aggregate import aggregate
 
-    if secure_aggregation:
-        if strategy in NEEDS_INDIVIDUAL_UPDATES:
-            raise CoordinatorError(f"{strategy} needs every individual update: no secure aggregation")
-        raise NotImplementedError("secure aggregation is not wired into the coordinator yet")
     params: dict[str, Any] = {}
     if strategy == "trimmed_mean":
         params["beta"] = trim_beta
@@ -710,6 +759,49 @@ def initial_weights(contract: Contract, feature_names: Sequence[str], seed: int)
 # ----------------------------------------------------------------------------------------------------
 
 
+def _judge(
+    outcome: RoundOutcome, round_: int, mode: Mode
+) -> tuple[dict[str, RoundAnswer], list[Exclusion], list[str]]:
+    """The round's usable answers (accepted, of the round's mode), every exclusion so far, the warnings."""
+    exclusions = [e for out in outcome.sites.values() if (e := exclusion_of(out, round_)) is not None]
+    warnings = [f"{site}: {w}" for site, out in sorted(outcome.sites.items()) for w in out.warnings]
+    answers: dict[str, RoundAnswer] = {}
+    for site, out in outcome.accepted.items():
+        assert out.answer is not None  # accepted ⇒ a validated answer
+        if out.answer.mode != mode:
+            why = f"a {out.answer.mode} answer to a {mode} job"
+            exclusions.append(_unusable(site, round_, "wrong_mode", why))
+        else:
+            answers[site] = out.answer
+    return answers, exclusions, warnings
+
+
+def _secure_exclusions(
+    answers: Mapping[str, RoundAnswer], secure: SecAggResult, round_: int
+) -> tuple[list[str], list[Exclusion]]:
+    """The sites whose input is in the secure sum, and an exclusion for every other answering site."""
+    out = []
+    for site in sorted(set(answers) - set(secure.survivors)):
+        if site in secure.recovered:
+            why = "dropped out of the secure aggregation after sharing its keys; its masks were removed"
+        else:
+            why = f"left the secure aggregation: {secure.excluded.get(site, 'no masked input')}"
+        out.append(_unusable(site, round_, "secagg_dropout", why))
+    return sorted(set(answers) & set(secure.survivors)), out
+
+
+def _secure_brief(secure: SecAggResult) -> dict[str, Any]:
+    return {
+        "aggregation_id": str(secure.aggregation_id),
+        "purpose": secure.purpose,
+        "survivors": list(secure.survivors),
+        "recovered": list(secure.recovered),
+        "unrevealed": list(secure.unrevealed),
+        "error_bound": secure.error_bound,
+        "statistics_error": secure.statistics_error,
+    }
+
+
 def decide_round(
     storage: Storage,
     bucket: str,
@@ -720,12 +812,17 @@ def decide_round(
     now: datetime | None = None,
     coordinator_key: str | PublicKey | None = None,
     build_initial: Callable[[Contract, Sequence[str], int], list[np.ndarray]] = initial_weights,
+    secure: SecAggResult | None = None,
 ) -> RoundRecord:
     """Collect round ``round_`` once more, judge every site and act on the accepted ones:
 
     - statistics: merge them (``stats.json``), derive the feature names, write the round-0 weights;
     - train: aggregate the usable updates with the run's strategy into ``round-<k>/global.npz``;
     - evaluate: per-site held-out metrics and the overall metrics of the merged score histograms.
+
+    Under secure aggregation the statistics and train rounds are decided on ``secure`` (the round's
+    unmasked sum, from :func:`secure_aggregation_step`): the sites in it are the accepted ones; a site that
+    answered the job but whose input is not in the sum is excluded with the reason.
 
     Writes ``record.json`` (also when the quorum is missed, for the post-mortem) and returns it; a round
     decided before is returned as recorded. Raises :class:`RoundNotComplete` while some site is pending
@@ -742,16 +839,15 @@ def decide_round(
             f"{round_deadline(read_sent(storage, bucket, run_id, round_)).isoformat()}"
         )
     contract = _contract(spec)
-    exclusions = [e for out in outcome.sites.values() if (e := exclusion_of(out, round_)) is not None]
-    warnings = [f"{site}: {w}" for site, out in sorted(outcome.sites.items()) for w in out.warnings]
-    answers: dict[str, RoundAnswer] = {}
-    for site, out in outcome.accepted.items():
-        assert out.answer is not None  # accepted ⇒ a validated answer
-        if out.answer.mode != mode:
-            why = f"a {out.answer.mode} answer to a {mode} job"
-            exclusions.append(_unusable(site, round_, "wrong_mode", why))
-        else:
-            answers[site] = out.answer
+    answers, exclusions, warnings = _judge(outcome, round_, mode)
+    secured = spec.secure_aggregation and mode != "evaluate"
+    if secured and secure is None:
+        raise CoordinatorError(
+            f"round {round_} ({mode}) of run {run_id} runs under secure aggregation: it is decided on its "
+            "unmasked sum (secure_aggregation_step), never on individual answers"
+        )
+    if not secured and secure is not None:
+        raise ValueError(f"round {round_} ({mode}) does not run under secure aggregation")
 
     metrics: dict[str, dict[str, Any]] = {}
     charges: dict[str, dict[str, Any]] = {}
@@ -759,7 +855,11 @@ def decide_round(
     weights_out: list[np.ndarray] | None = None
     stats_doc: dict[str, Any] | None = None
     if mode == "statistics":
-        merged, accepted, bad = merge_statistics(answers, contract, round_)
+        if secure is not None:
+            accepted, bad = _secure_exclusions(answers, secure, round_)
+            merged = secure.statistics
+        else:
+            merged, accepted, bad = merge_statistics(answers, contract, round_)
         exclusions += bad
         metrics = {s: {"n": answers[s].n_samples} for s in accepted}
         check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
@@ -776,10 +876,13 @@ def decide_round(
         }
     elif mode == "train":
         global_prev, _ = wio.loads(storage.get_bytes(bucket, _global_key(run_id, round_ - 1)))
-        raw = [(s, *_arrays(outcome, s)) for s in answers]
-        updates, bad = usable_updates(raw, global_prev, round_)
+        if secure is not None:
+            accepted, bad = _secure_exclusions(answers, secure, round_)
+        else:
+            raw = [(s, *_arrays(outcome, s)) for s in answers]
+            updates, bad = usable_updates(raw, global_prev, round_)
+            accepted = sorted(s for s, _, _ in updates)
         exclusions += bad
-        accepted = sorted(s for s, _, _ in updates)
         metrics = {s: {**answers[s].metrics, "n": answers[s].n_samples} for s in accepted}
         charges = {
             s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
@@ -788,13 +891,16 @@ def decide_round(
         }
         check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
         _quorum_or_record(storage, bucket, spec, check)
-        weights_out = aggregate_updates(
-            spec.strategy,
-            updates,
-            trim_beta=spec.trim_beta,
-            krum_f=spec.krum_f,
-            secure_aggregation=spec.secure_aggregation,
-        )
+        if secure is not None:
+            assert secure.weights is not None  # an update aggregation decodes weights
+            weights_out = [
+                np.asarray(w).astype(np.asarray(g).dtype)
+                for w, g in zip(secure.weights, global_prev, strict=True)
+            ]
+        else:
+            weights_out = aggregate_updates(
+                spec.strategy, updates, trim_beta=spec.trim_beta, krum_f=spec.krum_f
+            )
     else:
         from lepton_tasks.core.metrics import merge_score_summaries
 
@@ -828,11 +934,205 @@ def decide_round(
     if stats_doc is not None:
         storage.put_json(bucket, _stats_key(run_id), stats_doc)
     record = _record(spec, round_, mode, accepted, exclusions, metrics, overall, outcome, warnings, digest)
-    record = record.model_copy(update={"charges": charges})
+    record = record.model_copy(
+        update={"charges": charges, "secure_aggregation": _secure_brief(secure) if secure else None}
+    )
     storage.put_json(bucket, _record_key(run_id, round_), record.model_dump(mode="json"))  # last: the commit
     for e in record.exclusions:
         log.warning("run %s round %d: excluded %s: %s", run_id, round_, e.site, e.describe())
     return record
+
+
+# ----------------------------------------------------------------------------------------------------
+# secure aggregation
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_aggregation(storage: Storage, bucket: str, run_id: str, round_: int) -> AggregationState | None:
+    """The round's secure aggregation as the last step left it (``None``: not started)."""
+    from lepton_tasks.federation.secagg_round import AggregationState
+
+    key = _secagg_key(run_id, round_)
+    if not storage.exists(bucket, key):
+        return None
+    return AggregationState.model_validate_json(storage.get_bytes(bucket, key))
+
+
+def _write_aggregation(storage: Storage, bucket: str, state: AggregationState) -> None:
+    storage.put_bytes(
+        bucket,
+        _secagg_key(state.run_id, state.round),
+        state.model_dump_json().encode(),
+        content_type="application/json",
+    )
+
+
+def _update_layout(
+    storage: Storage, bucket: str, spec: RunSpec, round_: int, contract: Contract
+) -> UpdateLayout:
+    """A train round's public ring layout: the shapes of the global weights the sites trained from, the
+    clip bound :data:`SECAGG_UPDATE_CLIP` and the contract's largest row count as the sample bound."""
+    global_prev, _ = wio.loads(storage.get_bytes(bucket, _global_key(spec.run_id, round_ - 1)))
+    return UpdateLayout(
+        shapes=[list(np.shape(w)) for w in global_prev],
+        clip=SECAGG_UPDATE_CLIP,
+        max_samples=contract.rows.max,
+    )
+
+
+def _secure_failure(
+    storage: Storage,
+    bucket: str,
+    spec: RunSpec,
+    round_: int,
+    outcome: RoundOutcome,
+    answers: Mapping[str, RoundAnswer],
+    exclusions: list[Exclusion],
+    warnings: list[str],
+    exc: Exception,
+) -> SecureAggregationFailed:
+    """Record the round as failed (for ``blocked_by`` and the post-mortem) and the one error to raise."""
+    lost = getattr(exc, "lost", {})
+    remaining = sorted(getattr(exc, "remaining", ()))
+    exclusions = exclusions + [
+        _unusable(s, round_, "secagg_dropout", f"left the secure aggregation: {lost.get(s, 'dropped out')}")
+        for s in sorted(set(answers) - set(remaining))
+    ]
+    mode = spec.mode_of(round_)
+    record = _record(spec, round_, mode, remaining, exclusions, {}, None, outcome, warnings)
+    record = record.model_copy(update={"quorum_met": False})
+    storage.put_json(bucket, _record_key(spec.run_id, round_), record.model_dump(mode="json"))
+    return SecureAggregationFailed(f"round {round_} ({mode}): {exc}")
+
+
+class _ReadOnly:
+    """The signer of an exchange that only reads (polling a phase): it never signs."""
+
+    def sign(self, data: bytes) -> str:
+        raise RuntimeError("polling a secure aggregation signs nothing")
+
+
+def poll_secure_aggregation(
+    storage: Storage,
+    bucket: str,
+    registry: SiteRegistry,
+    run_id: str,
+    round_: int,
+    *,
+    now: datetime | None = None,
+) -> tuple[str, dict[str, str], datetime] | None:
+    """One look at the round's secure aggregation (what the trigger calls): ``(phase, each site's status in
+    it, the phase's deadline)``, or ``None`` when no aggregation is in progress (not started, or decided)."""
+    from lepton_tasks.federation import secagg_round as sr
+
+    state = read_aggregation(storage, bucket, run_id, round_)
+    record = read_record(storage, bucket, run_id, round_)
+    if state is None or (record is not None and record.quorum_met):
+        return None
+    exchange = sr.CoordinatorExchange(storage, _ReadOnly(), registry, state.consortium)
+    replies = sr.collect(exchange, state, now=now)
+    deadline = max(h.expires_at for h in state.jobs.values())
+    return state.phase.value, {s: r.status.value for s, r in replies.sites.items()}, deadline
+
+
+def secure_aggregation_step(
+    storage: Storage,
+    bucket: str,
+    registry: SiteRegistry,
+    signer: Signer,
+    run_id: str,
+    round_: int,
+    *,
+    now: datetime | None = None,
+    coordinator_key: str | PublicKey | None = None,
+    build_initial: Callable[[Contract, Sequence[str], int], list[np.ndarray]] = initial_weights,
+) -> AggregationState | RoundRecord:
+    """One step of round ``round_``'s secure aggregation; call it again until it returns the round's record.
+
+    - not started: the round's answers must be complete (else :class:`RoundNotComplete`); below the
+      quorum the round fails as :func:`decide_round` fails it (:class:`QuorumError`); else the aggregation
+      starts over the accepted sites, each setup bound to the job the site answered (the phase deadline is
+      the run's round deadline), and its state is returned;
+    - a phase in progress whose replies are not all in before its deadline: the state, unchanged;
+    - a complete phase: :func:`~lepton_tasks.federation.secagg_round.advance` to the next (the new state),
+      or after the reveal :func:`~lepton_tasks.federation.secagg_round.finish` and :func:`decide_round` on
+      the sum (the record).
+
+    The state is written to ``round-<kkkk>/secagg.json`` after every step. Fewer sites than the protocol's
+    threshold at any phase ends the round: the record is written (quorum not met) and
+    :class:`SecureAggregationFailed` names every site lost and why."""
+    from lepton_tasks.federation import secagg_round as sr
+
+    existing = read_record(storage, bucket, run_id, round_)
+    if existing is not None and existing.quorum_met:
+        return existing
+    spec = read_spec(storage, bucket, run_id)
+    mode = spec.mode_of(round_)
+    if not spec.secure_aggregation or mode == "evaluate":
+        raise ValueError(f"round {round_} ({mode}) of run {run_id} does not run under secure aggregation")
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    exchange = sr.CoordinatorExchange(storage, signer, registry, spec.consortium)
+    contract = _contract(spec)
+    state = read_aggregation(storage, bucket, run_id, round_)
+    outcome = poll_round(storage, bucket, registry, run_id, round_, now=now, coordinator_key=coordinator_key)
+    if not outcome.complete:
+        raise RoundNotComplete(
+            f"round {round_}: waiting for {', '.join(outcome.pending)} until "
+            f"{round_deadline(read_sent(storage, bucket, run_id, round_)).isoformat()}"
+        )
+    answers, exclusions, warnings = _judge(outcome, round_, mode)
+    try:
+        if state is None:
+            accepted = sorted(answers)
+            check = _record(spec, round_, mode, accepted, exclusions, {}, None, outcome, warnings)
+            _quorum_or_record(storage, bucket, spec, check)
+            sent = read_sent(storage, bucket, run_id, round_)
+            layout: dict[str, Any] = (
+                {"statistics": sr.statistics_layout(contract), "bits": 64}
+                if mode == "statistics"
+                else {"update": _update_layout(storage, bucket, spec, round_, contract), "bits": 64}
+            )
+            state = sr.start(
+                exchange,
+                run_id=run_id,
+                round=round_,
+                purpose="statistics" if mode == "statistics" else "update",
+                sites=accepted,
+                for_jobs={s: sent[s] for s in accepted},
+                contract=contract,
+                ttl=spec.deadline,
+                now=now,
+                **layout,
+            )
+            _write_aggregation(storage, bucket, state)
+            log.info("run %s round %d: secure aggregation %s started", run_id, round_, state.aggregation_id)
+            return state
+        replies = sr.collect(exchange, state, now=now)
+        if not replies.complete:
+            return state
+        if state.phase is not sr.Phase.REVEAL:
+            state = sr.advance(exchange, state, replies, now=now)
+            _write_aggregation(storage, bucket, state)
+            log.info("run %s round %d: secure aggregation now in phase %s", run_id, round_, state.phase.value)
+            return state
+        result = sr.finish(exchange, state, replies, contract=contract)
+    except (sr.SecAggRoundFailed, ValueError) as exc:
+        if isinstance(exc, sr.PhaseIncomplete):
+            raise
+        raise _secure_failure(
+            storage, bucket, spec, round_, outcome, answers, exclusions, warnings, exc
+        ) from exc
+    return decide_round(
+        storage,
+        bucket,
+        registry,
+        run_id,
+        round_,
+        now=now,
+        coordinator_key=coordinator_key,
+        build_initial=build_initial,
+        secure=result,
+    )
 
 
 def _arrays(outcome: RoundOutcome, site: str) -> tuple[list[np.ndarray], int]:
@@ -929,6 +1229,9 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
         },
         dp=spec.hparams.dp,
         secure_aggregation=spec.secure_aggregation,
+        dropouts_recovered=sum(
+            len(r.secure_aggregation.get("recovered", [])) for r in records if r.secure_aggregation
+        ),
     )
     if excluded:
         warnings.append(f"{len(excluded)} exclusion(s): see the exclusions table")

@@ -21,6 +21,12 @@ missing blob is that site's outcome, with its reason (:attr:`RoundOutcome.exclud
 coordinator's own making (a site not enrolled or not pinned, an unknown blob target) raise in
 :func:`send_round`, before anything is written.
 
+Under secure aggregation (``secure_aggregation=True``: the job's ``secure_aggregation`` is set) a train answer
+carries NO update (the site keeps it until it masks it; one that does carry an update is rejected, never
+used), and the round's folders also hold the aggregation's phase replies (``lepton-secagg-*`` payloads,
+``.masked`` blobs, refusals of a phase job): those answer other jobs of the coordinator and are judged by
+:mod:`lepton_tasks.federation.secagg_round`, so here they are skipped — never a rejection of the site.
+
 Precedence when a site wrote several replies to one job: a valid refusal wins (the site decides); else the
 earliest valid answer (a second one — a site task retried after its put — is a warning); else the first
 rejected reply. Replies that fail beside a valid one are warnings, so junk written into a site's bucket by
@@ -63,6 +69,13 @@ from lepton_tasks.core.exchange import (
     sha256_hex,
 )
 from lepton_tasks.core.messages import BlobRef, MessageError, RoundAnswer, RoundJob, RoundRefusal, dump, load
+from lepton_tasks.core.secagg_messages import (
+    MASKED_SUFFIX,
+    SecAggKeys,
+    SecAggMasked,
+    SecAggReveal,
+    SecAggShares,
+)
 from lepton_tasks.core.signatures import PublicKey, Signer, verify
 from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
 
@@ -87,6 +100,10 @@ ALL_SITES: Final = "*"
 DEFAULT_JOB_TTL: Final = timedelta(hours=24)
 WEIGHTS_SUFFIX: Final = ".weights"
 UPDATE_SUFFIX: Final = ".update"
+#: payload schemas of the secure aggregation's phase answers (replies to the phase jobs, not the round's)
+SECAGG_REPLY_SCHEMAS: Final = frozenset(
+    m.payload_schema for m in (SecAggKeys, SecAggShares, SecAggMasked, SecAggReveal)
+)
 REPLY_SCHEMAS: Final = {
     MessageKind.ANSWER: RoundAnswer.payload_schema,
     MessageKind.REFUSAL: RoundRefusal.payload_schema,
@@ -334,8 +351,19 @@ def _update_blob(
     key: str,
     answer: RoundAnswer,
     validate_update: Callable[[bytes], None] | None,
+    secure_aggregation: bool = False,
 ) -> tuple[bytes | None, Rejection | None]:
     ref = answer.update
+    if secure_aggregation:
+        if ref is not None or answer.statistics is not None:
+            return None, Rejection(
+                RejectReason.MALFORMED.value,
+                "under secure aggregation an answer carries no update or statistics (only their masked sum "
+                "crosses); this one does, so it is not used",
+                key,
+                "payload.update" if ref is not None else "payload.statistics",
+            )
+        return None, None
     if ref is None:
         if answer.mode == "train":
             return None, Rejection(
@@ -406,6 +434,7 @@ def _collect_site(
     now: datetime,
     validate_update: Callable[[bytes], None] | None,
     coordinator_key: str | PublicKey | None,
+    secure_aggregation: bool = False,
 ) -> SiteOutcome:
     def rejected(rejection: Rejection, warnings: list[str] | None = None) -> SiteOutcome:
         return SiteOutcome(
@@ -443,11 +472,17 @@ def _collect_site(
     rejections: list[Rejection] = []
     warnings: list[str] = []
     update_folder = prefix_for(MessageKind.ANSWER, job.run_id, job.round)
+    schemas = frozenset(REPLY_SCHEMAS.values()) | (
+        SECAGG_REPLY_SCHEMAS if secure_aggregation else frozenset()
+    )
     for key in keys:
         try:
             parse_object_key(key)
         except ValueError:
-            if not (key.startswith(update_folder) and key.endswith(UPDATE_SUFFIX)):
+            a_blob = key.startswith(update_folder) and (
+                key.endswith(UPDATE_SUFFIX) or (secure_aggregation and key.endswith(MASKED_SUFFIX))
+            )
+            if not a_blob:
                 warnings.append(f"unexpected object {key} in the site's reply folders (ignored)")
             continue  # update blobs are read through the answer that names them
         try:
@@ -458,14 +493,14 @@ def _collect_site(
         try:
             header, payload = open_message(
                 raw,
-                expected=Expectation.for_reply(
-                    job, object_key=key, payload_schemas=frozenset(REPLY_SCHEMAS.values())
-                ),
+                expected=Expectation.for_reply(job, object_key=key, payload_schemas=schemas),
                 public_key=public_key,
                 seen_ids=seen_ids,
                 now=now,
             )
         except MessageRejected as exc:
+            if secure_aggregation and exc.reason_code is RejectReason.UNBOUND_ANSWER:
+                continue  # signed by the site, bound to another job: a phase reply of the aggregation
             rejections.append(Rejection(exc.reason_code.value, exc.message, key, exc.field))
             continue
         if header.payload_schema != REPLY_SCHEMAS[header.kind]:
@@ -488,7 +523,7 @@ def _collect_site(
             rejections.append(Rejection(RejectReason.MALFORMED.value, str(exc), key, "payload"))
             continue
         assert isinstance(header, AnswerHeader)
-        blob, problem = _update_blob(storage, job, key, answer, validate_update)
+        blob, problem = _update_blob(storage, job, key, answer, validate_update, secure_aggregation)
         if problem is not None:
             rejections.append(problem)
             continue
@@ -548,6 +583,7 @@ def collect_answers(
     now: datetime | None = None,
     validate_update: Callable[[bytes], None] | None = _check_weights,
     coordinator_key: str | PublicKey | None = None,
+    secure_aggregation: bool = False,
 ) -> RoundOutcome:
     """Read every site's replies to the jobs ``sent`` (one run, one round) and judge them; never raises for
     one site's fault. ``seen_ids``: message ids of replies accepted in EARLIER rounds (this function adds
@@ -555,7 +591,8 @@ def collect_answers(
     again for the same round, as a polling trigger does, gives the same outcome). ``validate_update``
     checks an update's bytes (default: a ``core.weights`` archive); ``ValueError`` rejects the answer.
     ``coordinator_key`` (the coordinator's own public key) lets the diagnosis of a missing site also tell a
-    job whose signature was swapped from the one sent."""
+    job whose signature was swapped from the one sent. ``secure_aggregation``: the round's jobs run under
+    secure aggregation (module docstring: answers without update, the phases' replies skipped)."""
     if not sent:
         raise ValueError("no jobs: nothing to collect")
     rounds = {(h.run_id, h.round) for h in sent.values()}
@@ -577,6 +614,7 @@ def collect_answers(
             now=now,
             validate_update=validate_update,
             coordinator_key=coordinator_key,
+            secure_aggregation=secure_aggregation,
         )
         if outcome.reason:
             log.warning("round %s/%s: site %s excluded: %s", run_id, round_, site, outcome.reason)

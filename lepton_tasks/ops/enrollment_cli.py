@@ -229,12 +229,13 @@ def set_up_site(
 ) -> SiteIdentity:
     """The site's half of enrollment (``site.enrollment.import_bundle``) plus where the site keeps the
     result: its private directory (0700), the bundle (0600) for its exchange watcher, and its public key
-    file for the coordinator. ``min_partners``/``approval`` shape a NEW policy only (default: approval
-    required)."""
+    file for the coordinator; and the site's ``aes256-gcm96`` key for its secure-aggregation secrets
+    (``site.enrollment.secagg_key_name``, created once). ``min_partners``/``approval`` shape a NEW policy
+    only (default: approval required)."""
     from lepton_tasks.core.contracts import load_contract
     from lepton_tasks.core.site_policy import DatasetGrant
     from lepton_tasks.federation.enrollment import write_bundle
-    from lepton_tasks.site.enrollment import DEFAULT_APPROVAL, import_bundle
+    from lepton_tasks.site.enrollment import DEFAULT_APPROVAL, import_bundle, secagg_key_name
 
     settings.site_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(settings.site_dir, 0o700)
@@ -247,6 +248,7 @@ def set_up_site(
         min_partners=min_partners,
         approval=approval or DEFAULT_APPROVAL,
     )
+    site_root_vault.ensure_key(secagg_key_name(bundle.site, settings.key_prefix))
     write_bundle(bundle, settings.site_bundle_file)
     settings.site_key_file.write_text(
         json.dumps(identity.for_coordinator(), indent=2) + "\n", encoding="utf-8"

@@ -53,6 +53,7 @@ __all__ = [
     "default_key_name",
     "exchange_storage",
     "import_bundle",
+    "secagg_key_name",
     "signer_policy_name",
 ]
 
@@ -90,6 +91,13 @@ class SiteFiles:
 
 def default_key_name(site: str) -> str:
     return f"{SITE_SIGNING_KEY_PREFIX}{site}"
+
+
+def secagg_key_name(site: str, key_prefix: str = RESERVED_KEY_PREFIX) -> str:
+    """The site's ``aes256-gcm96`` transit key that keeps its secure-aggregation secrets and held inputs
+    encrypted at rest (``site.secagg.VaultSecretBox``): under ``key_prefix`` (``Settings.key_prefix``), so
+    the site's Airflow encrypts and decrypts with it under the operator policy and cannot sign with it."""
+    return f"{key_prefix}secagg-{site}"
 
 
 def signer_policy_name(key_name: str) -> str:

@@ -49,6 +49,19 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    (``answer.budget``) for the coordinator's report. Then the site writes the update blob
    ``answers/<run>/<round>/<answer id>.update`` and the sealed answer (the commit).
 
+**Secure aggregation** (``job.secure_aggregation``, Bonawitz et al. 2017: the coordinator learns only the sum
+over the sites). The caller passes the site's :class:`~lepton_tasks.site.secagg.SiteExchange` (``secagg``:
+its per-round secrets encrypted under its own Vault key); a site without one refuses a secure statistics or
+train job before training (``secure_aggregation_unavailable``). Under secure aggregation the trained update
+(or the statistics) does NOT leave with the answer: after the privacy charge the site keeps it
+(:func:`~lepton_tasks.site.secagg.hold_input`, encrypted at rest) and answers with the sample count, metrics
+and privacy charge only. The coordinator's phase jobs (``lepton-secagg-*`` payloads in the same round folder)
+are then dispatched by :func:`handle_job` to the site's phases — :func:`~lepton_tasks.site.secagg.join`
+(with this site's own check of the setup: bound to the job it answered, the purpose of what it holds, a
+layout its input fits), ``share``, ``mask_update`` / ``mask_statistics`` (the held input, masked) and
+``reveal``, after which the held input is erased. A phase job never needs approval: the approval covered
+the round's job. DP-SGD composes: what is masked is the DP-trained update, charged before it was held.
+
 Steps 2–6 end in a sealed :class:`~lepton_tasks.core.messages.RoundRefusal` carrying every reason (code,
 field, message) — the coordinator reports it as the site's reason for leaving the round. Every object the
 site writes is appended to its outbound log BEFORE the put (``core.outbound_log``); answers and their blobs
@@ -107,6 +120,7 @@ from lepton_tasks.core.messages import (
     load,
 )
 from lepton_tasks.core.outbound_log import OutboundLog, OutboundRecord
+from lepton_tasks.core.secagg_messages import SecAggInbox, SecAggRoster, SecAggSetup, SecAggSurvivors
 from lepton_tasks.core.signatures import Signer
 from lepton_tasks.core.site_policy import (
     SITE_LEDGER,
@@ -118,10 +132,13 @@ from lepton_tasks.core.site_policy import (
     check_job,
 )
 from lepton_tasks.federation.exchange import update_key
+from lepton_tasks.site import secagg as site_secagg
+from lepton_tasks.site.secagg import HeldInput, SecAggStateError, SiteExchange, SiteStep, SiteStepStatus
 from lepton_tasks.site.state import SiteState, StateDoc
 
 __all__ = [
     "DEFAULT_ANSWER_TTL",
+    "SECAGG_JOB_SCHEMAS",
     "CannotAnswer",
     "JobOutcome",
     "JobStatus",
@@ -137,6 +154,11 @@ log = logging.getLogger(__name__)
 
 #: how long an answer stays valid: long enough for a coordinator that collects after the job's deadline
 DEFAULT_ANSWER_TTL: Final = timedelta(days=7)
+
+#: payload schemas of the coordinator's secure-aggregation phase jobs (dispatched to ``site.secagg``)
+SECAGG_JOB_SCHEMAS: Final = frozenset(
+    m.payload_schema for m in (SecAggSetup, SecAggRoster, SecAggInbox, SecAggSurvivors)
+)
 
 #: ``run_trainer(job, global_weights_or_None) -> (answer, update_bytes_or_None)``; the site fills
 #: ``answer.update`` with the blob it writes
@@ -172,6 +194,10 @@ class SiteRefusalCode(StrEnum):
     #: the trainer failed (exit code, no or unusable output, or a transient failure on the last try); the
     #: coordinator counts it as a training failure (``federation.coordinator.TRAINING_FAILURE_CODES``)
     TRAINER_FAILED = "trainer_failed"
+    #: a secure-aggregation job, but this site has no key to keep its round secrets (not set up for it)
+    SECURE_AGGREGATION_UNAVAILABLE = "secure_aggregation_unavailable"
+    #: a secure-aggregation round whose input this site already masked (a re-sent job): it holds no other
+    SECAGG_INPUT_ALREADY_MASKED = "secagg_input_already_masked"
 
 
 class CannotAnswer(RuntimeError):
@@ -208,6 +234,8 @@ class JobOutcome:
     written: tuple[str, ...] = ()
     #: when a waiting job will be refused
     approval_deadline: datetime | None = None
+    #: a secure-aggregation phase job: what the site's phase did (``site.secagg.SiteStep``)
+    secagg: SiteStep | None = None
 
 
 def poll_jobs(storage: Storage, bucket: str, *, last_seen: Container[str] = ()) -> list[str]:
@@ -376,6 +404,7 @@ def handle_job(
     now: datetime | None = None,
     answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
     sample_count: SampleCount | None = None,
+    secagg: SiteExchange | None = None,
 ) -> JobOutcome:
     """Authenticate the job read from ``bucket``/``key``, decide by ``policy``, and answer, refuse, wait or
     reject it (see the module docstring). The coordinator's key is the one pinned in ``policy``; ``state``
@@ -385,6 +414,9 @@ def handle_job(
     ``sample_count``: the site's training record count for a job, so a train job under a privacy budget is
     checked against it before approval and training (``None``: checked after training, before anything is
     sent, on the charge the trainer reports).
+    ``secagg``: the site's secure-aggregation context; with it, the coordinator's phase jobs are accepted
+    and dispatched to the site's phases (module docstring), without it they are rejected
+    (``wrong_payload_schema``) and a secure job is refused.
     """
     now = (now or datetime.now(UTC)).astimezone(UTC)
     with state.transaction() as doc:
@@ -398,7 +430,8 @@ def handle_job(
             bucket=bucket,
             object_key=key,
             min_round=doc.min_round(run_id) if run_id is not None else 0,
-            payload_schemas=frozenset({RoundJob.payload_schema}),
+            payload_schemas=frozenset({RoundJob.payload_schema})
+            | (SECAGG_JOB_SCHEMAS if secagg is not None else frozenset()),
         )
         try:
             opened, payload = open_message(
@@ -416,6 +449,9 @@ def handle_job(
         assert isinstance(opened, JobHeader)  # expected.kinds is {job}
         header = opened
         doc.accept_round(header.run_id, header.round)
+        if header.payload_schema in SECAGG_JOB_SCHEMAS:
+            assert secagg is not None  # only then are they expected
+            return _secagg_phase(doc, header, payload, key=key, ctx=secagg, now=now)
         return _decide(
             doc,
             header,
@@ -431,6 +467,7 @@ def handle_job(
             approved=approved,
             now=now,
             answer_ttl=answer_ttl,
+            secagg=secagg,
         )
 
 
@@ -450,6 +487,7 @@ def _decide(
     approved: bool | None,
     now: datetime,
     answer_ttl: timedelta,
+    secagg: SiteExchange | None = None,
 ) -> JobOutcome:
     def refuse(reasons: list[dict[str, str]], job: RoundJob | None = None) -> JobOutcome:
         body = canonical_json(dump(RoundRefusal(reasons=reasons)))
@@ -488,6 +526,16 @@ def _decide(
 
     summary, reasons = _summary(header, job)
     reasons += [r.model_dump(mode="json") for r in check_job(policy, summary)]
+    secure = job.secure_aggregation and job.mode != "evaluate"
+    if secure and secagg is None:
+        reasons.append(
+            _reason(
+                SiteRefusalCode.SECURE_AGGREGATION_UNAVAILABLE,
+                "secure_aggregation",
+                "this site is not set up for secure aggregation (no key of its own to keep a round's "
+                "secrets): it cannot take part in a secure run",
+            )
+        )
     if reasons:
         return refuse(reasons, job)
 
@@ -561,6 +609,12 @@ def _decide(
         answer, problem = _charge(state, scope, ledger, header, job, answer, planned)
         if problem is not None:
             return refuse([problem], job)  # trained, but nothing leaves the site
+    if secure:
+        assert secagg is not None  # refused above otherwise
+        try:
+            answer, update = _hold(secagg, header, job, answer, update)
+        except SecAggStateError as exc:
+            return refuse([_reason(SiteRefusalCode.SECAGG_INPUT_ALREADY_MASKED, "round", str(exc))], job)
     answer_id = uuid.uuid4()
     if update is not None:
         blob_key = update_key(header.run_id, header.round, answer_id)
@@ -603,6 +657,206 @@ def _decide(
     return JobOutcome(
         key, JobStatus.ANSWERED, header=header, job=job, reply=reply, written=tuple(writer.written)
     )
+
+
+def _hold(
+    ctx: SiteExchange, header: JobHeader, job: RoundJob, answer: RoundAnswer, update: bytes | None
+) -> tuple[RoundAnswer, None]:
+    """Keep the round's update (train) or statistics at the site, encrypted, for the secure aggregation; the
+    answer that leaves carries neither."""
+    if job.mode == "train":
+        if update is None:
+            raise RuntimeError(
+                f"the trainer returned no update for run {header.run_id!r} round {header.round}: nothing sent"
+            )
+        data, purpose = update, "update"
+    else:
+        if answer.statistics is None:
+            raise RuntimeError(
+                f"the trainer returned no statistics for run {header.run_id!r} round {header.round}: "
+                "nothing sent"
+            )
+        data, purpose = answer.statistics.model_dump_json().encode(), "statistics"
+    ref = job_ref(header)
+    site_secagg.hold_input(
+        ctx,
+        HeldInput(
+            site=ctx.site,
+            run_id=header.run_id,
+            round=header.round,
+            purpose=purpose,
+            job_message_id=ref.message_id,
+            job_payload_sha256=ref.payload_sha256,
+            n_samples=answer.n_samples,
+            dataset=job.dataset,
+            contract_sha256=job.contract_sha256,
+            data=data,
+        ),
+    )
+    log.info(
+        "site %s holds its %s of run %s round %d for secure aggregation",
+        ctx.site,
+        purpose,
+        header.run_id,
+        header.round,
+    )
+    return answer.model_copy(update={"update": None, "statistics": None}), None
+
+
+def _accept_setup(held: HeldInput | None, setup: SecAggSetup) -> list[dict[str, str]]:
+    """The site's own checks of an aggregation's setup against what it holds: the reasons to refuse."""
+    code = site_secagg.SecAggRefusalCode.INVALID_SETUP.value
+    where = f"run {setup.run_id!r} round {setup.round}"
+    if held is None:
+        return [
+            _reason(code, "for_job", f"this site holds no input of {where}: it answered no secure job there")
+        ]
+    reasons = []
+    if setup.purpose != held.purpose:
+        reasons.append(
+            _reason(code, "purpose", f"a {setup.purpose} aggregation; this site holds a {held.purpose}")
+        )
+    bound = setup.for_job
+    if bound is None or (bound.message_id, bound.payload_sha256) != (
+        held.job_message_id,
+        held.job_payload_sha256,
+    ):
+        reasons.append(
+            _reason(
+                code,
+                "for_job",
+                f"the aggregation is bound to job {bound.message_id if bound else None}, not to the job "
+                f"{held.job_message_id} this site answered in {where}",
+            )
+        )
+    if setup.update is not None:
+        from lepton_tasks.core import weights as wio
+
+        arrays, _ = wio.loads(held.data)
+        shapes = [list(a.shape) for a in arrays]
+        if shapes != setup.update.shapes:
+            reasons.append(
+                _reason(
+                    code,
+                    "update.shapes",
+                    f"the layout's shapes {setup.update.shapes} are not the update's {shapes}",
+                )
+            )
+        if held.n_samples > setup.update.max_samples:
+            reasons.append(
+                _reason(
+                    code,
+                    "update.max_samples",
+                    f"the layout weights at most {setup.update.max_samples} "
+                    "samples; this site's update has more",
+                )
+            )
+    if setup.statistics is not None:
+        if setup.statistics.contract_sha256 != held.contract_sha256:
+            reasons.append(_reason(code, "statistics.contract_sha256", "statistics of another contract"))
+        if held.n_samples > setup.statistics.max_rows:
+            reasons.append(
+                _reason(
+                    code,
+                    "statistics.max_rows",
+                    f"the layout counts at most {setup.statistics.max_rows} rows; this site has more",
+                )
+            )
+    return reasons
+
+
+_PHASE_STATUS: Final = {
+    SiteStepStatus.ANSWERED: JobStatus.ANSWERED,
+    SiteStepStatus.DONE: JobStatus.ANSWERED,
+    SiteStepStatus.REFUSED: JobStatus.REFUSED,
+    SiteStepStatus.REJECTED: JobStatus.REJECTED,
+    SiteStepStatus.WAITING: JobStatus.WAITING,
+}
+
+
+def _secagg_phase(
+    doc: StateDoc, header: JobHeader, payload: bytes, *, key: str, ctx: SiteExchange, now: datetime
+) -> JobOutcome:
+    """Dispatch an authentic secure-aggregation phase job to the site's phase (``site.secagg``), which
+    finds it in the round's folder, opens it again under the aggregation it joined, and answers."""
+    run_id, round_ = header.run_id, header.round
+    held = site_secagg.held_input(ctx, run_id=run_id, round=round_)
+    schema = header.payload_schema
+    step: SiteStep | None = None
+    if schema == SecAggSetup.payload_schema:
+        try:
+            purpose = SecAggSetup.model_validate_json(payload).purpose
+        except ValueError:  # join rejects it with the reason when it opens it
+            purpose = held.purpose if held is not None else "update"
+        step = site_secagg.join(
+            ctx,
+            run_id=run_id,
+            round=round_,
+            purpose=purpose,
+            accept=lambda s: _accept_setup(held, s),
+            now=now,
+        )
+    elif held is None:
+        log.warning(
+            "site %s: %s job %s of run %s round %d, but the site holds no input of that round (it never "
+            "joined, or it revealed already): nothing to do",
+            ctx.site,
+            schema,
+            key,
+            run_id,
+            round_,
+        )
+        doc.finish(key, "secagg:no_input", header.message_id)
+        return JobOutcome(
+            key,
+            JobStatus.REJECTED,
+            header=header,
+            rejection={"reason_code": "no_input", "field": None, "message": "no input held for this round"},
+        )
+    elif schema == SecAggRoster.payload_schema:
+        step = site_secagg.share(ctx, run_id=run_id, round=round_, purpose=held.purpose, now=now)
+    elif schema == SecAggInbox.payload_schema:
+        if held.purpose == "update":
+            from lepton_tasks.core import weights as wio
+
+            arrays, _ = wio.loads(held.data)
+            step = site_secagg.mask_update(
+                ctx, run_id=run_id, round=round_, arrays=arrays, n_samples=held.n_samples, now=now
+            )
+        else:
+            from lepton_tasks.core.contracts import load_contract
+            from lepton_tasks.core.features import SufficientStats
+
+            contract = load_contract(held.dataset)
+            if contract.sha256 != held.contract_sha256:
+                raise SecAggStateError(
+                    f"the site's contract {contract.version_tag} is not the one of run {run_id}'s statistics"
+                )
+            step = site_secagg.mask_statistics(
+                ctx,
+                run_id=run_id,
+                round=round_,
+                statistics=SufficientStats.model_validate_json(held.data),
+                contract=contract,
+                now=now,
+            )
+    else:
+        assert schema == SecAggSurvivors.payload_schema
+        step = site_secagg.reveal(ctx, run_id=run_id, round=round_, purpose=held.purpose, now=now)
+        if step.status in (SiteStepStatus.ANSWERED, SiteStepStatus.DONE):
+            site_secagg.release_input(ctx, run_id=run_id, round=round_)
+    status = _PHASE_STATUS[step.status]
+    if status is not JobStatus.WAITING:
+        doc.finish(key, f"secagg:{step.phase.value}:{step.status.value}", header.message_id)
+    log.info(
+        "site %s: secure aggregation %s of run %s round %d: %s",
+        ctx.site,
+        step.phase.value,
+        run_id,
+        round_,
+        step.status.value,
+    )
+    return JobOutcome(key, status, header=header, reasons=step.reasons, written=step.written, secagg=step)
 
 
 def _charge(
@@ -660,10 +914,11 @@ def run_pending(
     now: datetime | None = None,
     answer_ttl: timedelta = DEFAULT_ANSWER_TTL,
     sample_count: SampleCount | None = None,
+    secagg: SiteExchange | None = None,
 ) -> list[JobOutcome]:
     """One poll of the site's exchange: :func:`handle_job` on every job key not handled yet (what the site's
     job DAG does for the keys its exchange watcher reports). ``approvals``: key → the human's decision;
-    ``sample_count``: as for :func:`handle_job`."""
+    ``sample_count``, ``secagg``: as for :func:`handle_job`."""
     approvals = approvals or {}
     outcomes = []
     for key in poll_jobs(storage, bucket, last_seen=state.read().handled):
@@ -687,6 +942,7 @@ def run_pending(
                 now=now,
                 answer_ttl=answer_ttl,
                 sample_count=sample_count,
+                secagg=secagg,
             )
         )
     return outcomes

@@ -107,6 +107,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ANSWER_TTL",
+    "HeldInput",
     "SecAggRefusalCode",
     "SecAggStateError",
     "SecretBox",
@@ -115,10 +116,13 @@ __all__ = [
     "SiteStep",
     "SiteStepStatus",
     "VaultSecretBox",
+    "held_input",
+    "hold_input",
     "join",
     "mask_statistics",
     "mask_update",
     "read_aggregation",
+    "release_input",
     "reveal",
     "share",
 ]
@@ -413,6 +417,103 @@ def read_aggregation(
     """The site's decrypted record of its (run, round, purpose) aggregation (``None``: never joined one)."""
     with _locked(ctx):
         return _load(ctx, run_id, round, purpose)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the round's input, held at the site until it is masked
+# ----------------------------------------------------------------------------------------------------
+
+
+class HeldInput(BaseModel):
+    """What a site trained (or counted) for a round under secure aggregation and keeps until it masks it:
+    the update archive (``core.weights``) or the statistics' JSON, the job it answered (a setup must be
+    bound to that job), its sample count and the contract it follows. Encrypted at rest like the round's
+    secrets (:class:`VaultSecretBox`); erased once the site revealed its shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    site: str
+    run_id: str
+    round: int
+    purpose: Purpose
+    #: the round job this input answers (``core.exchange.JobRef`` fields)
+    job_message_id: UUID4
+    job_payload_sha256: str
+    n_samples: int = Field(ge=0)
+    dataset: str
+    contract_sha256: str
+    data: B64Bytes
+
+
+def _held_path(ctx: SiteExchange, run_id: str, round_: int) -> Path:
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ValueError(f"not a run id: {run_id!r}")
+    return ctx.root / run_id / f"{round_:04d}.held"
+
+
+def _held_ad(ctx: SiteExchange, run_id: str, round_: int) -> bytes:
+    return f"lepton/secagg-held/v1|site={ctx.site}|run={run_id}|round={round_}".encode()
+
+
+def hold_input(ctx: SiteExchange, held: HeldInput) -> Path:
+    """Keep ``held`` at the site (encrypted, mode 0600, atomic) until the round's aggregation masks it.
+    Replacing a held input is refused once this (run, round) masked one: the masks would then hide a
+    second, different input (two inputs under the same masks reveal their difference)."""
+    if held.site != ctx.site:
+        raise ValueError(f"an input of site {held.site!r} held by {ctx.site!r}")
+    with _locked(ctx):
+        doc = _load(ctx, held.run_id, held.round, held.purpose)
+        if doc is not None and doc.input_sha256 is not None:
+            raise SecAggStateError(
+                f"run {held.run_id} round {held.round}: this site already masked its {held.purpose} input; "
+                "it does not hold another one"
+            )
+        path = _held_path(ctx, held.run_id, held.round)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = ctx.box.encrypt(held.model_dump_json().encode(), _held_ad(ctx, held.run_id, held.round))
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, STATE_MODE)
+        try:
+            os.fchmod(fd, STATE_MODE)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return path
+
+
+def held_input(ctx: SiteExchange, *, run_id: str, round: int) -> HeldInput | None:
+    """The input the site holds for (run, round) (``None``: none)."""
+    path = _held_path(ctx, run_id, round)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise SecAggStateError(f"{path}: must be a regular file of mode 600 (is {st.st_mode & 0o777:o})")
+        raw = f.read()
+    try:
+        held = HeldInput.model_validate_json(ctx.box.decrypt(raw, _held_ad(ctx, run_id, round)))
+    except ValidationError as exc:
+        raise SecAggStateError(f"{path}: not a held input ({exc.errors()[0]['msg']})") from None
+    if (held.site, held.run_id, held.round) != (ctx.site, run_id, round):
+        raise SecAggStateError(f"{path}: holds another round's input")
+    return held
+
+
+def release_input(ctx: SiteExchange, *, run_id: str, round: int) -> bool:
+    """Erase the held input of (run, round) once the site revealed; ``True`` when there was one."""
+    try:
+        _held_path(ctx, run_id, round).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ if TYPE_CHECKING:
     from lepton_tasks.core.signatures import Signer
     from lepton_tasks.core.site_policy import SitePolicy
     from lepton_tasks.site.jobs import JobOutcome
+    from lepton_tasks.site.secagg import SiteExchange
     from lepton_tasks.site.state import SiteState
 
 __all__ = [
@@ -683,6 +684,8 @@ class Site:
     outbound_log: OutboundLog
     signer: Signer
     partner: str
+    #: its secure-aggregation context (``None``: no at-rest key for it: the site refuses secure jobs)
+    secagg: SiteExchange | None = None
 
     @classmethod
     def open(cls, settings: Settings, vault: Vault) -> Site:
@@ -691,7 +694,13 @@ class Site:
         from lepton_tasks.core.outbound_log import OutboundLog
         from lepton_tasks.core.site_policy import load_policy
         from lepton_tasks.federation.enrollment import read_bundle
-        from lepton_tasks.site.enrollment import SiteFiles, default_key_name, exchange_storage
+        from lepton_tasks.site.enrollment import (
+            SiteFiles,
+            default_key_name,
+            exchange_storage,
+            secagg_key_name,
+        )
+        from lepton_tasks.site.secagg import SiteExchange, VaultSecretBox
         from lepton_tasks.site.state import SiteState
 
         files = SiteFiles(settings.site_dir)
@@ -702,17 +711,33 @@ class Site:
                 f"{files.bundle} is site {bundle.site!r} of {bundle.consortium!r} but {files.policy} is "
                 f"{policy.site!r} of {policy.consortium!r}"
             )
+        exchange = exchange_storage(bundle)
+        outbound_log = OutboundLog(files.outbound_log)
+        signer = TransitSigner.from_vault(vault, settings.site_key_name or default_key_name(policy.site))
+        box_key = secagg_key_name(policy.site, settings.key_prefix)
+        secagg = None
+        if _secagg_key_usable(vault, box_key):  # created by `lepton site import` (enrollment_cli.set_up_site)
+            secagg = SiteExchange.from_policy(
+                policy,
+                storage=exchange,
+                bucket=bundle.bucket,
+                signer=signer,
+                outbound_log=outbound_log,
+                box=VaultSecretBox(vault.client, box_key, transit_mount=vault.transit_mount),
+                state_dir=files.root,
+            )
         return cls(
             settings=settings,
             vault=vault,
             storage=Storage.from_settings(settings),
-            exchange=exchange_storage(bundle),
+            exchange=exchange,
             bucket=bundle.bucket,
             policy=policy,
             state=SiteState(files.state),
-            outbound_log=OutboundLog(files.outbound_log),
-            signer=TransitSigner.from_vault(vault, settings.site_key_name or default_key_name(policy.site)),
+            outbound_log=outbound_log,
+            signer=signer,
             partner=settings.site_partner or policy.site,
+            secagg=secagg,
         )
 
     def trainer(self, key: str, runner: TrainerRunner, *, last_try: bool = True) -> SiteTrainer:
@@ -756,7 +781,23 @@ class Site:
             outbound_log=self.outbound_log,
             approved=approved,
             sample_count=self.sample_count,
+            secagg=self.secagg,
         )
+
+
+def _secagg_key_usable(vault: Vault, name: str) -> bool:
+    """Whether the site's secure-aggregation key exists and this Airflow's token may see it; when not, the
+    site refuses secure jobs (``secure_aggregation_unavailable``) and the log says why."""
+    import hvac.exceptions
+
+    try:
+        if vault.key_exists(name):
+            return True
+        why = "does not exist (run `lepton site import` again to create it)"
+    except hvac.exceptions.Forbidden:
+        why = "is not readable with this Airflow's Vault token"
+    log.warning("secure aggregation unavailable at this site: transit key %s %s", name, why)
+    return False
 
 
 def _never(req: TrainerRun) -> None:
@@ -891,6 +932,9 @@ def take_job(site: Site, key: str, *, runner: TrainerRunner, last_try: bool = Tr
     outcome = site.handle(key, run_trainer=site.trainer(key, runner, last_try=last_try), approved=None)
     if outcome.status is JobStatus.ANSWERED:
         return outcome
+    if outcome.secagg is not None and outcome.status is JobStatus.WAITING:
+        # a phase job its phase did not find again (e.g. listed before it was readable): the task retries
+        raise RuntimeError(f"secure-aggregation job {key}: its phase found no job to answer yet")
     if outcome.status is JobStatus.WAITING:
         assert outcome.job is not None and outcome.header is not None
         deadline = outcome.approval_deadline.isoformat() if outcome.approval_deadline else None

@@ -12,6 +12,15 @@ the run below the quorum with one message naming every excluded site and why (``
 no retry can add a site). A site still pending on resume (the trigger ended on a storage outage) sends the
 task back to the trigger.
 
+Under secure aggregation (the run's spec sets ``secure_aggregation``) the statistics and train rounds go on
+after their answers: on resume the operator calls ``coordinator.secure_aggregation_step``, which starts the
+round's aggregation over the accepted sites, and defers again to the same trigger in its ``secure`` mode
+(``coordinator.poll_secure_aggregation``: the current phase's replies, until every site replied or the
+phase's jobs expired); each resume advances one phase (keys → shares → masked inputs → reveal) until the
+step unmasks the sum and decides the round. No task is added to the DAG: a run without secure aggregation
+never enters this path, and a secure one holds no worker slot between phases. A failed aggregation (fewer
+sites than its threshold) fails the task at once naming every site lost and why.
+
 A storage outage while polling is logged and polled again (the round is not judged on an outage); other
 errors end the trigger with an error event: the task fails at once when no retry can fix it (a damaged
 registry, a record that does not validate), else with its retries (the exchange refused access). The
@@ -36,14 +45,24 @@ log = logging.getLogger(__name__)
 DEFERRAL_GRACE = timedelta(minutes=15)
 
 
-def _statuses(run_id: str, round_number: int) -> dict[str, str]:
-    """One poll: each site's status for the round (blocking; runs in a thread)."""
+def _statuses(run_id: str, round_number: int, secure: bool = False) -> dict[str, str]:
+    """One poll: each site's status for the round, or (``secure``) in the current phase of the round's secure
+    aggregation (blocking; runs in a thread). No aggregation in progress: ``{}`` (nothing to wait for)."""
     from lepton_airflow.hook import LeptonHook
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.coordinator import poll_round
+    from lepton_tasks.federation.coordinator import poll_round, poll_secure_aggregation
     from lepton_tasks.federation.enrollment import SiteRegistry
 
     settings = LeptonHook.from_env()
+    if secure:
+        phase = poll_secure_aggregation(
+            Storage.from_settings(settings),
+            settings.models_bucket,
+            SiteRegistry(settings.site_registry_file),
+            run_id,
+            round_number,
+        )
+        return {} if phase is None else phase[1]
     outcome = poll_round(
         Storage.from_settings(settings),
         settings.models_bucket,
@@ -86,14 +105,24 @@ class AnswersTrigger(BaseTrigger):
 
     ``complete``: every site answered, refused or was rejected; ``deadline``: the jobs expired first (the
     silent sites are ``missing`` — or still ``pending`` when the last poll before the deadline failed).
+    ``secure``: wait for the replies to the current phase of the round's secure aggregation instead (its
+    jobs' expiry is ``deadline``).
     """
 
-    def __init__(self, run_id: str, round_number: int, deadline: str, poll_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        round_number: int,
+        deadline: str,
+        poll_interval: float = 5.0,
+        secure: bool = False,
+    ) -> None:
         super().__init__()
         self.run_id = run_id
         self.round_number = int(round_number)
         self.deadline = deadline
         self.poll_interval = float(poll_interval)
+        self.secure = bool(secure)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -103,6 +132,7 @@ class AnswersTrigger(BaseTrigger):
                 "round_number": self.round_number,
                 "deadline": self.deadline,
                 "poll_interval": self.poll_interval,
+                "secure": self.secure,
             },
         )
 
@@ -125,7 +155,7 @@ class AnswersTrigger(BaseTrigger):
         statuses: dict[str, str] = {}
         while True:
             try:
-                statuses = await asyncio.to_thread(_statuses, self.run_id, self.round_number)
+                statuses = await asyncio.to_thread(_statuses, self.run_id, self.round_number, self.secure)
             except Exception as exc:  # noqa: BLE001 - sorted below: an outage polls again, the rest ends it
                 if not _transient(exc):
                     log.error("round %d of %s: cannot collect: %s", self.round_number, self.run_id, exc)
@@ -191,7 +221,7 @@ class CollectAnswersOperator(BaseOperator):
         sent = read_sent(storage, settings.models_bucket, run_id, round_)
         self._defer(run_id, round_, round_deadline(sent))
 
-    def _defer(self, run_id: str, round_: int, deadline: datetime) -> None:
+    def _defer(self, run_id: str, round_: int, deadline: datetime, *, secure: bool = False) -> None:
         remaining = max(timedelta(0), deadline - datetime.now(UTC))
         self.defer(
             trigger=AnswersTrigger(
@@ -199,6 +229,7 @@ class CollectAnswersOperator(BaseOperator):
                 round_number=round_,
                 deadline=deadline.isoformat(),
                 poll_interval=float(self.poll_interval),
+                secure=secure,
             ),
             method_name="execute_complete",
             timeout=remaining + DEFERRAL_GRACE,
@@ -212,9 +243,12 @@ class CollectAnswersOperator(BaseOperator):
         from lepton_tasks.federation.coordinator import (
             CoordinatorError,
             RoundNotComplete,
+            RoundRecord,
             decide_round,
             read_sent,
+            read_spec,
             round_deadline,
+            secure_aggregation_step,
         )
         from lepton_tasks.federation.enrollment import EnrollmentError, SiteRegistry
 
@@ -236,15 +270,38 @@ class CollectAnswersOperator(BaseOperator):
         except SigningError as exc:
             log.warning("cannot read the coordinator's public key (diagnosis only): %s", exc)
             coordinator_key = None
+        spec = read_spec(storage, settings.models_bucket, run_id)
+        secure = spec.secure_aggregation and spec.mode_of(round_) != "evaluate"
         try:
-            record = decide_round(
-                storage,
-                settings.models_bucket,
-                SiteRegistry(settings.site_registry_file),
-                run_id,
-                round_,
-                coordinator_key=coordinator_key,
-            )
+            if secure:
+                step = secure_aggregation_step(
+                    storage,
+                    settings.models_bucket,
+                    SiteRegistry(settings.site_registry_file),
+                    TransitSigner.from_vault(hook.get_vault(), settings.coordinator_key_name),
+                    run_id,
+                    round_,
+                    coordinator_key=coordinator_key,
+                )
+                if not isinstance(
+                    step, RoundRecord
+                ):  # an aggregation phase in progress: wait for its replies
+                    deadline = max(h.expires_at for h in step.jobs.values())
+                    print(
+                        f"round {round_}: secure aggregation {step.aggregation_id}, phase {step.phase.value}"
+                    )
+                    self._defer(run_id, round_, deadline, secure=True)
+                    raise AssertionError("unreachable: defer raises")
+                record = step
+            else:
+                record = decide_round(
+                    storage,
+                    settings.models_bucket,
+                    SiteRegistry(settings.site_registry_file),
+                    run_id,
+                    round_,
+                    coordinator_key=coordinator_key,
+                )
         except RoundNotComplete as exc:
             log.info("%s: waiting again", exc)
             sent = read_sent(storage, settings.models_bucket, run_id, round_)
@@ -252,6 +309,14 @@ class CollectAnswersOperator(BaseOperator):
             raise AssertionError("unreachable: defer raises") from None
         except (CoordinatorError, EnrollmentError) as exc:  # quorum, registry: a retry cannot fix it
             raise AirflowFailException(str(exc)) from exc
+        except SigningError as exc:  # starting or advancing an aggregation signs its phase jobs
+            import hvac.exceptions
+
+            if isinstance(exc.__cause__, hvac.exceptions.Forbidden | hvac.exceptions.InvalidPath):
+                raise AirflowFailException(
+                    f"cannot sign with {settings.coordinator_key_name}: {exc}"
+                ) from exc
+            raise
         for site, why in record.excluded.items():
             print(f"EXCLUDED {site} from round {record.round} ({record.mode}): {why}")
         print(f"round {record.round} ({record.mode}): sites {', '.join(record.accepted)}")

@@ -4,15 +4,22 @@ two rounds. Each site ingests its own partner's file in its own stack; hosp-b re
 strategy is not one it allows); hosp-c's answers fail verification at the coordinator (the key pinned for it
 is not the one that signs them: what a tampered or forged answer looks like to the coordinator). The run
 completes with hosp-a, the report names both exclusions with their reasons, and no object in the
-coordinator's storage holds a partner's row values."""
+coordinator's storage holds a partner's row values.
+
+Then a second run on the same stacks, with the three sites back in (hosp-b's policy allows fedavg again,
+hosp-c's real key is pinned): secure aggregation and DP-SGD at every site. It succeeds with all three, the
+report says secure aggregation on and the ε each site spent, and still no row value of any partner file is in
+any object of the coordinator's storage (which now holds the masked inputs instead of the updates)."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shutil
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -66,7 +73,6 @@ def _pin_a_key_that_does_not_sign_its_answers(topo: Topology) -> None:
 
 def test_a_federated_run_across_separate_stacks(topology):
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
     from lepton_tasks.ops.topology_demo import TopologyDemoResult, federated_run, ingest_at_sites
 
     _refuse_the_runs_strategy(topology)
@@ -95,6 +101,14 @@ def test_a_federated_run_across_separate_stacks(topology):
     assert "hosp-b" in report and "strategy_not_allowed" in report and "verification_failed" in report
 
     # no row value of any partner file is in any object of the coordinator's storage
+    _assert_no_row_value_in(admin)
+
+
+def _assert_no_row_value_in(admin: Any) -> None:
+    """Scan every object of every bucket ``admin`` reaches for the exact values of every partner file: ids
+    as JSON strings and CSV cells, balances and incomes as float64 bytes, whole CSV lines."""
+    from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
+
     frames = SCENARIOS["banks"].generate(SEED)
     needles: set[bytes] = set()
     for frame in frames.values():
@@ -114,3 +128,66 @@ def test_a_federated_run_across_separate_stacks(topology):
             leaked = [n for n in needles if n in data]
             assert not leaked, f"s3://{b_.name}/{obj.key} holds {len(leaked)} row value(s): {leaked[0]!r}"
     assert scanned > 10, f"only {scanned} objects scanned: the run wrote less than expected"
+
+
+def _every_site_back_in(topo: Topology) -> None:
+    """Undo the first run's two exclusions: hosp-b allows fedavg again, hosp-c's own key is pinned again."""
+    from lepton_tasks.core.site_policy import load_policy, write_policy
+    from lepton_tasks.federation.enrollment import SiteRegistry, pin_site_key
+
+    path = topo.site("hosp-b").settings().site_policy_file
+    policy = load_policy(path)
+    write_policy(policy.model_copy(update={"allowed_strategies": frozenset({"fedavg", "fedprox"})}), path)
+    key = json.loads(topo.site("hosp-c").settings().site_key_file.read_text(encoding="utf-8"))
+    registry = SiteRegistry(topo.coordinator().settings().site_registry_file)
+    pin_site_key(
+        registry,
+        "hosp-c",
+        key["public_key"],
+        key["fingerprint"],
+        key_version=int(key["key_version"]),
+        replace=True,
+    )
+
+
+def test_a_secure_run_with_dp_across_separate_stacks(topology):
+    """Runs after the first test (same stacks, the sites' data already ingested)."""
+    from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
+    from lepton_tasks.ops.topology_demo import _api
+
+    _every_site_back_in(topology)
+    coordinator = topology.coordinator()
+    api = _api(coordinator)
+    conf = {
+        "dataset": "banks",
+        "rounds": 1,
+        "min_partners": 3,
+        "poll_seconds": 2,
+        "round_deadline_minutes": 30,
+        "secure_aggregation": True,
+        "dp_noise_multiplier": 1.1,
+    }
+    run_id = api.trigger("lepton_federated", conf)
+    state = api.wait_run("lepton_federated", run_id, 900, poll=3.0)
+    assert state == "success", f"lepton_federated {run_id} ended {state}"
+
+    cs = coordinator.settings()
+    admin = Storage.from_settings(cs)
+    prefix = run_prefix(exchange_run_id(run_id))
+    metrics = admin.get_json(cs.models_bucket, prefix + "metrics.json")
+    privacy = metrics["privacy"]
+    assert privacy["secure_aggregation"] is True and privacy["dropouts_recovered"] == 0, privacy
+    assert privacy["dp"]["noise_multiplier"] == 1.1
+    assert set(privacy["sites"]) == set(SITES), privacy["sites"]
+    for site, p in privacy["sites"].items():
+        assert p["rounds_charged"] == 1 and p["epsilon_run"] > 0, (site, p)
+    assert not metrics["excluded"], metrics["excluded"]
+    report = admin.get_bytes(cs.models_bucket, prefix + "report.html").decode()
+    assert "secure aggregation" in report.lower()
+    # what crossed: masked inputs, no update blob
+    for site in SITES:
+        keys = [o.key for o in admin.list(f"exchange-{site}", f"answers/{exchange_run_id(run_id)}/")]
+        assert keys and not [k for k in keys if k.endswith(".update")], (site, keys)
+        assert [k for k in keys if k.endswith(".masked")], (site, keys)
+    _assert_no_row_value_in(admin)

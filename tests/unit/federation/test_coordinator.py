@@ -269,8 +269,6 @@ def test_the_aggregate_is_the_runs_strategy_over_the_usable_updates():
     np.testing.assert_allclose(aggregate_updates("fedavg", ups)[0], [(1 + 9 + 100) / 5, (1 + 9 - 2) / 5])
     np.testing.assert_allclose(aggregate_updates("fedprox", ups[:2])[0], [2.5, 2.5])
     np.testing.assert_allclose(aggregate_updates("median", ups)[0], [3.0, 1.0])
-    with pytest.raises(NotImplementedError, match="secure aggregation is not wired"):
-        aggregate_updates("fedavg", ups, secure_aggregation=True)
 
 
 # ------------------------------------------------------------------------------- a whole run, in memory
