@@ -364,8 +364,10 @@ def reply_header(
     payload_schema: str,
     ttl: timedelta,
     now: datetime | None = None,
+    message_id: uuid.UUID | None = None,
 ) -> AnswerHeader | RefusalHeader:
-    """The header of a site's answer or refusal to ``job``: same consortium, run, round, site and bucket."""
+    """The header of a site's answer or refusal to ``job``: same consortium, run, round, site and bucket.
+    ``message_id``: when the answer's blobs were named after it before the header existed."""
     header = make_header(
         kind,
         consortium=job.consortium,
@@ -378,6 +380,7 @@ def reply_header(
         ttl=ttl,
         in_reply_to=job_ref(job),
         now=now,
+        message_id=message_id,
     )
     assert isinstance(header, AnswerHeader | RefusalHeader)
     return header

@@ -63,10 +63,10 @@ from lepton_tasks.core.exchange import (
     RefusalHeader,
     RejectReason,
     canonical_json,
-    job_ref,
     make_header,
     open_message,
     prefix_for,
+    reply_header,
     seal,
 )
 from lepton_tasks.core.messages import BlobRef, Message, RoundRefusal, dump
@@ -505,17 +505,12 @@ def seal_answer(
     if mine != (job.consortium, job.run_id, job.round, job.site):
         raise ValueError(f"the answer is bound to {mine}, the job to its own consortium, run, round, site")
     body = _body(payload)
-    header = make_header(
+    header = reply_header(
+        job,
         MessageKind.ANSWER,
-        consortium=job.consortium,
-        run_id=job.run_id,
-        round=job.round,
-        site=job.site,
-        bucket=job.bucket,
         payload=body,
         payload_schema=payload.payload_schema,
         ttl=ttl,
-        in_reply_to=job_ref(job),
         now=now,
         message_id=message_id,
     )
@@ -533,18 +528,8 @@ def seal_refusal(
 ) -> tuple[RefusalHeader, bytes]:
     """A site's sealed :class:`RoundRefusal` of ``job``, with every reason (code, field, message)."""
     body = _body(RoundRefusal(reasons=[dict(r) for r in reasons]))
-    header = make_header(
-        MessageKind.REFUSAL,
-        consortium=job.consortium,
-        run_id=job.run_id,
-        round=job.round,
-        site=job.site,
-        bucket=job.bucket,
-        payload=body,
-        payload_schema=RoundRefusal.payload_schema,
-        ttl=ttl,
-        in_reply_to=job_ref(job),
-        now=now,
+    header = reply_header(
+        job, MessageKind.REFUSAL, payload=body, payload_schema=RoundRefusal.payload_schema, ttl=ttl, now=now
     )
     assert isinstance(header, RefusalHeader)
     return header, seal(header, body, signer)

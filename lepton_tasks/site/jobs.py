@@ -100,7 +100,6 @@ from lepton_tasks.core.exchange import (
     RejectReason,
     canonical_json,
     job_ref,
-    make_header,
     object_key,
     open_message,
     parse_object_key,
@@ -630,17 +629,12 @@ def _decide(
             message_id=answer_id,
         )
     body = canonical_json(dump(answer))
-    reply = make_header(
+    reply = reply_header(
+        header,
         MessageKind.ANSWER,
-        consortium=header.consortium,
-        run_id=header.run_id,
-        round=header.round,
-        site=header.site,
-        bucket=header.bucket,
         payload=body,
         payload_schema=RoundAnswer.payload_schema,
         ttl=answer_ttl,
-        in_reply_to=job_ref(header),
         now=now,
         message_id=answer_id,
     )
