@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -451,31 +450,11 @@ def run_privacy(
 # ------------------------------------------------------------------------------------------------ file
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` all-or-nothing: a temp file in the same folder (created ``mode``), fsync,
-    ``os.replace``, fsync of the folder. A crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_ledger(path: str | os.PathLike[str], ledger: PrivacyLedger) -> None:
     """Write the ledger as JSON, atomically, mode 0600. Callers serialize writers (one Airflow pool slot)."""
-    atomic_write_text(path, ledger.model_dump_json(indent=2) + "\n")
+    from lepton_tasks.core.files import write_private
+
+    write_private(path, (ledger.model_dump_json(indent=2) + "\n").encode("utf-8"))
 
 
 def load_ledger(path: str | os.PathLike[str]) -> PrivacyLedger:

@@ -38,7 +38,6 @@ its reasons. An empty list means the policy allows the job (approval, when requi
 
 from __future__ import annotations
 
-import os
 import stat
 import tomllib
 from collections.abc import Sequence
@@ -59,6 +58,7 @@ from pydantic import (
 )
 
 from lepton_tasks.core.exchange import ID_PATTERN
+from lepton_tasks.core.files import write_private
 from lepton_tasks.core.signatures import PublicKey, fingerprint, load_public_key, normalize_fingerprint
 
 __all__ = [
@@ -427,12 +427,7 @@ def render_yaml(policy: SitePolicy) -> str:
 
 def write_policy(policy: SitePolicy, path: Path) -> None:
     """Write ``render_yaml(policy)`` to ``path``, mode 0600, replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(render_yaml(policy))
-    os.replace(tmp, path)
+    write_private(path, render_yaml(policy).encode("utf-8"))
 
 
 def refusal_codes(refusals: Sequence[Refusal]) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import stat
@@ -49,6 +48,7 @@ from pydantic import (
 )
 
 from lepton_tasks.core.exchange import BUCKET_PATTERN, ID_PATTERN
+from lepton_tasks.core.files import write_private
 from lepton_tasks.core.signatures import PublicKey, fingerprint, load_public_key, normalize_fingerprint
 
 if TYPE_CHECKING:
@@ -192,18 +192,7 @@ def _check_private(path: Path) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` mode 0600, atomically (a temp file renamed over it)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, SECRET_FILE_MODE)
-    try:
-        os.fchmod(fd, SECRET_FILE_MODE)  # an existing temp file keeps its mode otherwise
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, data, SECRET_FILE_MODE)
 
 
 def write_bundle(bundle: EnrollmentBundle, path: Path) -> None:

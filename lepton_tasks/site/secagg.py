@@ -75,6 +75,7 @@ from lepton_tasks.core.exchange import (
     sha256_hex,
 )
 from lepton_tasks.core.features import SufficientStats
+from lepton_tasks.core.files import write_private
 from lepton_tasks.core.messages import BlobRef
 from lepton_tasks.core.outbound_log import OutboundLog, OutboundRecord
 from lepton_tasks.core.secagg_messages import (
@@ -393,22 +394,10 @@ def _load(ctx: SiteExchange, run_id: str, round_: int, purpose: Purpose) -> Site
 
 
 def _save(ctx: SiteExchange, doc: SiteAggregation) -> None:
-    path = ctx.path(doc.run_id, doc.round, doc.purpose)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data = ctx.box.encrypt(
         doc.model_dump_json().encode(), ctx.associated_data(doc.run_id, doc.round, doc.purpose)
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, STATE_MODE)
-    try:
-        os.fchmod(fd, STATE_MODE)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(ctx.path(doc.run_id, doc.round, doc.purpose), data, STATE_MODE)
 
 
 def read_aggregation(
@@ -470,19 +459,8 @@ def hold_input(ctx: SiteExchange, held: HeldInput) -> Path:
                 "it does not hold another one"
             )
         path = _held_path(ctx, held.run_id, held.round)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         data = ctx.box.encrypt(held.model_dump_json().encode(), _held_ad(ctx, held.run_id, held.round))
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, STATE_MODE)
-        try:
-            os.fchmod(fd, STATE_MODE)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_private(path, data, STATE_MODE)
         return path
 
 

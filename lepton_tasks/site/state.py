@@ -38,6 +38,7 @@ from typing import Final, Literal
 from pydantic import UUID4, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from lepton_tasks.core import privacy
+from lepton_tasks.core.files import write_private
 from lepton_tasks.core.site_policy import SITE_LEDGER, BudgetScope
 
 __all__ = ["SiteState", "SiteStateError", "StateDoc"]
@@ -120,17 +121,7 @@ class SiteState:
             raise SiteStateError(f"{self.path}: not a site state (field {where}: {err['msg']})") from None
 
     def _write(self, doc: StateDoc) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, STATE_MODE)
-        try:
-            os.fchmod(fd, STATE_MODE)
-            view = memoryview(doc.model_dump_json().encode())
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_private(self.path, doc.model_dump_json().encode(), STATE_MODE)
 
     @contextmanager
     def transaction(self) -> Iterator[StateDoc]:
