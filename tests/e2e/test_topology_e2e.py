@@ -106,7 +106,8 @@ def test_a_federated_run_across_separate_stacks(topology):
 
 def _assert_no_row_value_in(admin: Any) -> None:
     """Scan every object of every bucket ``admin`` reaches for the exact values of every partner file: ids
-    as JSON strings and CSV cells, balances and incomes as float64 bytes, whole CSV lines."""
+    as JSON strings and CSV cells, balances and incomes as float64 bytes and as the decimal text of the
+    file's cells (9 characters or more: shorter ones, like ``0.0``, occur in any JSON), whole CSV lines."""
     from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
 
     frames = SCENARIOS["banks"].generate(SEED)
@@ -120,6 +121,10 @@ def _assert_no_row_value_in(admin: Any) -> None:
             needles |= {x for x in packed if len(set(x)) >= 5}
         csv_lines = to_csv_bytes(frame).splitlines()[1:]
         needles |= {line for line in csv_lines if len(line) > 12}
+        header = to_csv_bytes(frame.head(0)).decode().strip().split(",")
+        for line in csv_lines:  # each numeric cell's decimal text, exactly as the partner's file wrote it
+            cells = dict(zip(header, line.decode().split(","), strict=True))
+            needles |= {cells[c].encode() for c in ("balance", "income") if len(cells[c]) >= 9}
     scanned = 0
     for b_ in admin.client.list_buckets():
         for obj in admin.list(b_.name):
