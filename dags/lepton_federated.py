@@ -37,12 +37,12 @@ Vault outages retry with exponential backoff.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import Param, TaskGroup, dag, get_current_context, task
 
 from lepton_airflow.answers_trigger import CollectAnswersOperator
+from lepton_airflow.defaults import default_args
 from lepton_airflow.roles import serves
 from lepton_tasks.core.contracts import available
 from lepton_tasks.core.strategies import STRATEGIES
@@ -50,13 +50,7 @@ from lepton_tasks.core.strategies import STRATEGIES
 #: the most train rounds a run may ask for (one task group per possible round)
 MAX_ROUNDS = 8
 #: transient failures (a service restarting) retry with exponential backoff: 15 s … 2 min
-DEFAULT_ARGS: dict[str, Any] = {
-    "owner": "lepton",
-    "retries": 4,
-    "retry_delay": timedelta(seconds=15),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=2),
-}
+DEFAULT_ARGS = default_args(retries=4)
 DATASETS = available()
 
 

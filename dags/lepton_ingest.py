@@ -27,6 +27,7 @@ from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from lepton_airflow.assets import DATASETS, staged_asset
+from lepton_airflow.defaults import default_args
 from lepton_airflow.inbox_trigger import InboxTrigger
 from lepton_airflow.roles import serves
 
@@ -44,7 +45,7 @@ INBOXES = Asset(
     max_active_runs=4,
     doc_md=__doc__,
     tags=["lepton", "ingest"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "lepton"},
+    default_args=default_args(retries=2),
     params={
         "partner": Param(
             None,

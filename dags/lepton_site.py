@@ -52,6 +52,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetWatcher, Param, dag, get_current_context, task
 
 from lepton_airflow.approval import SiteApprovalOperator
+from lepton_airflow.defaults import default_args
 from lepton_airflow.exchange_trigger import ExchangeTrigger
 from lepton_airflow.roles import serves
 from lepton_tasks.adapters.settings import load_settings
@@ -67,13 +68,7 @@ EXCHANGE_JOBS = Asset(
     ],
 )
 #: transient failures (storage, Vault) retry with backoff; security and policy failures fail at once
-DEFAULT_ARGS: dict[str, Any] = {
-    "owner": "lepton",
-    "retries": 3,
-    "retry_delay": timedelta(seconds=15),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=2),
-}
+DEFAULT_ARGS = default_args(retries=3)
 #: how long one trainer run may take (its presigned URLs and token live as long)
 TRAINER_TIMEOUT = timedelta(hours=1)
 

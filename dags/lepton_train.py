@@ -35,6 +35,7 @@ from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
 from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
 from lepton_airflow.assets import DATASETS, staged_asset
+from lepton_airflow.defaults import default_args
 from lepton_airflow.roles import serves
 from lepton_airflow.trainer import LeptonTrainerOperator
 from lepton_tasks.core.contracts import load_contract
@@ -44,13 +45,7 @@ from lepton_tasks.core.strategies import STRATEGIES
 MAX_ROUNDS = 8
 #: transient failures (a service restarting) retry with exponential backoff: 15 s, 30 s, 60 s, 120 s —
 #: about four minutes of outage ridden out; permanent failures (bad data, security, quorum) fail at once
-DEFAULT_ARGS: dict[str, Any] = {
-    "owner": "lepton",
-    "retries": 4,
-    "retry_delay": timedelta(seconds=15),
-    "retry_exponential_backoff": 2.0,
-    "max_retry_delay": timedelta(minutes=2),
-}
+DEFAULT_ARGS = default_args(retries=4)
 
 
 def _param(name: str) -> Any:
