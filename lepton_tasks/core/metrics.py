@@ -215,6 +215,44 @@ def score_summary(
     }
 
 
+def summary_from_counts(
+    pos: ArrayLike, neg: ArrayLike, *, threshold: float = THRESHOLD, eps: float = EPS
+) -> dict[str, Any]:
+    """A :func:`score_summary` built from per-class bin counts alone (dense, :data:`N_BINS` each).
+
+    For a histogram that was released with noise: every field (``n``, ``positives``, ``correct``,
+    ``log_loss_sum``) is derived from the counts, so none carries an exact value beside them. ``correct``
+    and ``log_loss_sum`` take each bin's centre for its rows' score: exact for ``correct`` at threshold 0.5
+    (a bin edge), within the bin width otherwise.
+    """
+    p_counts = np.asarray(pos, dtype=np.int64).reshape(-1)
+    n_counts = np.asarray(neg, dtype=np.int64).reshape(-1)
+    if p_counts.size != N_BINS or n_counts.size != N_BINS:
+        raise ValueError(f"need {N_BINS} bins per class, got {p_counts.size} and {n_counts.size}")
+    if (p_counts < 0).any() or (n_counts < 0).any():
+        raise ValueError("bin counts must be >= 0")
+    width = 2 * LOGIT_RANGE / N_BINS
+    centre = -LOGIT_RANGE + (np.arange(N_BINS) + 0.5) * width
+    lo, hi = math.log(eps) - math.log1p(-eps), math.log1p(-eps) - math.log(eps)
+    z = np.clip(centre, lo, hi)
+    cut = math.log(threshold) - math.log1p(-threshold)
+    predicted_positive = centre >= cut
+    loss = float(np.sum(p_counts * np.logaddexp(0.0, -z)) + np.sum(n_counts * np.logaddexp(0.0, z)))
+    correct = int(np.sum(p_counts[predicted_positive]) + np.sum(n_counts[~predicted_positive]))
+    return {
+        "kind": "score-histogram",
+        "bins": N_BINS,
+        "logit_range": LOGIT_RANGE,
+        "threshold": threshold,
+        "n": int(p_counts.sum() + n_counts.sum()),
+        "positives": int(p_counts.sum()),
+        "log_loss_sum": loss,
+        "correct": correct,
+        "pos": [[int(i), int(p_counts[i])] for i in np.flatnonzero(p_counts)],
+        "neg": [[int(i), int(n_counts[i])] for i in np.flatnonzero(n_counts)],
+    }
+
+
 def merge_score_summaries(summaries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Overall metrics from partners' :func:`score_summary` dicts, without any raw prediction.
 

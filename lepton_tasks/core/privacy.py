@@ -29,6 +29,12 @@ eps=5.63 together at delta=1e-5, against 2 x 3.85 = 7.69 summed. Every dataset o
 hold the same people (the privacy unit is a person of the site); a site whose datasets are provably disjoint
 may keep one ledger per dataset.
 
+Other releases. What a site sends besides its DP-SGD update is released by the Gaussian mechanism at L2
+sensitivity 1 (:func:`noisy_counts`: the evaluation round's score histogram, where each held-out record is one
+count of one bin). :func:`gaussian_charge` records it as a ledger entry with ``sampling_rate = 1`` and one
+step: ``PoissonSampled(1, Gaussian(sigma))`` IS ``GaussianDpEvent(sigma)`` (RDP ``alpha / (2 sigma^2)``), so
+it composes with the DP-SGD entries in the same RDP sum.
+
 Sampling. The accounting is for Poisson sampling. Shuffled fixed-size batches are commonly accounted the same
 way with q = B/N, but that is a heuristic (Chua et al., ICML 2024, show it can under-state eps): such charges
 are recorded as ``sampling="shuffle"`` and refused unless the budget sets ``accept_shuffled``.
@@ -39,6 +45,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -216,7 +223,8 @@ def epsilon_of(charges: Iterable[Mechanism], delta: float) -> float:
 
 
 class Charge(BaseModel):
-    """One DP-SGD training of one round at the site: ``steps`` x PoissonSampled(q, Gaussian(sigma)).
+    """One DP-SGD training of one round at the site, ``steps`` x PoissonSampled(q, Gaussian(sigma)), or one
+    Gaussian release (q = 1, one step: :func:`gaussian_charge`).
 
     This is the DpEvent description the ledger keeps (``dp_accounting``:
     ``SelfComposedDpEvent(PoissonSampledDpEvent(sampling_rate, GaussianDpEvent(noise_multiplier)), steps)``).
@@ -234,6 +242,9 @@ class Charge(BaseModel):
     #: how batches were drawn: ``poisson`` (what the accountant analyses) or ``shuffle`` (fixed-size batches
     #: of a shuffled epoch, accounted as Poisson with q = B/N: a heuristic, see the module docstring)
     sampling: Literal["poisson", "shuffle"] = "poisson"
+    #: what the charge released: a DP-SGD ``update``, or an ``evaluation`` (a Gaussian release of counts,
+    #: :func:`gaussian_charge`); older ledgers hold updates only
+    release: Literal["update", "evaluation"] = "update"
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -356,6 +367,48 @@ def charge(ledger: PrivacyLedger, entry: Charge) -> PrivacyLedger:
 
 
 # ------------------------------------------------------------------------------------------------ jobs
+
+
+def gaussian_charge(noise_multiplier: float, *, run_id: str, round: int, dataset: str) -> Charge:
+    """The ledger entry of ONE Gaussian release at L2 sensitivity 1 and noise std ``noise_multiplier``
+    (``dp_accounting.GaussianDpEvent(noise_multiplier)``): q = 1, one step, ``release="evaluation"``."""
+    return Charge(
+        run_id=run_id,
+        round=round,
+        dataset=dataset,
+        noise_multiplier=noise_multiplier,
+        sampling_rate=1.0,
+        steps=1,
+        release="evaluation",
+    )
+
+
+def gaussian_privacy_charge(noise_multiplier: float, delta: float) -> PrivacyCharge:
+    """How an answer reports one Gaussian release at sensitivity 1 (``l2_clip`` is that sensitivity)."""
+    return PrivacyCharge(
+        noise_multiplier=noise_multiplier,
+        sampling_rate=1.0,
+        steps=1,
+        sampling="poisson",
+        l2_clip=1.0,
+        delta=delta,
+        epsilon_this_update=epsilon_spent(noise_multiplier, 1.0, 1, delta),
+    )
+
+
+def noisy_counts(counts: np.ndarray, noise_multiplier: float) -> np.ndarray:
+    """``counts`` + N(0, noise_multiplier^2) per cell, rounded and clamped at 0 (post-processing).
+
+    The Gaussian mechanism for counts where one record adds 1 to exactly one cell (L2 sensitivity 1 under
+    add/remove-one). EVERY cell gets noise, empty ones included: which cells are empty is data too. The
+    noise comes from a generator seeded by :mod:`secrets` (never a fixed or derivable seed, as DP-SGD's).
+    """
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
+    exact = np.asarray(counts, dtype=np.float64)
+    rng = np.random.default_rng(secrets.randbits(128))
+    noisy = exact + rng.normal(0.0, noise_multiplier, size=exact.shape)
+    return np.asarray(np.maximum(np.rint(noisy), 0.0), dtype=np.int64)
 
 
 def dp_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:

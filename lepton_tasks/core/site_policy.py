@@ -29,7 +29,12 @@ privacy: a training job without DP-SGD settings is refused (``privacy_required``
 would take the ledger over its epsilon is refused by the site's ledger check (``budget_exhausted``,
 :mod:`lepton_tasks.site.jobs`). Both fields are optional and default to no budget: a policy file written
 before budgets existed keeps its meaning (no DP required) instead of refusing every job it accepted before.
-Statistics and evaluation jobs are not DP-SGD and are neither required to use DP nor charged.
+Evaluation jobs of a DP run (the job carries DP settings) release their score histogram with Gaussian noise
+and are charged to the same ledger (one ``GaussianDpEvent``; ``site.training.private_evaluation``,
+``site.jobs``); on a budgeted dataset an evaluation job without DP settings is refused by the site
+(``privacy_required``, ``site.jobs``: it would release an exact histogram), and so is one whose charge does
+not fit (``budget_exhausted``). Statistics jobs are not yet noised: they are neither required to use DP nor
+charged (their counts and sums are exact per site unless secure aggregation sums them).
 
 :func:`check_job` compares a :class:`JobSummary` (what a job asks for) with the policy and returns EVERY
 violation as a :class:`Refusal` (code, field, human-readable message), so the site can refuse once with all

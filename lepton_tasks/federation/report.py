@@ -276,6 +276,12 @@ def _partner_auc_plot(names: list[str], final_pp: dict, local_pp: dict, central_
 
 
 # ---------------------------------------------------------------------------------------------- sections
+def _noisy_evaluation(metrics: Mapping[str, Any]) -> bool:
+    """Whether the held-out numbers were merged from noisy histograms: a run through sites with DP, whose
+    evaluation answers are Gaussian releases (``site.training.private_evaluation``)."""
+    return metrics.get("runtime") == "sites" and bool(_dict(metrics.get("privacy")).get("dp"))
+
+
 def _summary(
     metrics: Mapping[str, Any], rounds: list[dict], partners: list[str], overall: dict
 ) -> list[tuple[str, Cell]]:
@@ -309,6 +315,9 @@ def _summary(
         ):
             if overall.get(key) is not None:
                 pairs.append((label, overall[key]))
+        if _noisy_evaluation(metrics):  # the overall numbers above are DP estimates, not exact values
+            noisy = ("overall", "held-out")
+            pairs = [(f"{k} (noisy: DP)" if k.startswith(noisy) else k, v) for k, v in pairs]
     return _kv([(k, v) for k, v in pairs if v is not None])
 
 

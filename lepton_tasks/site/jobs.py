@@ -34,7 +34,12 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    ceil(n / batch_size)`` steps) and checks it against its ledger BEFORE asking for approval or training:
    over budget → ``budget_exhausted``, naming ε spent, ε asked and ε limit. A job of a (run, round) this
    site already answered is refused (``round_already_answered``): a second DP-SGD training of the same
-   round is a second release, and the ledger holds one charge per (run, round).
+   round is a second release, and the ledger holds one charge per (run, round). An **evaluate** job on a
+   budgeted dataset must carry DP settings too (else ``privacy_required``: its answer would be an exact
+   histogram of the held-out records); its answer is ONE Gaussian release of the score histogram at the
+   job's sigma (``site.training.private_evaluation``), charged as
+   :func:`~lepton_tasks.core.privacy.gaussian_charge` — known before training, checked here, refused with
+   ``budget_exhausted`` when it does not fit.
 6. **approval** — when the policy requires it and no decision was given, the job WAITS (the key stays
    unhandled; the approval deadline counts from the first time the site saw it); a denial, or no decision
    by the deadline, is a refusal.
@@ -46,7 +51,9 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    its state (same lock, atomic, mode 0600) BEFORE the first byte leaves, so no update ever leaves
    uncharged; a retried task of the same job (same run and round, same mechanism) is not charged again
    (:attr:`~lepton_tasks.core.privacy.Charge.key`). The answer carries the charge and the ledger's totals
-   (``answer.budget``) for the coordinator's report. Then the site writes the update blob
+   (``answer.budget``) for the coordinator's report. Under DP only DP outputs leave, whatever the trainer
+   returned: a train answer loses its training metrics and held-out block, and an evaluation that is not
+   the noisy release at the job's sigma fails the task (nothing is sent). Then the site writes the update blob
    ``answers/<run>/<round>/<answer id>.update`` and the sealed answer (the commit).
 
 **Secure aggregation** (``job.secure_aggregation``, Bonawitz et al. 2017: the coordinator learns only the sum
@@ -110,6 +117,7 @@ from lepton_tasks.core.exchange import (
 )
 from lepton_tasks.core.messages import (
     BlobRef,
+    DPTraining,
     MessageError,
     PrivacyCharge,
     RoundAnswer,
@@ -535,6 +543,8 @@ def _decide(
                 "secrets): it cannot take part in a secure run",
             )
         )
+    if (problem := _evaluation_needs_dp(policy, job)) is not None:
+        reasons.append(problem)
     if reasons:
         return refuse(reasons, job)
 
@@ -544,8 +554,8 @@ def _decide(
         if problem is not None:
             return refuse([problem], job)
 
-    # the privacy budget (train jobs on a budgeted dataset; the policy refused those without DP-SGD)
-    scope = policy.budget_for(job.dataset) if job.mode == "train" else None
+    # the privacy budget (train and evaluate jobs on a budgeted dataset; those without DP were refused above)
+    scope = policy.budget_for(job.dataset) if job.mode in ("train", "evaluate") else None
     ledger: privacy.PrivacyLedger | None = None
     planned: PrivacyCharge | None = None
     if scope is not None:
@@ -558,13 +568,19 @@ def _decide(
                         SiteRefusalCode.ROUND_ALREADY_ANSWERED,
                         "round",
                         f"this site already answered run {header.run_id!r} round {header.round} with an "
-                        "update charged to its privacy budget; it does not train the same round twice",
+                        "answer charged to its privacy budget; it does not release the same round twice",
                     )
                 ],
                 job,
             )
         ledger = state.read_ledger(scope)
-        if sample_count is not None:
+        if job.mode == "evaluate":  # one Gaussian release: its cost does not depend on the data
+            entry = privacy.gaussian_charge(
+                dp.noise_multiplier, run_id=header.run_id, round=header.round, dataset=job.dataset
+            )
+            if (problem := _budget_reason(ledger, scope, entry)) is not None:
+                return refuse([problem], job)
+        elif sample_count is not None:
             try:
                 n = sample_count(job)
             except CannotAnswer as exc:  # e.g. no usable data: known before approval and training
@@ -604,6 +620,8 @@ def _decide(
         return refuse([exc.reason()], job)
     if answer.mode != job.mode:
         raise ValueError(f"the trainer answered a {answer.mode!r} job; the job is {job.mode!r}")
+    if job.hparams.dp is not None:
+        answer = _only_private(header, job, answer, job.hparams.dp)
     if scope is not None and ledger is not None:
         answer, problem = _charge(state, scope, ledger, header, job, answer, planned)
         if problem is not None:
@@ -853,6 +871,48 @@ def _secagg_phase(
     return JobOutcome(key, status, header=header, reasons=step.reasons, written=step.written, secagg=step)
 
 
+def _evaluation_needs_dp(policy: SitePolicy, job: RoundJob) -> dict[str, str] | None:
+    """The refusal of an evaluation job WITHOUT DP on a dataset under a privacy budget (``None``: no
+    objection): its answer would be an exact histogram of the site's held-out records."""
+    if job.mode != "evaluate" or job.hparams.dp is not None or policy.dataset(job.dataset) is None:
+        return None
+    scope = policy.budget_for(job.dataset)
+    if scope is None:
+        return None
+    return _reason(
+        RefusalCode.PRIVACY_REQUIRED,
+        "hparams.dp",
+        f"this site releases evaluations of {job.dataset!r} only with differential privacy (budget "
+        f"ε ≤ {scope.budget.epsilon:g}, δ = {scope.budget.delta:g}); the job declares no DP settings",
+    )
+
+
+def _only_private(header: JobHeader, job: RoundJob, answer: RoundAnswer, dp: DPTraining) -> RoundAnswer:
+    """What of a DP job's answer may leave: a train answer loses its training metrics and held-out block
+    (``site.training``: dropped under DP), and an evaluation must be the noisy one
+    (:func:`lepton_tasks.site.training.private_evaluation`, at the job's sigma or more); otherwise
+    ``RuntimeError`` (the task fails, nothing is sent)."""
+    if job.mode == "train":
+        return answer.model_copy(update={"metrics": {}, "evaluation": None})
+    if job.mode != "evaluate":
+        return answer
+    mech = (answer.evaluation or {}).get("dp")
+    summary = (answer.evaluation or {}).get("score_summary")
+    if (
+        not isinstance(mech, dict)
+        or mech.get("mechanism") != "gaussian"
+        or not isinstance(sigma := mech.get("noise_multiplier"), (int, float))
+        or sigma < dp.noise_multiplier
+        or not isinstance(summary, dict)
+        or answer.n_samples != summary.get("n")
+    ):
+        raise RuntimeError(
+            f"the evaluation of run {header.run_id!r} round {header.round} is not the noisy release its DP "
+            f"job asks (Gaussian, σ ≥ {dp.noise_multiplier:g}): nothing was sent"
+        )
+    return answer
+
+
 def _charge(
     state: SiteState,
     scope: BudgetScope,
@@ -866,6 +926,35 @@ def _charge(
     carrying it and the ledger's totals, or the refusal reason when the charge does not fit the budget."""
     dp = job.hparams.dp
     assert dp is not None
+    if job.mode == "evaluate":
+        cost: PrivacyCharge | None = privacy.gaussian_privacy_charge(dp.noise_multiplier, dp.delta)
+        entry = privacy.gaussian_charge(
+            dp.noise_multiplier, run_id=header.run_id, round=header.round, dataset=job.dataset
+        )
+    else:
+        cost, entry = _update_charge(header, job, answer, planned, dp)
+    if (problem := _budget_reason(ledger, scope, entry)) is not None:
+        return answer, problem
+    ledger = privacy.charge(ledger, entry)
+    state.write_ledger(scope, ledger)
+    log.info(
+        "site charged run %s round %s (%s) on %s to privacy ledger %s: ε %.4g of %g spent",
+        header.run_id,
+        header.round,
+        entry.release,
+        job.dataset,
+        scope.ledger,
+        privacy.spent(ledger),
+        ledger.budget.epsilon,
+    )
+    status = privacy.budget_status(ledger, scope.ledger)
+    return answer.model_copy(update={"privacy": cost, "budget": status}), None
+
+
+def _update_charge(
+    header: JobHeader, job: RoundJob, answer: RoundAnswer, planned: PrivacyCharge | None, dp: DPTraining
+) -> tuple[PrivacyCharge, privacy.Charge]:
+    """The DP-SGD charge of a trained update (the trainer's, else the planned one) and its ledger entry."""
     cost = answer.privacy or planned
     if cost is None:  # no data leaves: the task fails, it is not a refusal
         raise RuntimeError(
@@ -877,22 +966,7 @@ def _charge(
             f"the trainer trained with σ = {cost.noise_multiplier:g}, C = {cost.l2_clip:g}; the job asks "
             f"σ = {dp.noise_multiplier:g}, C = {dp.l2_clip:g}: nothing was sent"
         )
-    entry = privacy.ledger_charge(cost, run_id=header.run_id, round=header.round, dataset=job.dataset)
-    if (problem := _budget_reason(ledger, scope, entry)) is not None:
-        return answer, problem
-    ledger = privacy.charge(ledger, entry)
-    state.write_ledger(scope, ledger)
-    log.info(
-        "site charged run %s round %s on %s to privacy ledger %s: ε %.4g of %g spent",
-        header.run_id,
-        header.round,
-        job.dataset,
-        scope.ledger,
-        privacy.spent(ledger),
-        ledger.budget.epsilon,
-    )
-    status = privacy.budget_status(ledger, scope.ledger)
-    return answer.model_copy(update={"privacy": cost, "budget": status}), None
+    return cost, privacy.ledger_charge(cost, run_id=header.run_id, round=header.round, dataset=job.dataset)
 
 
 def run_pending(

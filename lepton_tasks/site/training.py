@@ -49,6 +49,22 @@ hold a data value or an address); the whole stderr tail stays in the site's task
 What goes back in the answer: the sample count, the training metrics (aggregates: loss, AUC, counts), the
 held-out metric blocks with their score histograms, the DP-SGD charge, and the update's weights (with a
 minimal meta: run, round, sample count). Never a row, never a record's value, never a drop's key.
+
+Under differential privacy (the job's ``hparams.dp`` is set) only DP outputs leave:
+
+- ``train``: the update (DP-SGD) and its charge. The training metrics (loss, AUC, counts on the site's
+  training rows) and the held-out block of the incoming global model are DROPPED, not noised: each would be a
+  release about the site's records every round, charged to the ledger each time (R Gaussian releases for a
+  monitoring curve), and the run's held-out quality is measured once, privately, in the evaluation round.
+- ``evaluate``: :func:`private_evaluation`. The score histogram is coarsened to :data:`DP_BINS` bins per
+  class (:func:`dp_groups`: a fixed, data-independent grouping of the fine bins, 0.25 log-odds units over
+  [-8, 8] and one bin per tail: same sensitivity, 31x fewer noisy bins), every bin gets Gaussian noise of
+  std sigma = the job's DP-SGD noise multiplier (one held-out record is one count of one bin of one class:
+  L2 sensitivity 1 under add/remove-one), counts are rounded and clamped at 0, and every number in the
+  answer — n, positives, AUC, PR-AUC, accuracy, log-loss, the sample count — is recomputed FROM the noisy
+  histogram. The same sigma as DP-SGD: the run chose it as its noise level, and a site's approver sees one
+  sigma for the whole run. One such release costs ``GaussianDpEvent(sigma)`` (eps = 4.73 alone at sigma =
+  1, delta = 1e-5): the site's ledger charges it (``site.jobs``) and refuses the job when it does not fit.
 """
 
 from __future__ import annotations
@@ -63,7 +79,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import numpy as np
+
 from lepton_tasks.core.messages import (
+    DPTraining,
     EvalResult,
     HParams,
     Manifest,
@@ -102,10 +121,12 @@ __all__ = [
     "Verified",
     "answer_job",
     "describe_job",
+    "dp_groups",
     "evaluation_answer",
     "job_label",
     "local_run_id",
     "local_runner",
+    "private_evaluation",
     "select_drops",
     "site_hparams",
     "site_plan",
@@ -123,6 +144,12 @@ log = logging.getLogger(__name__)
 LOCAL_RUN_PREFIX: Final = "exchange-"
 #: the scalar metrics of an evaluation that go into ``RoundAnswer.metrics``
 EVAL_SCALARS: Final = ("auc", "pr_auc", "accuracy", "log_loss", "n", "positives")
+#: a score histogram released under DP groups the ``core.metrics.N_BINS`` fine bins (a fixed, data-independent
+#: grouping): groups of DP_GROUP_WIDTH fine bins (0.25 log-odds units) over [-DP_LOGIT_RANGE, DP_LOGIT_RANGE],
+#: and one group for each tail beyond it (few scores land there; every group, empty or not, adds noise and,
+#: once clamped at 0, upward bias)
+DP_GROUP_WIDTH: Final = 16
+DP_LOGIT_RANGE: Final = 8.0
 
 
 class SiteTrainingError(RuntimeError):
@@ -338,13 +365,21 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float | int | None]:
 
 
 def update_answer(
-    raw: bytes, *, run_id: str, round_: int, local_run: str, local_round: int, partner: str
+    raw: bytes,
+    *,
+    run_id: str,
+    round_: int,
+    local_run: str,
+    local_round: int,
+    partner: str,
+    dp: DPTraining | None = None,
 ) -> tuple[RoundAnswer, bytes]:
     """The answer to a ``train`` job from the trainer's update file (``weights + UpdateMeta``).
 
     The update that leaves the site carries the weights and a minimal meta (the coordinator's run and round,
     the sample count); the trainer's meta (drop hashes, partner name) stays here. The metrics, the held-out
-    block of the incoming global model (with its score histogram) and the DP-SGD charge go in the answer.
+    block of the incoming global model (with its score histogram) and the DP-SGD charge go in the answer —
+    except under ``dp``, where the metrics and the held-out block are left out (module docstring).
     :class:`BadTrainerOutput` when the file is not this run's, round's and partner's update.
     """
     from lepton_tasks.core import weights as wio
@@ -360,21 +395,111 @@ def update_answer(
             f"the trainer's update is for {meta.partner}/{meta.run_id}/round {meta.round}, not "
             f"{partner}/{local_run}/round {local_round}"
         )
-    fields: dict[str, Any] = {
-        "mode": "train",
-        "n_samples": meta.n_samples,
-        "metrics": _scalars(meta.metrics),
-        "evaluation": meta.global_prev_holdout,
-    }
+    fields: dict[str, Any] = {"mode": "train", "n_samples": meta.n_samples}
+    if dp is None:
+        fields.update(metrics=_scalars(meta.metrics), evaluation=meta.global_prev_holdout)
     if meta.privacy is not None and "privacy" in RoundAnswer.model_fields:
         fields["privacy"] = meta.privacy
     update = wio.dumps(arrays, {"run_id": run_id, "round": round_, "n_samples": meta.n_samples})
     return RoundAnswer(**fields), update
 
 
-def evaluation_answer(raw: bytes | dict[str, Any], *, local_run: str, partner: str) -> RoundAnswer:
+def _dense(pairs: Any) -> np.ndarray:
+    from lepton_tasks.core.metrics import N_BINS
+
+    out = np.zeros(N_BINS, np.int64)
+    for i, c in pairs:
+        out[int(i)] += int(c)
+    return out
+
+
+def dp_groups() -> tuple[np.ndarray, np.ndarray]:
+    """``(group of each fine bin, the fine bin where each group's released count sits)``: the grouping of a
+    score histogram released under DP (:data:`DP_GROUP_WIDTH`, :data:`DP_LOGIT_RANGE`). A group's count sits
+    at its middle fine bin; a tail's at the fine bin next to the range's edge."""
+    from lepton_tasks.core.metrics import LOGIT_RANGE, N_BINS
+
+    lo = round((LOGIT_RANGE - DP_LOGIT_RANGE) / (2 * LOGIT_RANGE) * N_BINS)
+    hi = N_BINS - lo
+    inner = (hi - lo) // DP_GROUP_WIDTH
+    fine = np.arange(N_BINS)
+    group = np.where(fine < lo, 0, np.where(fine >= hi, inner + 1, 1 + (fine - lo) // DP_GROUP_WIDTH))
+    where = np.array([lo - 1, *(lo + k * DP_GROUP_WIDTH + DP_GROUP_WIDTH // 2 for k in range(inner)), hi])
+    return group, where
+
+
+#: groups per class of a score histogram released under DP (64 of 0.25 log-odds units and two tails)
+DP_BINS: Final = int(dp_groups()[1].size)
+
+
+def _regroup(counts: np.ndarray) -> np.ndarray:
+    """Fine-bin counts summed into the :data:`DP_BINS` groups of :func:`dp_groups`."""
+    group, _ = dp_groups()
+    return np.asarray(np.bincount(group, weights=counts, minlength=DP_BINS).round(), dtype=np.int64)
+
+
+def _spread(grouped: np.ndarray) -> np.ndarray:
+    """Group counts back on the fine grid, each at its group's fine bin (:func:`dp_groups`)."""
+    from lepton_tasks.core.metrics import N_BINS
+
+    out = np.zeros(N_BINS, np.int64)
+    out[dp_groups()[1]] = grouped
+    return out
+
+
+def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, Any]:
+    """The held-out metric ``block`` as it may leave under ``dp``: its score histogram regrouped to
+    :data:`DP_BINS` bins per class, Gaussian noise of std ``dp.noise_multiplier`` on every bin
+    (:func:`lepton_tasks.core.privacy.noisy_counts`), and the metrics recomputed from that noisy histogram
+    only; nothing else of ``block`` is kept. ``dp`` records the mechanism (the site checks it before the
+    answer leaves). :class:`BadTrainerOutput` when the block has no usable score histogram."""
+    from lepton_tasks.core import metrics as m
+    from lepton_tasks.core.privacy import noisy_counts
+
+    summary = block.get("score_summary")
+    if (
+        not isinstance(summary, Mapping)
+        or summary.get("kind") != "score-histogram"
+        or summary.get("bins") != m.N_BINS
+        or summary.get("logit_range") != m.LOGIT_RANGE
+    ):
+        raise BadTrainerOutput("the trainer's evaluation has no score histogram to release under DP")
+    try:
+        pos, neg = _dense(summary["pos"]), _dense(summary["neg"])
+        threshold = float(summary.get("threshold", m.THRESHOLD))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise BadTrainerOutput("the trainer's score histogram is malformed") from None
+    sigma = dp.noise_multiplier
+    noisy = m.summary_from_counts(
+        _spread(noisy_counts(_regroup(pos), sigma)),
+        _spread(noisy_counts(_regroup(neg), sigma)),
+        threshold=threshold,
+    )
+    merged = m.merge_score_summaries([noisy])
+    note = (
+        f"differentially private: Gaussian noise (sigma {sigma:g}) on a {DP_BINS}-bin score histogram per "
+        "class; every metric here is computed from the noisy histogram"
+    )
+    return {
+        **{k: merged[k] for k in m.METRIC_KEYS},
+        "notes": [*merged["notes"], note],
+        "score_summary": noisy,
+        "dp": {
+            "mechanism": "gaussian",
+            "noise_multiplier": sigma,
+            "sensitivity": 1.0,
+            "bins_per_class": DP_BINS,
+            "delta": dp.delta,
+        },
+    }
+
+
+def evaluation_answer(
+    raw: bytes | dict[str, Any], *, local_run: str, partner: str, dp: DPTraining | None = None
+) -> RoundAnswer:
     """The answer to an ``evaluate`` job from the trainer's :class:`EvalResult`: the global model's held-out
-    metric block (with its score histogram) and its scalars; the local-only models' blocks stay here."""
+    metric block (with its score histogram) and its scalars; the local-only models' blocks stay here. Under
+    ``dp`` the block is :func:`private_evaluation`'s and the sample count its noisy ``n``."""
     try:
         result = load(EvalResult, raw, where=f"the trainer's evaluation of {local_run}")
     except MessageError as exc:
@@ -384,10 +509,10 @@ def evaluation_answer(raw: bytes | dict[str, Any], *, local_run: str, partner: s
         raise BadTrainerOutput(
             f"the trainer's evaluation is for {result.partner}/{result.run_id}, not {partner}/{local_run}"
         )
-    block = dict(result.global_)
+    block = dict(result.global_) if dp is None else private_evaluation(result.global_, dp)
     return RoundAnswer(
         mode="evaluate",
-        n_samples=result.rows.holdout,
+        n_samples=result.rows.holdout if dp is None else int(block["n"]),
         metrics=_scalars({k: block.get(k) for k in EVAL_SCALARS if k in block}),
         evaluation=block,
     )
@@ -469,8 +594,8 @@ class SiteTrainer:
             raise SiteTrainingError(f"a {job.mode} job needs global weights; this one names none")
         self._prepare(job, manifests, global_weights)
         if job.mode == "train":
-            return self._train()
-        return self._evaluate(), None
+            return self._train(job.hparams.dp)
+        return self._evaluate(job.hparams.dp), None
 
     # steps ------------------------------------------------------------------------------------------------
     def _check_contract(self, job: RoundJob) -> None:
@@ -577,7 +702,7 @@ class SiteTrainer:
             )
         return self.storage.get_bytes(bucket, output)
 
-    def _train(self) -> tuple[RoundAnswer, bytes]:
+    def _train(self, dp: DPTraining | None = None) -> tuple[RoundAnswer, bytes]:
         from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
 
         local_round = self.round + 1
@@ -590,16 +715,17 @@ class SiteTrainer:
                 local_run=self.local_run,
                 local_round=local_round,
                 partner=self.partner,
+                dp=dp,
             )
         except BadTrainerOutput as exc:
             raise CannotAnswer(SiteRefusalCode.TRAINER_FAILED, str(exc), field="trainer") from exc
 
-    def _evaluate(self) -> RoundAnswer:
+    def _evaluate(self, dp: DPTraining | None = None) -> RoundAnswer:
         from lepton_tasks.site.jobs import CannotAnswer, SiteRefusalCode
 
         raw = self._run("evaluate", 0, f"{self._prefix()}eval/{self.partner}.json")
         try:
-            return evaluation_answer(raw, local_run=self.local_run, partner=self.partner)
+            return evaluation_answer(raw, local_run=self.local_run, partner=self.partner, dp=dp)
         except BadTrainerOutput as exc:
             raise CannotAnswer(SiteRefusalCode.TRAINER_FAILED, str(exc), field="trainer") from exc
 
@@ -827,6 +953,14 @@ def describe_job(job: RoundJob, header: Any) -> str:
         f"learning rate {job.hparams.learning_rate}",
         "- differential privacy: "
         + (f"DP-SGD, noise multiplier {dp.noise_multiplier}, clip {dp.l2_clip}" if dp else "none"),
+        *(
+            [
+                f"- the held-out score histogram leaves with Gaussian noise (σ = {dp.noise_multiplier}), "
+                "charged to the site's privacy budget; its metrics are computed from the noisy histogram"
+            ]
+            if dp is not None and job.mode == "evaluate"
+            else []
+        ),
         f"- secure aggregation: {'yes' if job.secure_aggregation else 'no'}",
         "",
         "Approve: the site trains on its own staged data and sends a signed update (weights, sample count, "

@@ -8,6 +8,9 @@ a small budget (eps = 2.3 at delta = 1e-5); site B has none. The run trains with
 rounds compose (RDP) to 2.142 after two and 2.398 after three: site A answers rounds 1 and 2 and refuses round
 3 with a signed ``budget_exhausted``, BEFORE training (its trainer is not called), which the coordinator's
 ``collect_answers`` names as the reason A left the round; B answers every round, so the run goes on.
+The evaluation round (round 4) is a Gaussian release of each site's score histogram at the run's sigma (eps =
+4.73 alone): site A refuses it before evaluating (``budget_exhausted``); site B, without a budget, answers
+with the noisy histogram only, which the coordinator's merge accepts.
 
 The sites train with a numpy stand-in (the trainer itself is tested in tests/unit/trainer) that reports the
 charge the real trainer computes (``core.privacy.planned_charge``). After the run, site A's ledger file
@@ -21,7 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import hvac
 import numpy as np
@@ -29,9 +32,17 @@ import pytest
 
 from lepton_tasks.adapters.signing import TransitSigner, signer_policy
 from lepton_tasks.adapters.storage import Storage
-from lepton_tasks.core import privacy, weights
+from lepton_tasks.core import metrics, privacy, weights
 from lepton_tasks.core.contracts import load_contract
-from lepton_tasks.core.messages import DPTraining, PrivacyCharge, RoundAnswer, RoundJob, TrainerHParams
+from lepton_tasks.core.messages import (
+    DPTraining,
+    EvalResult,
+    PrivacyCharge,
+    RoundAnswer,
+    RoundJob,
+    TrainerHParams,
+    dump,
+)
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.site_policy import Approval, DatasetGrant, PrivacyBudget, SitePolicy, load_policy
 from lepton_tasks.federation.enrollment import (
@@ -46,6 +57,7 @@ from lepton_tasks.ops.partners import SeaweedIdentities
 from lepton_tasks.site.enrollment import exchange_storage, import_bundle
 from lepton_tasks.site.jobs import JobOutcome, JobStatus, run_pending
 from lepton_tasks.site.state import SiteState
+from lepton_tasks.site.training import evaluation_answer
 from tests.integration.waiting import wait_live
 
 pytestmark = pytest.mark.integration
@@ -79,9 +91,14 @@ class Site:
         return self.n
 
     def trainer(self, job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
-        """A numpy stand-in for DP-SGD that reports the charge the real trainer computes for its data."""
+        """A numpy stand-in for DP-SGD that reports the charge the real trainer computes for its data; an
+        evaluation is the site's own (``site.training.evaluation_answer``) of a fixed held-out set."""
         assert global_weights is not None and job.hparams.dp is not None
         self.trained.append(len(self.trained) + 1)
+        if job.mode == "evaluate":
+            return evaluation_answer(
+                _eval_result(self.n), local_run="x", partner="p", dp=job.hparams.dp
+            ), None
         arrays, _ = weights.loads(global_weights)
         charge = privacy.planned_charge(
             job.hparams.dp, self.n, job.hparams.batch_size, job.hparams.local_epochs
@@ -115,9 +132,19 @@ class Rig:
     outcomes: list[RoundOutcome] = field(default_factory=list)
 
 
-def _job(contract: Any) -> RoundJob:
+def _eval_result(n: int) -> dict[str, Any]:
+    """The trainer's evaluation of ``n`` held-out rows (a fixed draw: the exact data)."""
+    rng = np.random.default_rng(n)
+    y = (rng.random(n) < 0.2).astype(float)
+    p = 1 / (1 + np.exp(-rng.normal(-1.5 + 1.6 * y, 1.0)))
+    block = {**metrics.binary_metrics(y, p), "score_summary": metrics.score_summary(y, p)}
+    result = EvalResult(partner="p", run_id="x", global_=block, rows={"train": n, "holdout": n})
+    return dump(result)
+
+
+def _job(contract: Any, mode: Literal["train", "evaluate"] = "train") -> RoundJob:
     return RoundJob(
-        mode="train",
+        mode=mode,
         dataset="banks",
         contract=contract.document(),
         contract_sha256=contract.sha256,
@@ -227,7 +254,9 @@ def rig(services, settings, admin_storage, root_vault, tmp_path_factory) -> Iter
             root_vault.delete_key(key)
 
 
-def play(rig: Rig, round_: int) -> tuple[RoundOutcome, dict[str, list[JobOutcome]]]:
+def play(
+    rig: Rig, round_: int, mode: Literal["train", "evaluate"] = "train"
+) -> tuple[RoundOutcome, dict[str, list[JobOutcome]]]:
     """Send a round to both sites, let each poll once, collect their replies (all arrive: none pending)."""
     blob = weights.dumps(rig.global_weights, {"run": rig.run_id, "round": round_})
     sent = send_round(
@@ -237,7 +266,7 @@ def play(rig: Rig, round_: int) -> tuple[RoundOutcome, dict[str, list[JobOutcome
         consortium=CONSORTIUM,
         run_id=rig.run_id,
         round=round_,
-        jobs={s.name: _job(load_contract("banks")) for s in (rig.a, rig.b)},
+        jobs={s.name: _job(load_contract("banks"), mode) for s in (rig.a, rig.b)},
         blobs={ALL_SITES: blob},
         ttl=JOB_TTL,
     )
@@ -254,7 +283,7 @@ def play(rig: Rig, round_: int) -> tuple[RoundOutcome, dict[str, list[JobOutcome
 def _charges(rig: Rig, site: Site) -> list[PrivacyCharge]:
     """The DP-SGD charges in the answers the coordinator accepted from ``site``, as it read them."""
     out = []
-    for outcome in rig.outcomes:
+    for outcome in rig.outcomes[:3]:  # the training rounds
         res = outcome.sites[site.name]
         if res.status is SiteStatus.ACCEPTED:
             assert res.answer is not None and res.answer.privacy is not None
@@ -328,3 +357,29 @@ def test_the_sites_ledger_holds_exactly_the_charges_it_sent(rig):
     assert run.sites[rig.a.name].epsilon_run == pytest.approx(privacy.spent(ledger))
     assert run.sites[rig.a.name].epsilon_remaining == pytest.approx(LIMIT - privacy.spent(ledger))
     assert run.sites[rig.b.name].rounds_charged == 3 and run.sites[rig.b.name].epsilon_limit is None
+
+
+def test_the_evaluation_is_charged_refused_over_budget_and_leaves_only_noisy(rig):
+    assert len(rig.outcomes) == 3, "run after the round tests"
+    before = privacy.load_ledger(rig.a.state.ledger_path("banks"))
+    outcome, _ = play(rig, 4, "evaluate")
+
+    # site A: one Gaussian release (eps 4.73 alone) does not fit its budget: refused before evaluating
+    a = outcome.sites[rig.a.name]
+    assert a.status is SiteStatus.REFUSED and [r["code"] for r in a.reasons] == ["budget_exhausted"]
+    asked = privacy.gaussian_privacy_charge(DP.noise_multiplier, DP.delta).epsilon_this_update
+    assert float(a.reasons[0]["epsilon_asked"]) == pytest.approx(asked, rel=1e-5)
+    assert rig.a.trained == [1, 2]
+    assert privacy.load_ledger(rig.a.state.ledger_path("banks")).entries == before.entries
+
+    # site B: the noisy histogram and the metrics computed from it, nothing exact
+    b = outcome.sites[rig.b.name]
+    assert b.status is SiteStatus.ACCEPTED and b.answer is not None and b.answer.evaluation is not None
+    exact = EvalResult.model_validate(_eval_result(rig.b.n)).global_
+    block = b.answer.evaluation
+    assert block["dp"]["mechanism"] == "gaussian" and block["dp"]["noise_multiplier"] == DP.noise_multiplier
+    assert block["score_summary"]["pos"] != exact["score_summary"]["pos"]
+    assert b.answer.n_samples == block["n"] == block["score_summary"]["n"]
+    merged = metrics.merge_score_summaries([block["score_summary"]])  # what the coordinator merges
+    assert merged["auc"] == block["auc"] and merged["n"] == block["n"]
+    assert merged["auc"] == pytest.approx(exact["auc"], abs=0.05)
