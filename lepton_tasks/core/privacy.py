@@ -468,8 +468,9 @@ def run_privacy(
     secure_aggregation: bool,
     dropouts_recovered: int | None = None,
 ) -> RunPrivacy:
-    """What protected a run, for ``RunMetrics.privacy`` and the report: per site, this run's DP-SGD charges
-    (from its accepted answers, in round order) composed by the accountant at the site's budget's delta (the
+    """What protected a run, for ``RunMetrics.privacy`` and the report: per site, this run's DP charges
+    (from its accepted answers, in round order: each DP-SGD round and, through sites, the evaluation's
+    Gaussian release of its score histogram) composed by the accountant at the site's budget's delta (the
     run's delta when the site reported no budget), and the site's ledger after its last answer.
 
     ``dropouts_recovered``: sites recovered after masking; ignored (``None``) without secure aggregation.

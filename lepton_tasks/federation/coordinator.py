@@ -921,6 +921,11 @@ def decide_round(
             summaries[site] = summary
             metrics[site] = {**block, "n": answer.n_samples}
         accepted = sorted(summaries)
+        charges = {  # under DP each histogram is a Gaussian release the site charged: it counts in epsilon
+            s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
+            for s in accepted
+            if answers[s].privacy is not None or answers[s].budget is not None
+        }
         check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
         _quorum_or_record(storage, bucket, spec, check)
         overall = merge_score_summaries(summaries.values())
@@ -1224,7 +1229,7 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
     warnings = [w for r in records for w in r.warnings]
     privacy = run_privacy(
         {
-            s: [RoundAnswer(mode="train", n_samples=1, **r.charges[s]) for r in train if s in r.charges]
+            s: [RoundAnswer(mode=r.mode, n_samples=1, **r.charges[s]) for r in records if s in r.charges]
             for s in spec.sites
         },
         dp=spec.hparams.dp,

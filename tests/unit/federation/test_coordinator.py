@@ -23,7 +23,7 @@ from lepton_tasks.core.features import CategoricalStats, NumericStats, Sufficien
 from lepton_tasks.core.messages import PrivacyCharge, RoundAnswer, RoundJob, TrainerHParams
 from lepton_tasks.core.metrics import score_summary
 from lepton_tasks.core.outbound_log import OutboundLog
-from lepton_tasks.core.privacy import epsilon_of
+from lepton_tasks.core.privacy import epsilon_of, gaussian_privacy_charge
 from lepton_tasks.federation.coordinator import (
     Exclusion,
     ExclusionKind,
@@ -319,7 +319,8 @@ class Site:
         y = np.array([0, 1, 0, 1], float)
         p = np.array([0.1, 0.9, 0.2, 0.4 + self.delta / 100])
         evaluation = {"auc": 1.0, "n": 4, "score_summary": score_summary(y, p)}
-        return RoundAnswer(mode="evaluate", n_samples=4, evaluation=evaluation), None
+        answer = RoundAnswer(mode="evaluate", n_samples=4, evaluation=evaluation, privacy=RELEASE)
+        return answer, None
 
     def poll(self, storage: Buckets) -> None:
         run_pending(
@@ -337,6 +338,8 @@ SHAPES = ((3, 2), (2,))
 CHARGE = PrivacyCharge(
     noise_multiplier=1.1, sampling_rate=0.01, steps=100, l2_clip=1.0, delta=1e-5, epsilon_this_update=0.4
 )
+#: the evaluation's score histogram under DP: one Gaussian release (what a site's ledger charges for it)
+RELEASE = gaussian_privacy_charge(1.1, 1e-5)
 
 
 def _initial(contract: Contract, feature_names: Sequence[str], seed: int) -> list[np.ndarray]:
@@ -442,11 +445,14 @@ def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry
         for k, m in ((0, "statistics"), (1, "train"), (2, "train"), (3, "evaluate"))
     ]
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    # what protected the run: each site's two DP-SGD charges, composed by the accountant
+    # what protected the run: each site's two DP-SGD charges and its evaluation's release, composed by the
+    # accountant (the report must not leave out the histogram's cost)
     privacy = metrics["privacy"]
     assert privacy["secure_aggregation"] is False and set(privacy["sites"]) == {"bank-a", "bank-b"}
-    assert privacy["sites"]["bank-a"]["rounds_charged"] == 2
-    assert privacy["sites"]["bank-a"]["epsilon_run"] == pytest.approx(epsilon_of([CHARGE, CHARGE], 1e-5))
+    assert privacy["sites"]["bank-a"]["rounds_charged"] == 3
+    composed = epsilon_of([CHARGE, CHARGE, RELEASE], 1e-5)
+    assert privacy["sites"]["bank-a"]["epsilon_run"] == pytest.approx(composed)
+    assert composed > epsilon_of([CHARGE, CHARGE], 1e-5)
     # a decided round is not decided again (the record is the commit)
     assert decide_round(storage, BUCKET, registry, run_id, 1, build_initial=_initial) == read_record(
         storage, BUCKET, run_id, 1
