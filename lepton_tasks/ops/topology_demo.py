@@ -42,7 +42,9 @@ DEMO_POLL_S = 2.0
 
 def site_names(scenario: str) -> list[str]:
     """The demo's sites: one per scenario partner, named after it (``bank_a`` → ``bank-a``)."""
-    return [raw.replace("_", "-") for raw in SCENARIOS[scenario].partners]
+    from lepton_tasks.ops.demo import partner_name
+
+    return [partner_name(raw) for raw in SCENARIOS[scenario].partners]
 
 
 class TopologyDemoError(RuntimeError):

@@ -52,3 +52,9 @@ def test_a_stale_image_fails_before_the_stacks_start(monkeypatch):
 def test_the_memory_sampler_sums_nothing_without_pid_files(tmp_path: Path):
     stack = SimpleNamespace(data_dir=tmp_path)
     assert _MemorySampler([stack]).sample() == 0  # type: ignore[list-item]
+
+
+def test_the_demos_sites_are_the_scenarios_partners_under_their_partner_names():
+    from lepton_tasks.ops.topology_demo import site_names
+
+    assert site_names("banks") == ["bank-a", "bank-b", "bank-c"]
