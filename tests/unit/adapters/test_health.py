@@ -43,7 +43,8 @@ def status_server() -> Iterator[tuple[list[int], str]]:
             return
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # a short poll interval: shutdown() otherwise waits up to 0.5 s per test
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     try:
         yield codes, f"127.0.0.1:{server.server_address[1]}"
     finally:

@@ -17,6 +17,7 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_a_refused_connection_names_service_operation_bucket_and_key(closed_port):
     storage = Storage(f"127.0.0.1:{closed_port}", "ak", "sk")
     with pytest.raises(StorageUnavailable, match=rf"^S3 at 127\.0\.0\.1:{closed_port} did not answer") as err:

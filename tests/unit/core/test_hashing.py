@@ -135,6 +135,7 @@ def test_split_from_chunk_hashes_equals_the_plain_split():
     assert (other == holdout_mask(kept, ecommerce, salt="exp-2")).all()
 
 
+@pytest.mark.slow
 def test_merging_runs_streams_instead_of_holding_the_run_in_ram(tmp_path):
     """A merge keeps O(step) hashes in RAM: the fence index must not keep views of every emitted block."""
     import tracemalloc

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(levelname)s %(message)s")
@@ -20,6 +22,7 @@ logging.getLogger("great_expectations._docs_decorators").warning("warnings still
 """
 
 
+@pytest.mark.slow
 def test_gx_skipping_registering_function_lines_are_silenced():
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, check=True

@@ -144,6 +144,7 @@ def test_noise_is_not_derived_from_the_global_seed():
     )
 
 
+@pytest.mark.slow
 def test_training_with_dp_on_poisson_batches_still_learns():
     keras.utils.set_random_seed(0)
     x, y = _data(2000, 10, seed=4)

@@ -53,6 +53,7 @@ def _distance(a, b) -> float:
     return float(np.sqrt(sum(np.sum((x - y) ** 2) for x, y in zip(a, b, strict=True))))
 
 
+@pytest.mark.slow
 def test_mlp_learns_a_separable_problem_and_generalizes():
     result = train_local(_separable(), MLP, FEATURES, epochs=5, batch_size=32, learning_rate=1e-2, seed=0)
     assert result.n_samples == 600
@@ -65,6 +66,7 @@ def test_mlp_learns_a_separable_problem_and_generalizes():
     assert holdout["auc"] > 0.9 and holdout["n"] == 600
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed():
     frame = _separable(200)
     a = train_local(frame, MLP, FEATURES, epochs=2, batch_size=32, learning_rate=1e-2, seed=5)
@@ -72,6 +74,7 @@ def test_training_is_deterministic_for_a_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))
 
 
+@pytest.mark.slow
 def test_global_weights_are_the_starting_point():
     start = build_model(MLP, 3, seed=42).get_weights()
     same = train_local(_separable(100), MLP, FEATURES, global_weights=start, epochs=0, seed=0)
@@ -85,6 +88,7 @@ def test_global_weights_are_the_starting_point():
         train_local(_separable(100), MLP, FEATURES, global_weights=start[:-1], epochs=1)
 
 
+@pytest.mark.slow
 def test_fedprox_with_huge_mu_stays_at_the_global_weights():
     frame = _separable(320)
     start = build_model(MLP, 3, seed=11).get_weights()
@@ -109,6 +113,7 @@ def test_proximal_term_value():
         proximal_term(v, a[:1], mu=1.0)
 
 
+@pytest.mark.slow
 def test_sequence_model_trains_end_to_end_on_an_event_log():
     train, test = _event_log(seed=0), _event_log(seed=1)
     result = train_local(train, SEQ, ["price"], epochs=6, batch_size=32, learning_rate=1e-2, seed=0)
@@ -118,6 +123,7 @@ def test_sequence_model_trains_end_to_end_on_an_event_log():
     assert holdout["auc"] > 0.6, holdout
 
 
+@pytest.mark.slow
 def test_predictions_follow_frame_order():
     frame = _event_log(users=10, seed=3)
     weights = build_model(SEQ, 1, seed=0).get_weights()
@@ -127,6 +133,7 @@ def test_predictions_follow_frame_order():
     np.testing.assert_allclose(predict(shuffled, SEQ, ["price"], weights), p[::-1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_class_weights_and_argument_checks():
     frame = _separable(120)
     frame.loc[:99, "label"] = 0

@@ -33,6 +33,7 @@ def test_planned_charge_is_the_accountants_epsilon():
     assert c.noise_multiplier == 1.1 and c.l2_clip == 1.0 and c.delta == 1e-5
 
 
+@pytest.mark.slow
 def test_training_with_dp_uses_dp_sgd_on_poisson_batches_and_still_learns(monkeypatch):
     from lepton_tasks.trainer import dp_sgd
 
@@ -77,6 +78,7 @@ def test_training_with_dp_uses_dp_sgd_on_poisson_batches_and_still_learns(monkey
     assert evaluate_weights(_separable(seed=1), MLP, FEATURES, result.weights)["auc"] > 0.95
 
 
+@pytest.mark.slow
 def test_without_dp_nothing_changes():
     frame = _separable(200)
     a = train_local(frame, MLP, FEATURES, epochs=2, batch_size=32, learning_rate=1e-2, seed=5)
@@ -85,6 +87,7 @@ def test_without_dp_nothing_changes():
     assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))
 
 
+@pytest.mark.slow
 def test_dp_noise_is_secret_not_derived_from_the_job_seed():
     frame = _separable(200)
     kw = {"epochs": 1, "batch_size": 32, "learning_rate": 1e-2, "seed": 5, "dp": DP}
@@ -94,6 +97,7 @@ def test_dp_noise_is_secret_not_derived_from_the_job_seed():
     assert all(np.array_equal(x, y) for x, y in zip(c.weights, d.weights, strict=True))
 
 
+@pytest.mark.slow
 def test_fedprox_composes_with_dp():
     frame = _separable(320)
     start = build_model(MLP, 3, seed=11).get_weights()
@@ -105,11 +109,13 @@ def test_fedprox_composes_with_dp():
     assert held.privacy == free.privacy  # the proximal term touches weights only: the charge is the same
 
 
+@pytest.mark.slow
 def test_zero_epochs_with_dp_charges_nothing():
     r = train_local(_separable(100), MLP, FEATURES, epochs=0, dp=DP)
     assert r.privacy is not None and r.privacy.steps == 0 and r.privacy.epsilon_this_update == 0.0
 
 
+@pytest.mark.slow
 def test_dp_refuses_data_dependent_class_weights_but_takes_fixed_ones():
     frame = _separable(200)
     with pytest.raises(ValueError, match=r"balanced.*not differentially private"):
@@ -118,6 +124,7 @@ def test_dp_refuses_data_dependent_class_weights_but_takes_fixed_ones():
     assert r.privacy is not None and r.metrics["class_weight"] == {0: 1.0, 1: 3.0}
 
 
+@pytest.mark.slow
 def test_the_trainer_passes_the_jobs_dp_settings_and_puts_the_charge_in_the_update(monkeypatch):
     """``run_job`` end to end with the network and the frames faked: train and local-only modes."""
     from lepton_tasks.core import weights as wio

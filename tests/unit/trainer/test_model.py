@@ -209,6 +209,7 @@ def test_mlp_inputs_and_frame_errors():
         data.to_model_inputs(frame, SEQ, ["a"])
 
 
+@pytest.mark.slow
 def test_initial_weights_are_identical_in_another_process():
     import os
     import subprocess
