@@ -10,11 +10,12 @@ PIP_VERSION := 25.3
 # what ruff checks and formats; mypy's targets and per-package strictness are in pyproject.toml [tool.mypy]
 LINT_PATHS := lepton_tasks plugins dags tests bench docker
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
-# `make test-unit`: the tests that need no service, no Docker and no image (tests/conftest.py's markers);
-# e.g. UNIT_MARKERS="not integration and not docker and not slow" to leave the slow ones out too
-UNIT_MARKERS ?= not integration and not docker
+# `make test-unit`: the pure tests (no service, no Docker, no image) minus those marked slow (they train
+# TensorFlow models or wait through real retries): about 45 s. UNIT_MARKERS="not integration and not docker"
+# runs the slow ones too (about 2 min); `make test` runs everything.
+UNIT_MARKERS ?= not integration and not docker and not slow
 
-.PHONY: setup image demo demo-single test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
+.PHONY: setup image demo test test-unit up down status lint bench-ingest bench-aggregate bench-round bench-quality bench-privacy clean
 
 # requirements.txt: the runtime pins; requirements-dev.txt: the tools (pytest, ruff, mypy + stubs, coverage),
 # installed into the same venv for development and CI, never into the runtime images.
@@ -48,13 +49,6 @@ demo: setup  ## everything: Docker, the trainer image, a coordinator + one site 
 	@$(MAKE) --no-print-directory image
 	$(BIN)/lepton demo topology --scenario $(SCENARIO)
 
-demo-single: setup  ## development only: stage 1's single stack (one Airflow for every partner) and its demo
-	-@scripts/dockerd.sh install
-	-@scripts/dockerd.sh start
-	@$(MAKE) --no-print-directory image
-	$(BIN)/lepton up
-	$(BIN)/lepton demo run --scenario $(SCENARIO)
-
 test: setup  ## lint, then the whole test suite against real services (started and stopped by the tests), coverage
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory image
@@ -63,7 +57,7 @@ test: setup  ## lint, then the whole test suite against real services (started a
 test-unit: setup  ## the pure tests only (tests/unit, tests/dags): no services, no Docker, no image build
 	$(PYTEST) tests/unit tests/dags -m "$(UNIT_MARKERS)" --durations=5
 
-down:  ## stop the demo's stacks (the coordinator and its sites) and the single stack, if running
+down:  ## stop the demo's stacks (the coordinator and its sites) and the ingest-only development stack, if running
 	@if [ -f "$(LEPTON_DATA_DIR)/topology/topology.json" ]; then $(BIN)/lepton topology down; fi
 	$(BIN)/lepton down
 
@@ -81,11 +75,10 @@ bench-aggregate: setup
 bench-ingest: setup
 	$(BIN)/python bench/ingest/bench.py
 
-bench-round: setup image
+bench-round: setup
 	$(BIN)/python bench/round/bench.py
 
 bench-quality: setup
-	$(BIN)/python bench/quality/banks.py
 	PATH=$(BIN):$$PATH $(BIN)/python bench/quality/federated.py --seeds 1 2 3 --rounds 5
 
 # secure aggregation vs plain FedAvg (pure, ~1 min); then DP-SGD utility on the banks data, seed 1 (starts its

@@ -16,6 +16,8 @@ local training settings (empty: the contract's `training:` defaults).
    failed before it); `collect` **defers** to a trigger that
    polls the exchange (no worker slot held while sites work) until every site answered, refused or was
    rejected, or the round deadline passed; then it merges the statistics and builds the round-0 model.
+   With DP each site noises its counts, sums and sums of squares once (`dp_statistics_epsilon`, default 1)
+   and charges that to its budget; a numeric feature without a declared range refuses a DP run in `start`.
 3. `round_1` … `round_8`: the same two steps with train jobs (merged statistics + the previous global
    weights); `collect` aggregates the accepted updates with the run's strategy. The first round beyond
    `rounds` skips in its `send`; the later ones skip without running a task.
@@ -25,6 +27,8 @@ local training settings (empty: the contract's `training:` defaults).
    between its phases (keys, shares, masked inputs, reveal), and decides the round on the unmasked sum alone.
    A run without it never enters that path (no extra task).
 4. `evaluation`: each site scores the final model on its held-out split (metrics + a score histogram).
+   With DP the histogram leaves as one noisy release costing at most `dp_evaluation_epsilon` (default 1),
+   which each site reserves in its budget from the first train round on.
 5. `publish` writes `metrics.json`, `report.html` (every excluded site, per round, and why: deadline missed,
    refused with the site's reasons, verification failure, training failure) and the versioned model.
 
@@ -125,6 +129,21 @@ def _round_of(spec: Any, which: int | str) -> int:
             "statistics and updates (fedavg/fedprox, at least 3 sites).",
         ),
         "dp_delta": Param(1e-5, type="number", exclusiveMinimum=0, exclusiveMaximum=1),
+        "dp_evaluation_epsilon": Param(
+            1.0,
+            type="number",
+            exclusiveMinimum=0,
+            description="With DP: what the evaluation round's one noisy release of a site's score histogram "
+            "may cost (epsilon at dp_delta); each site derives its noise from it and reserves it when it "
+            "trains, so a site that trained can always evaluate.",
+        ),
+        "dp_statistics_epsilon": Param(
+            1.0,
+            type="number",
+            exclusiveMinimum=0,
+            description="With DP: what the statistics round's one noisy release of a site's counts, sums and "
+            "sums of squares may cost (epsilon at dp_delta); each site charges it to its budget.",
+        ),
     },
 )
 def lepton_federated() -> None:
@@ -148,7 +167,11 @@ def lepton_federated() -> None:
         dp = None
         if p["dp_noise_multiplier"] is not None:
             dp = DPTraining(
-                noise_multiplier=p["dp_noise_multiplier"], l2_clip=p["dp_l2_clip"], delta=p["dp_delta"]
+                noise_multiplier=p["dp_noise_multiplier"],
+                l2_clip=p["dp_l2_clip"],
+                delta=p["dp_delta"],
+                evaluation_epsilon=p["dp_evaluation_epsilon"],
+                statistics_epsilon=p["dp_statistics_epsilon"],
             )
         hparams = TrainerHParams(
             local_epochs=local_epochs,

@@ -20,13 +20,13 @@ one DAG run per job (a run that receives several at once maps over them; the gri
 3. `answer` (only for those jobs) reads its approver's decision and trains, or sends a signed refusal for a
    rejection or no decision by the deadline.
 
-Training runs the trainer container on the site's own staged data (the same trainer and image as
-single-stack training; the job's global weights and a one-partner plan are laid out in the site's own
-`models` bucket), then the site signs and uploads the update and the answer. A site that cannot train says
-so with a signed refusal, so the coordinator excludes it at once instead of at the round's deadline:
-`no_usable_data` (no committed drop under the job's contract; at once) or `trainer_failed` (a trainer exit
-other than the transient 4, or no usable output: at once; Vault/S3 down or exit 4: retried, and refused on
-the task's last try). Every object written to the exchange is in the site's outbound log first.
+Training runs the trainer container on the site's own staged data (the job's global weights and a
+one-partner plan are laid out in the site's own `models` bucket: `lepton_tasks.site.local_run`), then the
+site signs and uploads the update and the answer. A site that cannot train says so with a signed refusal,
+so the coordinator excludes it at once instead of at the round's deadline: `no_usable_data` (no committed
+drop under the job's contract; at once) or `trainer_failed` (a trainer exit other than the transient 4, or
+no usable output: at once; Vault/S3 down or exit 4: retried, and refused on the task's last try). Every
+object written to the exchange is in the site's outbound log first.
 
 Secure aggregation: a round job with `secure_aggregation` is trained as above, but its update (or its
 statistics) stays at the site, encrypted under the site's `lepton-secagg-<site>` Vault key, and the answer

@@ -1,27 +1,32 @@
 """bench/privacy/utility: what record-level DP costs in model quality, on the banks data, side by side.
 
-For each seed, in one process and against one real embedded stack (OpenBao + SeaweedFS on free loopback
-ports, as bench/quality/banks.py): three non-IID banks (``lepton_tasks.ops.scenarios.banks``) drop and
-ingest their data once; then, on the same staged data,
+On the coordinator + sites path: a coordinator and three sites, each its own embedded stack (OpenBao +
+SeaweedFS on free loopback ports; no Airflow), enrolled for real, as bench/quality/federated.py. For each
+seed the three non-IID banks (``lepton_tasks.ops.scenarios.banks``, site i = bank i) drop and ingest their
+data at their own site once; then, on the same staged data, federated runs go through the stage-2 code
+in-process (``lepton_tasks.ops.inprocess_run.run_federated``: signed jobs and answers, statistics round,
+FedAvg rounds with each site training on its own data, evaluation round, publish):
 
-* the non-private run: plan → 5 FedAvg rounds × 2 local epochs (per-partner trainer jobs in-process) →
-  local-only models → held-out evaluation inside each partner's job;
-* one DP run per target epsilon (default 1, 3, 8 at delta 1e-5): the same hyper-parameters plus
-  ``dp_noise_multiplier`` = sigma, calibrated so that the WHOLE run (every round's DP-SGD steps composed by
-  the RDP accountant, ``core.privacy.epsilon_spent(sigma, q_p, rounds x steps_p, delta)``) costs at most the
-  target at EVERY partner. Poisson sampling rate ``q_p = B / N_p`` and ``steps_p = local_epochs x
-  ceil(N_p / B)`` per round (``trainer.local.dp_schedule``) differ per bank; one sigma serves the run, so the
-  smallest bank (largest q) sets it: found by bisection on log sigma, the other banks spend less. The
-  epsilon each bank really spent is recomposed afterwards from the charges inside its update files
-  (``UpdateMeta.privacy`` of every round, ``core.privacy.epsilon_of``), checked and printed.
+* the non-private run: 5 FedAvg rounds × 2 local epochs, then the local-only reference
+  (``inprocess_run.local_only_baseline``: each site's local-only model scored on every site's holdout);
+* one DP run per target epsilon (default 1, 3, 8 at delta 1e-5): the same hyper-parameters plus DP-SGD at
+  every site (the job's ``hparams.dp``) with noise multiplier sigma calibrated so that the run's TRAINING
+  (every round's DP-SGD steps composed by the RDP accountant, ``core.privacy.epsilon_spent(sigma, q_p,
+  rounds x steps_p, delta)``) costs at most the target at EVERY site. Poisson sampling rate ``q_p = B / N_p``
+  and ``steps_p = local_epochs x ceil(N_p / B)`` per round (``trainer.local.dp_schedule``) differ per bank;
+  one sigma serves the run, so the smallest bank (largest q) sets it: found by bisection on log sigma. The
+  training epsilon each bank really spent is recomposed from the charges inside its update files (the
+  trainer's ``UpdateMeta.privacy`` in the site's local run, ``core.privacy.epsilon_of``) and checked. On
+  this path the site also charges its private evaluation (a noised score histogram,
+  ``DPTraining.evaluation_epsilon``): the run's whole epsilon per site is the published ``metrics.json``'s
+  ``privacy.sites[*].epsilon_run``, printed beside it.
 
-DP runs train no local-only model (it would be one more DP training at each bank: its epsilon composes with
-the run's; in the trigger form's DAG it does run, with DP): the local-only baseline is the non-private run's,
-which is what a bank that does not federate gets, since its data never leaves it.
-
-AUCs: the published global model (the round chosen by federated held-out AUC, as in production) on the union
-of the three holdouts (exact, from score histograms); mean local-only: each bank's local-only model on the
-union, averaged. Targets at the largest epsilon: within 0.02 of non-private federated, and >= 0.03 above the
+AUCs: the published global model (the last round) on the union of the three holdouts, from the evaluation
+round's merged histograms (noised under DP); beside it, a diagnostic outside the protocol: the same model's
+AUC merged from the sites' un-noised evaluations (the trainer's output in each site's local run, before the
+site noises what it answers), which tells the private evaluation's cost apart from training's. Mean
+local-only: each bank's local-only model on the union, averaged (non-private: what a bank that does not
+federate gets). Targets at the largest epsilon: within 0.02 of non-private federated, and >= 0.03 above the
 mean local-only AUC.
 
 Usage: ``python bench/privacy/utility.py [--seeds 1 2 3] [--epsilons 1 3 8] [--json out.json]``
@@ -45,9 +50,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def _seeded(seed: int, bank: str) -> str:
-    """The partner name of ``bank`` for ``seed`` (each seed onboards its own partners)."""
-    return f"p{seed}-{bank}"
+DROP_KEY = "banks/drop.csv"  # one inbox file per bank: each seed's drop supersedes the previous seed's
 
 
 def calibrate_sigma(
@@ -58,7 +61,7 @@ def calibrate_sigma(
     batch_size: int,
     epochs_per_round: int,
     rounds: int,
-    lo: float = 0.3,
+    lo: float = 0.3,  # core.messages.MIN_NOISE_MULTIPLIER
     hi: float = 200.0,
     rel_tol: float = 1e-3,
 ) -> tuple[float, dict[str, float]]:
@@ -88,35 +91,78 @@ def calibrate_sigma(
     return hi, worst(hi)
 
 
-def _spent_per_partner(storage, settings, run_id: str, partners: list[str], rounds: int) -> dict[str, float]:
-    """Each partner's epsilon over the run, recomposed from the charges in its update files."""
+def _training_spent(topo: Any, run_id: str) -> dict[str, float]:
+    """Each site's training epsilon over the run, recomposed from the charges in its trainer's update files
+    (the site's local run of ``run_id``)."""
     from lepton_tasks.core import weights as wio
     from lepton_tasks.core.messages import UpdateMeta, load
     from lepton_tasks.core.privacy import Charge, epsilon_of
-    from lepton_tasks.federation.plan import run_prefix
+    from lepton_tasks.ops.inprocess_run import open_site
+    from lepton_tasks.site.local_run import run_prefix
+    from lepton_tasks.site.training import local_run_id
 
     out = {}
-    for p in partners:
+    for name in topo.sites:
+        site = open_site(topo, name)
+        mb = site.settings.models_bucket
         charges, delta = [], None
-        for k in range(1, rounds + 1):
-            key = f"{run_prefix(run_id)}round-{k}/{p}.update"
-            _, raw = wio.loads(storage.get_bytes(settings.models_bucket, key))
-            priv = load(UpdateMeta, raw, where=key).privacy
-            if priv is None:
-                raise RuntimeError(f"{key}: a DP run's update carries no privacy charge")
-            delta = priv.delta
+        updates = [
+            o.key
+            for o in site.storage.list(mb, run_prefix(local_run_id(run_id)))
+            if o.key.endswith(".update")
+        ]
+        for key in sorted(updates):
+            meta = load(UpdateMeta, wio.loads(site.storage.get_bytes(mb, key))[1], where=key)
+            if meta.privacy is None:
+                raise RuntimeError(f"{name}: {key}: a DP run's update carries no privacy charge")
+            delta = meta.privacy.delta
             charges.append(
                 Charge(
                     run_id=run_id,
-                    round=k,
+                    round=meta.round,
                     dataset="banks",
-                    noise_multiplier=priv.noise_multiplier,
-                    sampling_rate=priv.sampling_rate,
-                    steps=priv.steps,
-                    sampling=priv.sampling,
+                    noise_multiplier=meta.privacy.noise_multiplier,
+                    sampling_rate=meta.privacy.sampling_rate,
+                    steps=meta.privacy.steps,
+                    sampling=meta.privacy.sampling,
                 )
             )
-        out[p] = epsilon_of(charges, delta)
+        if delta is None:
+            raise RuntimeError(f"{name}: no update in the local run of {run_id}")
+        out[name] = epsilon_of(charges, delta)
+    return out
+
+
+def _exact_auc(topo: Any, run_id: str) -> float | None:
+    """DIAGNOSTIC, outside the protocol: the published model's AUC on the union of the holdouts from each
+    site's OWN un-noised evaluation (the trainer's ``eval/<partner>.json`` in its local run, before the site
+    noises the histogram it answers with). Tells the cost of the private evaluation apart from training's."""
+    from lepton_tasks.core.messages import EvalResult, load
+    from lepton_tasks.core.metrics import merge_score_summaries
+    from lepton_tasks.ops.inprocess_run import open_site
+    from lepton_tasks.site.local_run import run_prefix
+    from lepton_tasks.site.training import local_run_id
+
+    summaries = []
+    for name in topo.sites:
+        site = open_site(topo, name)
+        key = f"{run_prefix(local_run_id(run_id))}eval/{site.partner}.json"
+        result = load(EvalResult, site.storage.get_bytes(site.settings.models_bucket, key), where=key)
+        summaries.append(result.global_["score_summary"])
+    return merge_score_summaries(summaries).get("auc")
+
+
+def _train_rows(topo: Any, run_id: str) -> dict[str, int]:
+    """Each site's training rows in ``run_id`` (its local run's plan: the drops it trained on)."""
+    from lepton_tasks.ops.inprocess_run import open_site
+    from lepton_tasks.site.local_run import read_plan
+    from lepton_tasks.site.training import local_run_id
+
+    out = {}
+    for name in topo.sites:
+        site = open_site(topo, name)
+        plan = read_plan(site.storage, site.settings, local_run_id(run_id))
+        out[name] = sum(d.rows.train for ds in plan.drops.values() for d in ds)
     return out
 
 
@@ -133,39 +179,16 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write every row here")
     args = ap.parse_args()
 
-    from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.adapters.vault import Vault
-    from lepton_tasks.federation.plan import (
-        HParams,
-        aggregate_round,
-        collect_metrics,
-        plan_run,
-        read_plan,
-        trainer_job,
-    )
-    from lepton_tasks.ingest.stage import ingest_drop
+    from lepton_tasks.core.messages import DPTraining, TrainerHParams
     from lepton_tasks.ops.demo import partner_name
-    from lepton_tasks.ops.embedded.stack import Ports, Stack
-    from lepton_tasks.ops.partners import SeaweedIdentities, add_partner, drop_as_partner
+    from lepton_tasks.ops.inprocess_run import (
+        ingest_at_site,
+        inprocess_runner,
+        local_only_baseline,
+        run_federated,
+    )
     from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
-    from lepton_tasks.trainer.__main__ import run_job
-
-    def federate(settings, storage, op, run_id, partners, hp, *, local_only: bool) -> dict[str, Any]:
-        plan_run(settings, storage, op, run_id=run_id, dataset="banks", partners=partners, hparams=hp)
-        for k in range(1, hp.rounds + 1):
-            for p in partners:
-                job = trainer_job(
-                    settings, storage, op, run_id=run_id, partner=p, mode="train", round_number=k
-                )
-                run_job(job)
-            aggregate_round(settings, storage, run_id=run_id, round_number=k)
-        for mode in ("local", "evaluate") if local_only else ("evaluate",):
-            for p in partners:
-                job = trainer_job(settings, storage, op, run_id=run_id, partner=p, mode=mode, round_number=0)
-                run_job(job)
-        return collect_metrics(settings, storage, run_id=run_id, runtime="local").model_dump(
-            mode="json", by_alias=True
-        )
+    from lepton_tasks.ops.topology import SiteSetup, Topology
 
     rows: list[dict[str, Any]] = []
 
@@ -175,50 +198,50 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
+    def federate(topo: Any, name: str, hp: TrainerHParams) -> Any:
+        return run_federated(
+            topo,
+            dataset="banks",
+            rounds=args.rounds,
+            hparams=hp,
+            strategy="fedavg",
+            min_partners=len(topo.sites),
+            run_name=f"{name}-{int(time.time())}",
+            runner=inprocess_runner,
+            progress=lambda line: print(f"  {name}: {line}", flush=True),
+        )
+
     started = time.perf_counter()
+    sc = SCENARIOS["banks"]
+    sites = [partner_name(raw) for raw in sc.partners]
     with tempfile.TemporaryDirectory(prefix="lepton-dp-utility-") as tmp:
-        stack = Stack(Path(tmp), ports=Ports.free())
-        stack.up(with_airflow=False)
+        topo = Topology.create(Path(tmp) / "topology", sites)
         try:
-            settings = stack.settings()
-            storage = Storage.from_settings(settings)
-            op = Vault.connect(settings.vault_addr, settings.vault_token.get_secret_value())
+            topo.up(with_airflow=False)
+            topo.enroll(SiteSetup(datasets=("banks",), min_partners=len(sites)))
             for seed in args.seeds:
-                partners = []
-                for raw, df in SCENARIOS["banks"].generate(seed).items():
-                    name = _seeded(seed, partner_name(raw))
-                    add_partner(
-                        settings,
-                        name,
-                        ["banks"],
-                        storage=storage,
-                        root_vault=stack.root_vault(),
-                        identities=SeaweedIdentities(stack.seaweedfs.shell),
-                    )
-                    drop_as_partner(settings, name, "banks/drop.csv", to_csv_bytes(df))
-                    ingest_drop(settings, storage, op, name, "banks/drop.csv")
-                    partners.append(name)
-                base = {
-                    "rounds": args.rounds,
-                    "local_epochs": args.local_epochs,
-                    "batch_size": args.batch_size,
-                    "learning_rate": args.learning_rate,
-                    "strategy": "fedavg",
-                    "min_partners": 3,
-                    "seed": seed,
-                }
+                frames = sc.generate(seed)
+                for site, raw in zip(sites, sc.partners, strict=True):
+                    ingest_at_site(topo, site, to_csv_bytes(frames[raw]), dataset="banks", key=DROP_KEY)
+                base = TrainerHParams(
+                    local_epochs=args.local_epochs,
+                    local_only_epochs=args.local_epochs * args.rounds,
+                    batch_size=args.batch_size,
+                    learning_rate=args.learning_rate,
+                    seed=seed,
+                    fedprox_mu=0.0,
+                )
                 t0 = time.perf_counter()
-                run_id = f"dp-utility-seed{seed}-nonprivate"
-                m = federate(settings, storage, op, run_id, partners, HParams(**base), local_only=True)
-                plan = read_plan(storage, settings, run_id)
-                sizes = {p: sum(d.rows.train for d in plan.drops[p]) for p in partners}
+                result = federate(topo, f"dp-utility-seed{seed}-nonprivate", base)
+                local = local_only_baseline(topo, result.run_id)
+                sizes = _train_rows(topo, result.run_id)
                 row = {
                     "seed": seed,
                     "setting": "non-private",
                     "target_epsilon": None,
                     "sigma": None,
-                    "federated_auc": m["final"]["overall"]["auc"],
-                    "mean_local_only_auc": m["local_only"]["overall"]["auc"],
+                    "federated_auc": result.metrics["final"]["overall"]["auc"],
+                    "mean_local_only_auc": local.mean_union_auc,
                     "train_rows": sizes,
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
@@ -234,37 +257,42 @@ def main() -> int:
                         epochs_per_round=args.local_epochs,
                         rounds=args.rounds,
                     )
-                    hp = HParams(**base, dp_noise_multiplier=sigma, dp_l2_clip=args.clip, dp_delta=args.delta)
-                    run_id = f"dp-utility-seed{seed}-eps{eps:g}"
-                    m = federate(settings, storage, op, run_id, partners, hp, local_only=False)
-                    spent = _spent_per_partner(storage, settings, run_id, partners, args.rounds)
-                    for p in partners:  # the charges the trainers reported are the ones calibrated
-                        if not math.isclose(spent[p], planned[p], rel_tol=1e-9):
-                            raise RuntimeError(f"{p}: planned eps {planned[p]}, the updates say {spent[p]}")
+                    dp = DPTraining(noise_multiplier=sigma, l2_clip=args.clip, delta=args.delta)
+                    result = federate(
+                        topo, f"dp-utility-seed{seed}-eps{eps:g}", base.model_copy(update={"dp": dp})
+                    )
+                    spent = _training_spent(topo, result.run_id)
+                    for site in sites:  # the charges the trainers reported are the ones calibrated
+                        if not math.isclose(spent[site], planned[site], rel_tol=1e-9):
+                            raise RuntimeError(
+                                f"{site}: planned eps {planned[site]}, the updates say {spent[site]}"
+                            )
+                    run_eps = {s: p["epsilon_run"] for s, p in result.metrics["privacy"]["sites"].items()}
                     row = {
                         "seed": seed,
                         "setting": f"eps={eps:g}",
                         "target_epsilon": eps,
                         "sigma": round(sigma, 4),
-                        "federated_auc": m["final"]["overall"]["auc"],
+                        "federated_auc": result.metrics["final"]["overall"]["auc"],
+                        "exact_auc_before_evaluation_noise": _exact_auc(topo, result.run_id),
                         "mean_local_only_auc": baseline["mean_local_only_auc"],
-                        "epsilon_spent": {p: round(v, 3) for p, v in spent.items()},
-                        "per_round_auc": [(r.get("global") or {}).get("auc") for r in m["rounds"]],
-                        "published_round": m["lineage"]["published_round"],
+                        "epsilon_spent": {s: round(v, 3) for s, v in spent.items()},
+                        "epsilon_run_with_evaluation": {s: round(v, 3) for s, v in sorted(run_eps.items())},
                         "seconds": round(time.perf_counter() - t0, 1),
                     }
                     record(row)
         finally:
-            stack.down()
+            topo.down()
     total = time.perf_counter() - started
 
     top = max(args.epsilons)
     print(
-        f"\n== bench/privacy/utility (banks, ISLR Default, 3 non-IID banks; {args.rounds} FedAvg rounds x "
-        f"{args.local_epochs} local epochs, B={args.batch_size}, lr={args.learning_rate}; DP-SGD on Poisson "
-        f"batches, clip {args.clip}, delta {args.delta:g}, epsilon of the whole run at the smallest bank) =="
+        f"\n== bench/privacy/utility (coordinator + 3 sites in-process; banks, ISLR Default, 3 non-IID "
+        f"banks; {args.rounds} FedAvg rounds x {args.local_epochs} local epochs, B={args.batch_size}, "
+        f"lr={args.learning_rate}; DP-SGD on Poisson batches, clip {args.clip}, delta {args.delta:g}, "
+        "training epsilon of the run at the smallest bank) =="
     )
-    print("seed  setting       sigma   federated AUC  vs non-private  vs mean local-only  eps spent per bank")
+    print("seed  setting       sigma   federated AUC  vs non-private  vs mean local-only  train eps per bank")
     ok = True
     base_by_seed = {r["seed"]: r for r in rows if r["setting"] == "non-private"}
     for r in rows:
@@ -281,6 +309,17 @@ def main() -> int:
         )
     for seed, b in base_by_seed.items():
         print(f"seed {seed}: mean local-only AUC {b['mean_local_only_auc']:.4f}, rows {b['train_rows']}")
+    for r in rows:
+        if r.get("exact_auc_before_evaluation_noise") is not None:
+            print(
+                f"seed {r['seed']} {r['setting']}: the same model's AUC from the sites' un-noised "
+                f"evaluations (diagnostic) {r['exact_auc_before_evaluation_noise']:.4f}"
+            )
+        if r.get("epsilon_run_with_evaluation"):
+            print(
+                f"seed {r['seed']} {r['setting']}: run epsilon per site with the private evaluation "
+                f"{r['epsilon_run_with_evaluation']}"
+            )
     print(f"total {total / 60:.1f} min")
     print(f"target at eps={top:g} met" if ok else f"TARGET AT eps={top:g} NOT MET")
     return 0 if ok else 1

@@ -11,11 +11,11 @@ runtime: the trainer as a subprocess, unless ``--runner inprocess``), the evalua
 the final model on its holdout and returns a score histogram) and publish. The federated AUC is the published
 ``metrics.json``'s ``final.overall.auc`` (merged histograms of the three holdouts).
 
-References (outside the protocol, as in ``bench/quality/banks.py``): the centralized model on the union of the
-data (``lepton_tasks.ops.demo.centralized_reference``), and each site's local-only model (the trainer's
-``local`` mode at the site, ``local_epochs × rounds`` epochs) scored on every site's holdout
+References (outside the protocol, as stage 1's ``bench/quality/banks.py`` had them): the centralized model on
+the union of the data (``lepton_tasks.ops.demo.centralized_reference``), and each site's local-only model
+(the trainer's ``local`` mode at the site, ``local_epochs × rounds`` epochs) scored on every site's holdout
 (``inprocess_run.local_only_baseline``); "mean local-only AUC" is the mean over banks of each local model's
-AUC on the union of the holdouts, the single stack's definition.
+AUC on the union of the holdouts (stage 1's definition, so the numbers compare).
 
 Target (issue 10): federated AUC within 0.01 of centralized and >= 0.05 above the mean local-only AUC.
 Usage: ``python bench/quality/federated.py [--seeds 1 2 3] [--rounds 5] [--runner subprocess|inprocess]``

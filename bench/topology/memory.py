@@ -1,5 +1,6 @@
 """Memory of the embedded topology (a coordinator + N sites, each its own OpenBao, SeaweedFS and Airflow) vs
-the single stack (stage 1), measured side by side in one run on this machine.
+one single stack (``lepton up``'s; stage 1's when the documented numbers were measured, now ingest-only),
+measured side by side in one run on this machine.
 
 Both are started with Airflow (api-server, scheduler, dag-processor, triggerer) and left idle for
 ``--settle`` seconds (DAG files parsed); then every process of every stack's sessions is measured:

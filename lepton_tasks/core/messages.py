@@ -173,6 +173,22 @@ class DPTraining(BaseModel):
     noise_multiplier: float = Field(ge=MIN_NOISE_MULTIPLIER, allow_inf_nan=False)
     l2_clip: float = Field(1.0, gt=0, allow_inf_nan=False)
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta at which epsilon is reported")
+    evaluation_epsilon: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="through sites: what the evaluation round's one Gaussian release of a site's score "
+        "histogram may cost (epsilon at delta); each site calibrates that release's noise from it "
+        "(core.privacy.evaluation_sigma) and reserves it in its budget when it trains",
+    )
+    statistics_epsilon: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="through sites: what the statistics round's one Gaussian release of a site's counts, "
+        "sums and sums of squares may cost (epsilon at delta); each site calibrates that release's noise "
+        "from it (federation.private_statistics.statistics_sigma) and charges it to its budget",
+    )
 
 
 class PrivacyCharge(BaseModel):
@@ -472,6 +488,12 @@ class RunPrivacy(BaseModel):
         None, ge=0, description="sites recovered after masking (None: secure aggregation not used)"
     )
     dp: DPTraining | None = Field(None, description="the run's DP-SGD settings; None: no DP")
+    evaluation_noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        description="through sites under DP: the noise multiplier of the evaluation's release, calibrated "
+        "from dp.evaluation_epsilon (None: not recorded, or no DP)",
+    )
     sites: dict[str, SitePrivacy] = Field(default_factory=dict)
 
 
@@ -558,7 +580,12 @@ class RoundAnswer(Message):
     payload_schema: ClassVar[str] = "lepton-round-answer/1"
 
     mode: Literal["statistics", "train", "evaluate"]
-    n_samples: int = Field(ge=0)
+    n_samples: int | None = Field(
+        None,
+        ge=0,
+        description="the site's sample count (FedAvg weights with it); None under secure aggregation, where "
+        "it crosses only masked, inside the sum",
+    )
     metrics: dict[str, float | int | None] = Field(default_factory=dict)
     update: BlobRef | None = Field(None, description="the weights update (train)")
     statistics: SufficientStats | None = Field(None, description="additive statistics (statistics round)")

@@ -31,9 +31,11 @@ may keep one ledger per dataset.
 
 Other releases. What a site sends besides its DP-SGD update is released by the Gaussian mechanism at L2
 sensitivity 1 (:func:`noisy_counts`: the evaluation round's score histogram, where each held-out record is one
-count of one bin). :func:`gaussian_charge` records it as a ledger entry with ``sampling_rate = 1`` and one
-step: ``PoissonSampled(1, Gaussian(sigma))`` IS ``GaussianDpEvent(sigma)`` (RDP ``alpha / (2 sigma^2)``), so
-it composes with the DP-SGD entries in the same RDP sum.
+count of one bin; ``federation.private_statistics``: the statistics round's counts and sums, each block
+scaled by its per-record bound so one record moves the whole vector by at most 1). :func:`gaussian_charge`
+records it as a ledger entry with ``sampling_rate = 1`` and one step: ``PoissonSampled(1, Gaussian(sigma))``
+IS ``GaussianDpEvent(sigma)`` (RDP ``alpha / (2 sigma^2)``), so it composes with the DP-SGD entries in the
+same RDP sum.
 
 Sampling. The accounting is for Poisson sampling. Shuffled fixed-size batches are commonly accounted the same
 way with q = B/N, but that is a heuristic (Chua et al., ICML 2024, show it can under-state eps): such charges
@@ -242,9 +244,10 @@ class Charge(BaseModel):
     #: how batches were drawn: ``poisson`` (what the accountant analyses) or ``shuffle`` (fixed-size batches
     #: of a shuffled epoch, accounted as Poisson with q = B/N: a heuristic, see the module docstring)
     sampling: Literal["poisson", "shuffle"] = "poisson"
-    #: what the charge released: a DP-SGD ``update``, or an ``evaluation`` (a Gaussian release of counts,
-    #: :func:`gaussian_charge`); older ledgers hold updates only
-    release: Literal["update", "evaluation"] = "update"
+    #: what the charge released: a DP-SGD ``update``, an ``evaluation`` (a Gaussian release of counts,
+    #: :func:`gaussian_charge`) or the statistics round's ``statistics`` (one Gaussian release of the
+    #: sensitivity-scaled statistics, ``federation.private_statistics``); older ledgers hold updates only
+    release: Literal["update", "evaluation", "statistics"] = "update"
     timestamp: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @property
@@ -369,9 +372,17 @@ def charge(ledger: PrivacyLedger, entry: Charge) -> PrivacyLedger:
 # ------------------------------------------------------------------------------------------------ jobs
 
 
-def gaussian_charge(noise_multiplier: float, *, run_id: str, round: int, dataset: str) -> Charge:
+def gaussian_charge(
+    noise_multiplier: float,
+    *,
+    run_id: str,
+    round: int,
+    dataset: str,
+    release: Literal["evaluation", "statistics"] = "evaluation",
+) -> Charge:
     """The ledger entry of ONE Gaussian release at L2 sensitivity 1 and noise std ``noise_multiplier``
-    (``dp_accounting.GaussianDpEvent(noise_multiplier)``): q = 1, one step, ``release="evaluation"``."""
+    (``dp_accounting.GaussianDpEvent(noise_multiplier)``): q = 1, one step; ``release`` names what it
+    released (the evaluation's histogram, or the statistics round's noisy statistics)."""
     return Charge(
         run_id=run_id,
         round=round,
@@ -379,7 +390,7 @@ def gaussian_charge(noise_multiplier: float, *, run_id: str, round: int, dataset
         noise_multiplier=noise_multiplier,
         sampling_rate=1.0,
         steps=1,
-        release="evaluation",
+        release=release,
     )
 
 
@@ -394,6 +405,52 @@ def gaussian_privacy_charge(noise_multiplier: float, delta: float) -> PrivacyCha
         delta=delta,
         epsilon_this_update=epsilon_spent(noise_multiplier, 1.0, 1, delta),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def gaussian_sigma_for_epsilon(epsilon: float, delta: float) -> float:
+    """The smallest noise multiplier sigma (to a relative 1e-9, rounded up) whose ONE Gaussian release at L2
+    sensitivity 1 costs at most ``epsilon`` at ``delta`` — by THIS module's accountant (:func:`epsilon_spent`
+    with q = 1 and one step, exactly what :func:`gaussian_charge` records), so a ledger charges such a release
+    at most ``epsilon``. Bisection: eps is non-increasing in sigma (each order's RDP ``alpha / (2 sigma^2)``
+    is). Not the analytic Gaussian mechanism of Balle & Wang (2018), which is tighter for one release but is
+    not what the ledger composes with.
+
+    ``ValueError`` when ``epsilon`` is not a finite number > 0 or ``delta`` is not in (0, 1). Any such
+    epsilon calibrates: for a very large sigma the conversion gives eps = 0 (its KL bound), so the doubling
+    that brackets sigma ends (epsilon = 0.001 needs sigma = 7.4e4 at delta = 1e-5)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+    def cost(sigma: float) -> float:
+        return epsilon_spent(sigma, 1.0, 1, delta)
+
+    lo, hi = 1e-3, 1.0
+    while cost(hi) > epsilon:
+        lo, hi = hi, hi * 2
+    if cost(lo) <= epsilon:  # a cost this low at sigma = 0.001 (epsilon in the thousands): no bisection
+        return lo
+    while (hi - lo) > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost(mid) <= epsilon else (mid, hi)
+    return hi
+
+
+def evaluation_sigma(dp: DPTraining) -> float:
+    """The noise multiplier of a DP run's evaluation release (the score histogram, ``site.training``): the
+    smallest sigma whose one Gaussian release costs at most ``dp.evaluation_epsilon`` at ``dp.delta``
+    (:func:`gaussian_sigma_for_epsilon`). The run declares the evaluation's cost, not its sigma, so that a
+    site's approver and its budget see what the evaluation spends; each site derives the same sigma."""
+    return gaussian_sigma_for_epsilon(float(dp.evaluation_epsilon), float(dp.delta))
+
+
+def evaluation_charge(dp: DPTraining, *, run_id: str, rounds: int, dataset: str) -> Charge:
+    """The ledger entry of a run's evaluation release (round ``rounds + 1``, at :func:`evaluation_sigma`):
+    what the site charges when it evaluates, and what it RESERVES with the run's first train charge, so that
+    a site that trained always has room to evaluate (``site.jobs``)."""
+    return gaussian_charge(evaluation_sigma(dp), run_id=run_id, round=rounds + 1, dataset=dataset)
 
 
 def noisy_counts(counts: np.ndarray, noise_multiplier: float) -> np.ndarray:

@@ -62,7 +62,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from lepton_tasks.core import weights as wio
 from lepton_tasks.core.contracts import Contract, load_contract
 from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader
-from lepton_tasks.core.messages import RoundAnswer, RoundJob, TrainerHParams, dump, load
+from lepton_tasks.core.messages import RoundAnswer, RoundJob, RunPrivacy, TrainerHParams, dump, load
 from lepton_tasks.core.secagg_messages import UpdateLayout
 from lepton_tasks.core.strategies import NEEDS_INDIVIDUAL_UPDATES, Strategy
 from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
@@ -240,8 +240,12 @@ class RoundRecord(BaseModel):
     quorum_met: bool
     accepted: list[str]
     exclusions: list[Exclusion]
-    #: per accepted site: its n_samples and training metrics (train), held-out metrics (evaluate)
+    #: per accepted site: its n_samples and training metrics (train), held-out metrics (evaluate); under
+    #: secure aggregation a site's training sample count is not known (no ``n``): see ``samples_total``
     metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: secure aggregation (statistics and train rounds): the round's total sample count, from the unmasked
+    #: sum (the only count the coordinator learns then)
+    samples_total: int | None = Field(None, ge=0)
     #: evaluate: the merged held-out metrics of every accepted site's score histogram
     overall: dict[str, Any] | None = None
     #: message ids of the valid replies (replay protection for the later rounds)
@@ -444,6 +448,13 @@ def start_run(
             statistics_layout(contract)
         except ValueError as exc:
             raise RunSetupError(f"secure aggregation of {contract.version_tag}'s statistics: {exc}") from None
+    if hparams.dp is not None:  # the statistics round is one Gaussian release: it needs bounded sums
+        from lepton_tasks.federation.private_statistics import UnboundedStatistics, require_bounded
+
+        try:
+            require_bounded(contract)
+        except UnboundedStatistics as exc:
+            raise RunSetupError(str(exc)) from None
     spec = RunSpec(
         run_id=run_id,
         airflow_run_id=airflow_run_id,
@@ -661,7 +672,12 @@ def merge_statistics(
 ) -> tuple[SufficientStats | None, list[str], list[Exclusion]]:
     """Sum the sites' statistics; a site whose answer carries none, or statistics of another dataset,
     contract version or feature set, is excluded as unusable. Returns ``(merged or None, the sites merged,
-    exclusions)``."""
+    exclusions)``.
+
+    Under DP each site's statistics are a noisy release (``federation.private_statistics``), post-processed
+    at the site into valid statistics (integer counts clamped at 0, sums within the declared range times the
+    count, a variance >= 0), so the plain sum applies; a merged count of 0 normalizes with mean 0, std 1
+    (``GlobalStats.from_stats``)."""
     from lepton_tasks.core.features import SufficientStats, merge
 
     good: dict[str, SufficientStats] = {}
@@ -802,6 +818,26 @@ def _secure_brief(secure: SecAggResult) -> dict[str, Any]:
     }
 
 
+def _counted(metrics: Mapping[str, Any], answer: RoundAnswer) -> dict[str, Any]:
+    """A site's metrics for the record, with ``n`` = the sample count its answer states; an answer under
+    secure aggregation states none (it crossed only masked, in the sum), and then no per-site ``n`` is
+    made up: the round's total is :func:`_secure_total`'s."""
+    out = dict(metrics)
+    if answer.n_samples is not None:
+        out["n"] = answer.n_samples
+    return out
+
+
+def _secure_total(secure: SecAggResult | None) -> int | None:
+    """The round's total sample count from the unmasked sum: the weighted FedAvg's summed ``n`` (an update
+    aggregation) or the merged statistics' rows; ``None`` without secure aggregation."""
+    if secure is None:
+        return None
+    if secure.n_samples is not None:
+        return int(secure.n_samples)
+    return int(secure.statistics.rows) if secure.statistics is not None else None
+
+
 def decide_round(
     storage: Storage,
     bucket: str,
@@ -861,7 +897,12 @@ def decide_round(
         else:
             merged, accepted, bad = merge_statistics(answers, contract, round_)
         exclusions += bad
-        metrics = {s: {"n": answers[s].n_samples} for s in accepted}
+        metrics = {s: _counted({}, answers[s]) for s in accepted}
+        charges = {  # under DP each site's statistics are one Gaussian release it charged: it counts in ε
+            s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
+            for s in accepted
+            if answers[s].privacy is not None or answers[s].budget is not None
+        }
         check = _record(spec, round_, mode, accepted, exclusions, metrics, None, outcome, warnings)
         _quorum_or_record(storage, bucket, spec, check)
         assert merged is not None  # quorum met ⇒ at least one site merged
@@ -883,7 +924,7 @@ def decide_round(
             updates, bad = usable_updates(raw, global_prev, round_)
             accepted = sorted(s for s, _, _ in updates)
         exclusions += bad
-        metrics = {s: {**answers[s].metrics, "n": answers[s].n_samples} for s in accepted}
+        metrics = {s: _counted(answers[s].metrics, answers[s]) for s in accepted}
         charges = {
             s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
             for s in accepted
@@ -919,7 +960,7 @@ def decide_round(
                 exclusions.append(_unusable(site, round_, "bad_evaluation", why))
                 continue
             summaries[site] = summary
-            metrics[site] = {**block, "n": answer.n_samples}
+            metrics[site] = _counted(block, answer)  # hidden count: the histogram's own n stays
         accepted = sorted(summaries)
         charges = {  # under DP each histogram is a Gaussian release the site charged: it counts in epsilon
             s: answers[s].model_dump(mode="json", include={"privacy", "budget"})
@@ -940,7 +981,11 @@ def decide_round(
         storage.put_json(bucket, _stats_key(run_id), stats_doc)
     record = _record(spec, round_, mode, accepted, exclusions, metrics, overall, outcome, warnings, digest)
     record = record.model_copy(
-        update={"charges": charges, "secure_aggregation": _secure_brief(secure) if secure else None}
+        update={
+            "charges": charges,
+            "secure_aggregation": _secure_brief(secure) if secure else None,
+            "samples_total": _secure_total(secure),
+        }
     )
     storage.put_json(bucket, _record_key(run_id, round_), record.model_dump(mode="json"))  # last: the commit
     for e in record.exclusions:
@@ -1143,10 +1188,11 @@ def secure_aggregation_step(
 def _arrays(outcome: RoundOutcome, site: str) -> tuple[list[np.ndarray], int]:
     out = outcome.sites[site]
     assert out.answer is not None
+    n = out.answer.n_samples if out.answer.n_samples is not None else 0  # a plain update states it
     if out.update is None:
-        return [], out.answer.n_samples
+        return [], n
     arrays, _meta = wio.loads(out.update)
-    return arrays, out.answer.n_samples
+    return arrays, n
 
 
 def _record(
@@ -1258,6 +1304,7 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
                 "round": r.round,
                 "partners": r.metrics,
                 "excluded": {e.site: e.describe() for e in r.exclusions},
+                **({"samples_total": r.samples_total} if r.samples_total is not None else {}),
             }
             for r in train
         ],
@@ -1274,9 +1321,19 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
             "published_round": last.round,
             "global_weights_sha256": last.global_weights_sha256,
         },
-        "privacy": privacy.model_dump(mode="json"),
+        "privacy": _with_evaluation_noise(privacy).model_dump(mode="json"),
         "warnings": warnings,
     }
+
+
+def _with_evaluation_noise(privacy: RunPrivacy) -> RunPrivacy:
+    """``privacy`` with the evaluation release's sigma, calibrated from the run's evaluation epsilon as every
+    site calibrates it (``core.privacy.evaluation_sigma``), for the report; unchanged without DP."""
+    from lepton_tasks.core.privacy import evaluation_sigma
+
+    if privacy.dp is None:
+        return privacy
+    return privacy.model_copy(update={"evaluation_noise_multiplier": evaluation_sigma(privacy.dp)})
 
 
 def publish_run(
@@ -1289,8 +1346,8 @@ def publish_run(
 ) -> dict[str, Any]:
     """Publish a finished run: ``metrics.json``, ``report.html`` (every excluded site and why), the last
     round's global weights as a versioned model (``model/global.npz``, ``model/global.keras`` when the
-    contract's model can be rebuilt, ``model/VERSION.json`` and a ``_registry/<dataset>/`` entry shared with
-    the single-stack runs' versions). Idempotent: re-publishing keeps the run's version."""
+    contract's model can be rebuilt, ``model/VERSION.json`` and a ``_registry/<dataset>/`` entry: one
+    version sequence per dataset across runs). Idempotent: re-publishing keeps the run's version."""
     from lepton_tasks.core.messages import RegistryEntry
     from lepton_tasks.federation.report import render_report
 

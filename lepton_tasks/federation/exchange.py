@@ -293,7 +293,8 @@ class RoundOutcome:
         """``(site, weights, n_samples)`` of each accepted answer with an update, for ``aggregate.fedavg``."""
         out = []
         for site, res in self.accepted.items():
-            if res.update is not None and res.answer is not None:
+            # an update's answer carries its count (``_update_blob`` rejects one without)
+            if res.update is not None and res.answer is not None and res.answer.n_samples is not None:
                 arrays, _meta = weights.loads(res.update)
                 out.append((site, arrays, res.answer.n_samples))
         return out
@@ -370,10 +371,11 @@ def _update_blob(
                 RejectReason.MALFORMED.value, "a train answer carries no update", key, "payload.update"
             )
         return None, None
-    if answer.n_samples <= 0:
+    if answer.n_samples is None or answer.n_samples <= 0:  # None: only a secure answer may hide it
         return None, Rejection(
             RejectReason.MALFORMED.value,
-            f"an update from {answer.n_samples} samples cannot be weighted",
+            f"an update from {answer.n_samples if answer.n_samples is not None else 'an unstated number of'} "
+            "samples cannot be weighted",
             key,
             "payload.n_samples",
         )

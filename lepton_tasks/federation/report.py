@@ -16,6 +16,7 @@ Metrics schema (``metrics``)::
       "rounds": [                         # one entry per federated round, in order
         {"round": int,
          "partners": {name: {"loss", "auc", "n", ...}},   # each partner's local training metrics
+         "samples_total": int,            # secure aggregation: the unmasked sum's count (no per-site n)
          "excluded": {name: reason} | [name | {"partner": name, "reason": str}, ...],  # name: "no update"
          "global": {"loss" | "log_loss", "auc", "pr_auc", "accuracy", "n", ...}},   # global model, held-out
         ...],
@@ -28,7 +29,8 @@ Metrics schema (``metrics``)::
       "hparams": {"dp_noise_multiplier": float | None, "dp_l2_clip": float, "dp_delta": float, ...},
       "privacy": {                        # RunMetrics.privacy (core.privacy.run_privacy)
         "secure_aggregation": bool, "dropouts_recovered": int | None,
-        "dp": {"noise_multiplier", "l2_clip", "delta"} | None,
+        "dp": {"noise_multiplier", "l2_clip", "delta", "evaluation_epsilon"} | None,
+        "evaluation_noise_multiplier": float | None,   # through sites: the evaluation release's sigma
         "sites": {name: {"rounds_charged", "delta", "epsilon_run", "noise_multiplier", "l2_clip",
                          "epsilon_limit", "epsilon_spent", "epsilon_remaining"}}},
     }
@@ -37,7 +39,7 @@ where ``metrics`` is a dict as returned by :func:`lepton_tasks.core.metrics.bina
 ``positives``, ``positive_rate``, ``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``notes``; ``loss`` is read
 as a synonym of ``log_loss``; an ``overall`` from :func:`lepton_tasks.core.metrics.weighted_overall` has
 ``auc_weighted_mean`` instead of ``auc`` and is labelled so). Unknown keys are ignored. A drop given only by
-its SHA-256 (what :func:`lepton_tasks.federation.plan.collect_metrics` records) is shown with the drop id
+its SHA-256 (as a lineage may record it) is shown with the drop id
 derived from it, as :func:`lepton_tasks.ingest.stage.drop_id_of` names drops.
 
 "What protected this run" reads ``privacy``; without it (metrics written before it existed) the DP-SGD
@@ -282,6 +284,11 @@ def _noisy_evaluation(metrics: Mapping[str, Any]) -> bool:
     return metrics.get("runtime") == "sites" and bool(_dict(metrics.get("privacy")).get("dp"))
 
 
+def _secure(metrics: Mapping[str, Any]) -> bool:
+    """Whether the run used secure aggregation (its sites' training sample counts never crossed alone)."""
+    return _dict(metrics.get("privacy")).get("secure_aggregation") is True
+
+
 def _summary(
     metrics: Mapping[str, Any], rounds: list[dict], partners: list[str], overall: dict
 ) -> list[tuple[str, Cell]]:
@@ -395,23 +402,50 @@ def _partner_table(names: list[str], final_pp: dict, local_pp: dict, central_pp:
     return _table(header, rows)
 
 
-def _rounds_table(rounds: list[dict]) -> Table:
+#: what the report shows for a site's training sample count in a secure run (it never crossed on its own)
+HIDDEN_COUNT = "hidden (secure aggregation)"
+
+
+def _samples(r: Mapping[str, Any], secure: bool) -> tuple[Any, str | None]:
+    """A round's training samples: (the total, per site). Under secure aggregation the total is the
+    unmasked sum's (``samples_total``) and each site's count is :data:`HIDDEN_COUNT`; otherwise the
+    sites' stated counts and their sum."""
+    partners = {str(k): _dict(m) for k, m in _dict(r.get("partners")).items()}
+    if secure or r.get("samples_total") is not None:
+        per_site = ", ".join(f"{p}: {HIDDEN_COUNT}" for p in sorted(partners)) or None
+        return _num(r.get("samples_total")), per_site
+    counts = {p: _num(m.get("n")) for p, m in sorted(partners.items())}
+    per_site = ", ".join(f"{p}: {int(n)}" for p, n in counts.items() if n is not None) or None
+    return sum(int(n or 0) for n in counts.values()) or None, per_site
+
+
+def _rounds_table(rounds: list[dict], *, secure: bool = False) -> Table:
     rows = []
     for i, r in enumerate(rounds):
         excluded = [f"{p}: {reason}" for p, reason in excluded_reasons(r.get("excluded"))]
         g = _dict(r.get("global"))
+        total, per_site = _samples(r, secure)
         rows.append(
             [
                 r.get("round", i + 1),
                 ", ".join(sorted(map(str, _dict(r.get("partners"))))) or None,
                 "; ".join(excluded) or None,
-                sum(int(_num(_dict(m).get("n")) or 0) for m in _dict(r.get("partners")).values()) or None,
+                total,
+                per_site,
                 _loss(g),
                 _auc(g),
             ]
         )
     return _table(
-        ["round", "partners trained", "excluded (reason)", "training samples", "global loss", "global AUC"],
+        [
+            "round",
+            "partners trained",
+            "excluded (reason)",
+            "training samples",
+            "training samples per site",
+            "global loss",
+            "global AUC",
+        ],
         rows,
     )
 
@@ -463,6 +497,21 @@ def _protection(metrics: Mapping[str, Any]) -> dict[str, Any]:
             ("clipping norm C", _num(dp.get("l2_clip"))),
             ("δ", _small(dp.get("delta"))),
         ]
+        if metrics.get("runtime") == "sites":  # the evaluation round's release (site.training)
+            pairs += [
+                (
+                    "evaluation ε (one noisy release of each site's score histogram)",
+                    _num(dp.get("evaluation_epsilon")),
+                ),
+                (
+                    "evaluation noise σ (calibrated from that ε)",
+                    _num(priv.get("evaluation_noise_multiplier")),
+                ),
+                (  # federation.private_statistics: the statistics round under DP is never exact
+                    "statistics ε (one noisy release of each site's counts, sums and sums of squares)",
+                    _num(dp.get("statistics_epsilon")),
+                ),
+            ]
         sites = {str(k): _dict(v) for k, v in _dict(priv.get("sites")).items()}
         rows = [
             [
@@ -537,7 +586,7 @@ def _context(metrics: Mapping[str, Any]) -> dict[str, Any]:
         else {"what": str(local_overall.get("note") or "overall AUC"), "auc": _text(local_auc)[0]},
         "overall_notes": "; ".join(map(str, overall["notes"])) if overall.get("notes") else None,
         "rounds_plot": _rounds_plot(rounds) if rounds else None,
-        "rounds_table": _rounds_table(rounds) if rounds else None,
+        "rounds_table": _rounds_table(rounds, secure=_secure(metrics)) if rounds else None,
         "partner_plot": _partner_auc_plot(names, final_pp, local_pp, central_overall) if names else None,
         "partner_table": _partner_table(names, final_pp, local_pp, central_pp) if names else None,
         "centralized": centralized,

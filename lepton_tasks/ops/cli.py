@@ -20,7 +20,7 @@ app = typer.Typer(
 partners_app = typer.Typer(help="Onboard and manage partners.", no_args_is_help=True)
 images_app = typer.Typer(help="Build the trainer image.", no_args_is_help=True)
 demo_app = typer.Typer(
-    help="Demo scenarios: drop data as partners would, run the federated pipeline.", no_args_is_help=True
+    help="Demo scenarios: the coordinator + sites demo, or drop data as partners would.", no_args_is_help=True
 )
 app.add_typer(partners_app, name="partners")
 app.add_typer(images_app, name="images")
@@ -61,7 +61,8 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 @app.command()
 def up(airflow: Annotated[bool, typer.Option(help="Also start Airflow.")] = True) -> None:
-    """Start the embedded stack (OpenBao, SeaweedFS, Airflow) on 127.0.0.1. Idempotent."""
+    """Start the embedded development stack (OpenBao, SeaweedFS, Airflow) on 127.0.0.1: it only ingests,
+    no training (a coordinator and its sites: `lepton topology up`). Idempotent."""
     from lepton_tasks.ops.embedded.docker import docker_status
 
     stack = _stack()
@@ -269,20 +270,6 @@ def demo_drop(scenario: Annotated[str, typer.Option("--scenario", "-s")] = "bank
     from lepton_tasks.ops.demo import drop_scenario
 
     for line in drop_scenario(_stack(), scenario, seed=seed):
-        console.print(line)
-
-
-@demo_app.command("run")
-def demo_run(
-    scenario: Annotated[str, typer.Option("--scenario", "-s")] = "banks",
-    seed: int = 7,
-    rounds: int = 5,
-    timeout: float = 1800.0,
-) -> None:
-    """The whole mission: drop the scenario's data, wait for ingest, train federated, print the report."""
-    from lepton_tasks.ops.demo import run_demo
-
-    for line in run_demo(_stack(), scenario, seed=seed, rounds=rounds, timeout=timeout):
         console.print(line)
 
 

@@ -1,15 +1,14 @@
-"""The demo harness: onboard a scenario's partners, drop their data as they would, wait for the event-driven
-ingest and the asset-triggered federated training, then add a *centralized reference* (trained on the union
-of the partners' data — something a real federation would not have) and print where the report is.
+"""Demo helpers shared by the topology demo (``topology_demo``) and the benchmarks: scenario partner names,
+dropping a scenario's files as its partners would (``lepton demo drop``, into the ingest-only development
+stack), and a *centralized reference* (trained on the union of the partners' data — something a real
+federation would not have).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +16,6 @@ from typing import TYPE_CHECKING, Any
 from lepton_tasks.ops.scenarios import SCENARIOS, Scenario, to_csv_bytes
 
 if TYPE_CHECKING:
-    from lepton_tasks.adapters.settings import Settings
-    from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.ops.airflow_api import AirflowAPI
     from lepton_tasks.ops.embedded.stack import Stack
 
 # the centralized reference trains in this process (see trainer/__init__)
@@ -78,56 +74,6 @@ def drop_scenario(
         )
 
 
-def _training_run(
-    api: AirflowAPI,
-    storage: Storage,
-    settings: Settings,
-    train_dag: str,
-    before: set[str],
-    expected: set[str],
-    rounds: int,
-    wait_for_asset_run: float = 120.0,
-) -> Iterator[str]:
-    """Find the training run that trains on all of ``expected`` (manifest keys); yield ``"run:<id>"`` last.
-
-    The staged-asset events start runs as partners' drops land, so the first new run may have been planned
-    with only some of them: a run counts once its ``plan.json`` lists every expected manifest. If none has
-    started ``wait_for_asset_run`` seconds after staging, one is started from the API (at once when the drops
-    were staged before, e.g. by an earlier demo with the same seed: no new asset event will come).
-    """
-    from lepton_tasks.federation.plan import run_prefix
-
-    rejected: set[str] = set()
-    t0 = time.monotonic()
-    while True:
-        pending = False
-        for r in reversed(api.runs(train_dag)):  # oldest first
-            rid = r["dag_run_id"]
-            if rid in before or rid in rejected:
-                continue
-            plan_key = run_prefix(rid) + "plan.json"
-            if not storage.exists(settings.models_bucket, plan_key):
-                if r["state"] == "failed":
-                    rejected.add(rid)
-                else:
-                    pending = True  # queued, or not planned yet
-                continue
-            planned = {
-                d["manifest"]
-                for ds in storage.get_json(settings.models_bucket, plan_key)["drops"].values()
-                for d in ds
-            }
-            if expected <= planned:
-                yield f"run:{rid}"
-                return
-            rejected.add(rid)
-            yield f"run {rid} started before all drops were staged; waiting for the next one"
-        if not pending and time.monotonic() - t0 >= wait_for_asset_run:  # no asset-triggered run covers them
-            yield f"run:{api.trigger(train_dag, {'rounds': rounds})}"
-            return
-        time.sleep(3)
-
-
 def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
     """REFERENCE ONLY: the same pipeline on the union of all partners' data (impossible in a federation)."""
     import pandas as pd
@@ -168,86 +114,3 @@ def centralized_reference(scenario: str, *, seed: int, hparams: dict[str, Any]) 
         "label": "centralized reference (union of all partners' data; not available in a real federation)",
         "overall": m,
     }
-
-
-def run_demo(
-    stack: Stack, scenario: str, *, seed: int = 7, rounds: int = 5, timeout: float = 1800.0
-) -> Iterator[str]:
-    """The whole mission on the embedded stack; yields progress lines."""
-    from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.plan import run_prefix
-    from lepton_tasks.federation.publish import publish_run
-    from lepton_tasks.ingest.stage import MANIFEST, drop_prefix
-    from lepton_tasks.ops.airflow_api import AirflowAPI
-
-    sc = _scenario(scenario)
-    settings = stack.settings()
-    af = stack.airflow(settings)
-    api = AirflowAPI(af.url, "admin", af.admin_password() or "")
-    deadline = time.monotonic() + 120
-    train_dag = f"lepton_train_{sc.dataset}"
-    while not (api.dag_exists("lepton_ingest") and api.dag_exists(train_dag)):
-        if time.monotonic() > deadline:
-            raise SystemExit(
-                "the DAGs were not registered within 120 s: see `lepton logs airflow-dag-processor`"
-            )
-        time.sleep(3)
-    for dag_id in ("lepton_ingest", train_dag):
-        api.unpause(dag_id)
-    before = {r["dag_run_id"] for r in api.runs(train_dag)}
-    dropped: dict[str, str] = {}
-    yield from drop_scenario(stack, scenario, seed=seed, dropped=dropped)
-    storage = Storage.from_settings(settings)
-    # these drops' manifests, not just any staged data (a second demo finds the first one's drops staged)
-    expected = {f"{drop_prefix(p, sc.dataset, d)}{MANIFEST}" for p, d in dropped.items()}
-    yield f"waiting for the inbox watcher to ingest the drops (event-driven; see {af.url}/dags/lepton_ingest)"
-    t0 = time.monotonic()
-    known = all(storage.exists(settings.staging_bucket, k) for k in expected)  # the same files, staged before
-    while not all(storage.exists(settings.staging_bucket, k) for k in expected):
-        if time.monotonic() - t0 > 600:
-            raise SystemExit("drops were not staged within 10 min: see the lepton_ingest runs in the UI")
-        time.sleep(3)
-    yield (
-        "these files were staged before (same content): starting a training run"
-        if known
-        else f"all {len(dropped)} partners staged in {time.monotonic() - t0:.0f}s; "
-        "waiting for the training run"
-    )
-    run_id = None
-    for line in _training_run(
-        api,
-        storage,
-        settings,
-        train_dag,
-        before,
-        expected,
-        rounds,
-        wait_for_asset_run=0.0 if known else 120.0,
-    ):
-        if line.startswith("run:"):
-            run_id = line[4:]
-        else:
-            yield line
-    if run_id is None:  # _training_run yields "run:<id>" last, or raises
-        raise SystemExit(f"no training run of {train_dag} was found or started")
-    yield f"training run {run_id}: {af.url}/dags/{train_dag}/runs/{run_id}"
-    state = api.wait_run(train_dag, run_id, timeout)
-    if state != "success":
-        raise SystemExit(f"training run {run_id} ended {state}: see {af.url}/dags/{train_dag}/runs/{run_id}")
-    plan = storage.get_json(settings.models_bucket, run_prefix(run_id) + "plan.json")
-    ref = centralized_reference(scenario, seed=seed, hparams=plan["hparams"])
-    runtime = storage.get_json(settings.models_bucket, run_prefix(run_id) + "metrics.json")["runtime"]
-    out = publish_run(settings, storage, run_id=run_id, runtime=runtime, centralized=ref)
-    m = out["metrics"]
-    fed_auc = m["final"]["overall"].get("auc")
-    lo_auc = m["local_only"]["overall"].get("auc")
-    yield (
-        f"federated AUC (union of holdouts) {fed_auc:.4f} | "
-        f"centralized reference {ref['overall']['auc']:.4f} | "
-        f"mean local-only (on the union) {lo_auc:.4f}"
-        if fed_auc is not None and lo_auc is not None
-        else json.dumps(m["final"])
-    )
-    yield f"REPORT: {out['report_path']}"
-    yield f"model version {out['version']}: {out['model_url']}"
-    yield f"Airflow UI: {af.url}  (user admin; password in {af.password_file()})"

@@ -28,11 +28,11 @@ What differs from the Airflow path: nothing waits (each site handles its job rig
 that sent nothing makes :func:`run_federated` fail with :class:`InProcessRunError` instead of waiting for
 the round's deadline), and the trainer runs through the injected runner — by default
 :func:`lepton_tasks.site.training.local_runner` (the trainer as a subprocess, the local runtime), not the
-Docker-based ``LeptonTrainerOperator``.
+site DAG's Docker-based ``lepton_airflow.trainer.trainer_runner``.
 
 :func:`local_only_baseline` is a REFERENCE for benchmarks, outside the protocol: every site trains a
 local-only model on its own staged data (the trainer's ``local`` mode, ``local_only_epochs`` = local epochs ×
-rounds, as the single stack does) and every local-only model is scored on every site's holdout, the weights
+rounds) and every local-only model is scored on every site's holdout, the weights
 copied between the sites' ``models`` buckets by the caller (no row moves; only score histograms come back).
 """
 
@@ -175,13 +175,13 @@ def answer_site_jobs(site: Site, runner: TrainerRunner) -> list[JobOutcome]:
 
 def inprocess_runner(settings: Settings, storage: Storage, vault: Vault) -> TrainerRunner:
     """A :data:`~lepton_tasks.site.training.TrainerRunner` that runs the trainer in THIS process
-    (``trainer.__main__.run_job`` on ``federation.plan.trainer_job``'s job, as the single-stack benchmark
-    does): faster than :func:`~lepton_tasks.site.training.local_runner` (no interpreter and TensorFlow start
-    per job), same job, same trainer code; for benchmarks and tests only."""
+    (``trainer.__main__.run_job`` on ``site.local_run.trainer_job``'s job): faster than
+    :func:`~lepton_tasks.site.training.local_runner` (no interpreter and TensorFlow start per job), same
+    job, same trainer code; for benchmarks and tests only."""
     from lepton_tasks.site.training import TrainerRun
 
     def run(req: TrainerRun) -> None:
-        from lepton_tasks.federation.plan import trainer_job
+        from lepton_tasks.site.local_run import trainer_job
         from lepton_tasks.trainer.__main__ import run_job
 
         run_job(
@@ -331,8 +331,7 @@ class LocalOnlyBaseline:
 
     @property
     def mean_union_auc(self) -> float | None:
-        """The mean over sites of each local-only model's AUC on the union (the single stack's
-        ``local_only.overall.auc``)."""
+        """The mean over sites of each local-only model's AUC on the union of the holdouts."""
         aucs = [float(m["auc"]) for m in self.union.values() if m.get("auc") is not None]
         return sum(aucs) / len(aucs) if aucs else None
 
@@ -351,7 +350,7 @@ def local_only_baseline(
     site scores every local-only model on its own holdout. Runs the trainer in this process."""
     from lepton_tasks.core.messages import EvalResult, load
     from lepton_tasks.core.metrics import merge_score_summaries
-    from lepton_tasks.federation.plan import run_prefix, trainer_job
+    from lepton_tasks.site.local_run import run_prefix, trainer_job
     from lepton_tasks.site.training import local_run_id
     from lepton_tasks.trainer.__main__ import run_job
 

@@ -37,9 +37,21 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    round is a second release, and the ledger holds one charge per (run, round). An **evaluate** job on a
    budgeted dataset must carry DP settings too (else ``privacy_required``: its answer would be an exact
    histogram of the held-out records); its answer is ONE Gaussian release of the score histogram at the
-   job's sigma (``site.training.private_evaluation``), charged as
+   sigma calibrated from the run's ``dp.evaluation_epsilon`` (``site.training.private_evaluation``,
+   :func:`~lepton_tasks.core.privacy.evaluation_sigma`), charged as
    :func:`~lepton_tasks.core.privacy.gaussian_charge` — known before training, checked here, refused with
-   ``budget_exhausted`` when it does not fit.
+   ``budget_exhausted`` when it does not fit. A train job RESERVES that release: it is checked with the
+   evaluation's entry composed in (:func:`_reserving_budget_reason`; refused ``budget_exhausted`` naming ε
+   spent, asked, reserved, limit and remaining when both do not fit), and the entry is recorded with the
+   run's first train charge, so the evaluation of a run the site trained in always fits (it is already
+   charged: the same key and mechanism cost nothing more).
+   A **statistics** job WITH DP settings is released the same way
+   (``federation.private_statistics``: the statistics as ONE Gaussian release at the sigma calibrated from
+   ``dp.statistics_epsilon``, whatever the trainer computed, with a noisy row count as ``n_samples``),
+   charged as ``gaussian_charge(..., release="statistics")`` when its dataset has a budget, checked here first
+   (``budget_exhausted``); a contract with a numeric feature whose range ingest does not enforce is refused
+   (``statistics_unbounded``). Without DP a statistics job is exact and not charged, and on a budgeted
+   dataset refused like an evaluation without DP (``privacy_required``).
 6. **approval** — when the policy requires it and no decision was given, the job WAITS (the key stays
    unhandled; the approval deadline counts from the first time the site saw it); a denial, or no decision
    by the deadline, is a refusal.
@@ -53,21 +65,23 @@ bucket-scoped credentials of its enrollment bundle. :func:`poll_jobs` lists the 
    (:attr:`~lepton_tasks.core.privacy.Charge.key`). The answer carries the charge and the ledger's totals
    (``answer.budget``) for the coordinator's report. Under DP only DP outputs leave, whatever the trainer
    returned: a train answer loses its training metrics and held-out block, and an evaluation that is not
-   the noisy release at the job's sigma fails the task (nothing is sent). Then the site writes the update blob
-   ``answers/<run>/<round>/<answer id>.update`` and the sealed answer (the commit).
+   the noisy release at the run's evaluation sigma fails the task (nothing is sent). Then the site writes
+   the update blob ``answers/<run>/<round>/<answer id>.update`` and the sealed answer (the commit).
 
 **Secure aggregation** (``job.secure_aggregation``, Bonawitz et al. 2017: the coordinator learns only the sum
 over the sites). The caller passes the site's :class:`~lepton_tasks.site.secagg.SiteExchange` (``secagg``:
 its per-round secrets encrypted under its own Vault key); a site without one refuses a secure statistics or
 train job before training (``secure_aggregation_unavailable``). Under secure aggregation the trained update
 (or the statistics) does NOT leave with the answer: after the privacy charge the site keeps it
-(:func:`~lepton_tasks.site.secagg.hold_input`, encrypted at rest) and answers with the sample count, metrics
-and privacy charge only. The coordinator's phase jobs (``lepton-secagg-*`` payloads in the same round folder)
-are then dispatched by :func:`handle_job` to the site's phases — :func:`~lepton_tasks.site.secagg.join`
-(with this site's own check of the setup: bound to the job it answered, the purpose of what it holds, a
-layout its input fits), ``share``, ``mask_update`` / ``mask_statistics`` (the held input, masked) and
-``reveal``, after which the held input is erased. A phase job never needs approval: the approval covered
-the round's job. DP-SGD composes: what is masked is the DP-trained update, charged before it was held.
+(:func:`~lepton_tasks.site.secagg.hold_input`, encrypted at rest) and answers with its privacy charge and
+metrics only — and in a secure run no answer carries the site's sample count (:func:`_without_counts`: the
+count crosses only masked, inside the sum). The coordinator's phase jobs (``lepton-secagg-*`` payloads in
+the same round folder) are then dispatched by :func:`handle_job` to the site's phases —
+:func:`~lepton_tasks.site.secagg.join` (with this site's own check of the setup: bound to the job it
+answered, the purpose of what it holds, a layout its input fits), ``share``, ``mask_update`` /
+``mask_statistics`` (the held input, masked) and ``reveal``, after which the held input is erased. A phase
+job never needs approval: the approval covered the round's job. DP-SGD composes: what is masked is the
+DP-trained update, charged before it was held.
 
 Steps 2–6 end in a sealed :class:`~lepton_tasks.core.messages.RoundRefusal` carrying every reason (code,
 field, message) — the coordinator reports it as the site's reason for leaving the round. Every object the
@@ -139,6 +153,13 @@ from lepton_tasks.core.site_policy import (
     check_job,
 )
 from lepton_tasks.federation.exchange import update_key
+from lepton_tasks.federation.private_statistics import (
+    UnboundedStatistics,
+    noisy_statistics,
+    require_bounded,
+    statistics_charge,
+    statistics_sigma,
+)
 from lepton_tasks.site import secagg as site_secagg
 from lepton_tasks.site.secagg import HeldInput, SecAggStateError, SiteExchange, SiteStep, SiteStepStatus
 from lepton_tasks.site.state import SiteState, StateDoc
@@ -205,6 +226,9 @@ class SiteRefusalCode(StrEnum):
     SECURE_AGGREGATION_UNAVAILABLE = "secure_aggregation_unavailable"
     #: a secure-aggregation round whose input this site already masked (a re-sent job): it holds no other
     SECAGG_INPUT_ALREADY_MASKED = "secagg_input_already_masked"
+    #: a DP statistics job on a contract with a numeric feature whose range ingest does not enforce (its
+    #: sums have no finite sensitivity: ``federation.private_statistics``)
+    STATISTICS_UNBOUNDED = "statistics_unbounded"
 
 
 class CannotAnswer(RuntimeError):
@@ -543,7 +567,9 @@ def _decide(
                 "secrets): it cannot take part in a secure run",
             )
         )
-    if (problem := _evaluation_needs_dp(policy, job)) is not None:
+    if (problem := _release_needs_dp(policy, job)) is not None:
+        reasons.append(problem)
+    if (problem := _statistics_need_bounds(job)) is not None:
         reasons.append(problem)
     if reasons:
         return refuse(reasons, job)
@@ -555,7 +581,10 @@ def _decide(
             return refuse([problem], job)
 
     # the privacy budget (train and evaluate jobs on a budgeted dataset; those without DP were refused above)
-    scope = policy.budget_for(job.dataset) if job.mode in ("train", "evaluate") else None
+    # statistics: charged only with DP (without it they are exact, protected by secure aggregation alone,
+    # and refused above on a budgeted dataset)
+    charged = job.mode in ("train", "evaluate") or (job.mode == "statistics" and job.hparams.dp is not None)
+    scope = policy.budget_for(job.dataset) if charged else None
     ledger: privacy.PrivacyLedger | None = None
     planned: PrivacyCharge | None = None
     if scope is not None:
@@ -574,10 +603,12 @@ def _decide(
                 job,
             )
         ledger = state.read_ledger(scope)
-        if job.mode == "evaluate":  # one Gaussian release: its cost does not depend on the data
-            entry = privacy.gaussian_charge(
-                dp.noise_multiplier, run_id=header.run_id, round=header.round, dataset=job.dataset
-            )
+        if job.mode == "statistics":  # one Gaussian release (federation.private_statistics)
+            entry = statistics_charge(dp, run_id=header.run_id, round=header.round, dataset=job.dataset)
+            if (problem := _budget_reason(ledger, scope, entry)) is not None:
+                return refuse([problem], job)
+        elif job.mode == "evaluate":  # one Gaussian release: its cost does not depend on the data
+            entry = _evaluation_entry(header, job, dp)  # reserved when this run trained: it fits then
             if (problem := _budget_reason(ledger, scope, entry)) is not None:
                 return refuse([problem], job)
         elif sample_count is not None:
@@ -589,7 +620,8 @@ def _decide(
             entry = privacy.ledger_charge(
                 planned, run_id=header.run_id, round=header.round, dataset=job.dataset
             )
-            if (problem := _budget_reason(ledger, scope, entry)) is not None:
+            reserve = _evaluation_reserve(header, job, dp)
+            if (problem := _reserving_budget_reason(ledger, scope, entry, reserve)) is not None:
                 return refuse([problem], job)
 
     if approved is False:
@@ -622,6 +654,8 @@ def _decide(
         raise ValueError(f"the trainer answered a {answer.mode!r} job; the job is {job.mode!r}")
     if job.hparams.dp is not None:
         answer = _only_private(header, job, answer, job.hparams.dp)
+        if job.mode == "statistics":
+            answer = _private_statistics(header, job, answer, job.hparams.dp)
     if scope is not None and ledger is not None:
         answer, problem = _charge(state, scope, ledger, header, job, answer, planned)
         if problem is not None:
@@ -632,6 +666,8 @@ def _decide(
             answer, update = _hold(secagg, header, job, answer, update)
         except SecAggStateError as exc:
             return refuse([_reason(SiteRefusalCode.SECAGG_INPUT_ALREADY_MASKED, "round", str(exc))], job)
+    if job.secure_aggregation:  # the site's sample count crosses only masked, inside the sum
+        answer = _without_counts(job, answer)
     answer_id = uuid.uuid4()
     if update is not None:
         blob_key = update_key(header.run_id, header.round, answer_id)
@@ -871,44 +907,96 @@ def _secagg_phase(
     return JobOutcome(key, status, header=header, reasons=step.reasons, written=step.written, secagg=step)
 
 
-def _evaluation_needs_dp(policy: SitePolicy, job: RoundJob) -> dict[str, str] | None:
-    """The refusal of an evaluation job WITHOUT DP on a dataset under a privacy budget (``None``: no
-    objection): its answer would be an exact histogram of the site's held-out records."""
-    if job.mode != "evaluate" or job.hparams.dp is not None or policy.dataset(job.dataset) is None:
+def _release_needs_dp(policy: SitePolicy, job: RoundJob) -> dict[str, str] | None:
+    """The refusal of an evaluation or statistics job WITHOUT DP on a dataset under a privacy budget
+    (``None``: no objection): its answer would be an exact histogram of the site's held-out records, or its
+    exact counts, sums and sums of squares. (A train job without DP is refused by the policy itself.)"""
+    if job.mode not in ("evaluate", "statistics") or job.hparams.dp is not None:
+        return None
+    if policy.dataset(job.dataset) is None:
         return None
     scope = policy.budget_for(job.dataset)
     if scope is None:
         return None
+    what = "evaluations" if job.mode == "evaluate" else "statistics"
     return _reason(
         RefusalCode.PRIVACY_REQUIRED,
         "hparams.dp",
-        f"this site releases evaluations of {job.dataset!r} only with differential privacy (budget "
+        f"this site releases {what} of {job.dataset!r} only with differential privacy (budget "
         f"ε ≤ {scope.budget.epsilon:g}, δ = {scope.budget.delta:g}); the job declares no DP settings",
+    )
+
+
+def _statistics_need_bounds(job: RoundJob) -> dict[str, str] | None:
+    """The refusal of a DP statistics job whose contract has a numeric feature without an enforced range
+    (``None``: no objection, or not a DP statistics job): its sums could not be released with DP."""
+    if job.mode != "statistics" or job.hparams.dp is None:
+        return None
+    from lepton_tasks.core.contracts import Contract
+
+    try:
+        require_bounded(Contract.model_validate(job.contract))
+    except UnboundedStatistics as exc:
+        return _reason(SiteRefusalCode.STATISTICS_UNBOUNDED, "contract", str(exc))
+    except ValueError as exc:  # pydantic's ValidationError: the carried contract is not one
+        return _reason(SiteRefusalCode.INVALID_JOB, "contract", f"the job's contract is not valid: {exc}")
+    return None
+
+
+def _private_statistics(header: JobHeader, job: RoundJob, answer: RoundAnswer, dp: DPTraining) -> RoundAnswer:
+    """The statistics answer of a DP job: the trainer's exact statistics replaced by ONE Gaussian release
+    (:func:`lepton_tasks.federation.private_statistics.noisy_statistics` at the sigma calibrated from
+    ``dp.statistics_epsilon``), ``n_samples`` by its noisy row count, and the release's cost in ``privacy``
+    (charged to a budget by :func:`_charge`). Whatever the trainer returned, the exact statistics never leave;
+    no statistics → ``RuntimeError``, nothing sent."""
+    from lepton_tasks.core.contracts import Contract
+
+    if answer.statistics is None:
+        raise RuntimeError(
+            f"the trainer returned no statistics for run {header.run_id!r} round {header.round}: nothing sent"
+        )
+    sigma = statistics_sigma(dp)
+    noisy = noisy_statistics(answer.statistics, Contract.model_validate(job.contract), sigma)
+    log.info(
+        "site: statistics of run %s round %d released with Gaussian noise (σ = %.4g, ε ≤ %g)",
+        header.run_id,
+        header.round,
+        sigma,
+        dp.statistics_epsilon,
+    )
+    return answer.model_copy(
+        update={
+            "statistics": noisy,
+            "n_samples": noisy.rows,
+            "privacy": privacy.gaussian_privacy_charge(sigma, dp.delta),
+            "metrics": {},
+        }
     )
 
 
 def _only_private(header: JobHeader, job: RoundJob, answer: RoundAnswer, dp: DPTraining) -> RoundAnswer:
     """What of a DP job's answer may leave: a train answer loses its training metrics and held-out block
     (``site.training``: dropped under DP), and an evaluation must be the noisy one
-    (:func:`lepton_tasks.site.training.private_evaluation`, at the job's sigma or more); otherwise
-    ``RuntimeError`` (the task fails, nothing is sent)."""
+    (:func:`lepton_tasks.site.training.private_evaluation`, at the sigma calibrated from the run's evaluation
+    epsilon or more); otherwise ``RuntimeError`` (the task fails, nothing is sent)."""
     if job.mode == "train":
         return answer.model_copy(update={"metrics": {}, "evaluation": None})
     if job.mode != "evaluate":
         return answer
+    needed = privacy.evaluation_sigma(dp)  # calibrated from the run's evaluation epsilon
     mech = (answer.evaluation or {}).get("dp")
     summary = (answer.evaluation or {}).get("score_summary")
     if (
         not isinstance(mech, dict)
         or mech.get("mechanism") != "gaussian"
         or not isinstance(sigma := mech.get("noise_multiplier"), (int, float))
-        or sigma < dp.noise_multiplier
+        or sigma < needed
         or not isinstance(summary, dict)
         or answer.n_samples != summary.get("n")
     ):
         raise RuntimeError(
             f"the evaluation of run {header.run_id!r} round {header.round} is not the noisy release its DP "
-            f"job asks (Gaussian, σ ≥ {dp.noise_multiplier:g}): nothing was sent"
+            f"job asks (Gaussian, σ ≥ {needed:g} for ε = {dp.evaluation_epsilon:g}): nothing was sent"
         )
     return answer
 
@@ -926,16 +1014,24 @@ def _charge(
     carrying it and the ledger's totals, or the refusal reason when the charge does not fit the budget."""
     dp = job.hparams.dp
     assert dp is not None
-    if job.mode == "evaluate":
-        cost: PrivacyCharge | None = privacy.gaussian_privacy_charge(dp.noise_multiplier, dp.delta)
-        entry = privacy.gaussian_charge(
-            dp.noise_multiplier, run_id=header.run_id, round=header.round, dataset=job.dataset
-        )
+    if job.mode == "statistics":
+        cost: PrivacyCharge | None = privacy.gaussian_privacy_charge(statistics_sigma(dp), dp.delta)
+        entry = statistics_charge(dp, run_id=header.run_id, round=header.round, dataset=job.dataset)
+    elif job.mode == "evaluate":
+        cost = privacy.gaussian_privacy_charge(privacy.evaluation_sigma(dp), dp.delta)
+        entry = _evaluation_entry(header, job, dp)
     else:
         cost, entry = _update_charge(header, job, answer, planned, dp)
-    if (problem := _budget_reason(ledger, scope, entry)) is not None:
+    reserve = _evaluation_reserve(header, job, dp) if job.mode == "train" else None
+    if reserve is not None:
+        problem = _reserving_budget_reason(ledger, scope, entry, reserve)
+    else:
+        problem = _budget_reason(ledger, scope, entry)
+    if problem is not None:
         return answer, problem
     ledger = privacy.charge(ledger, entry)
+    if reserve is not None:  # the evaluation's release, charged ahead: when it comes it costs nothing more
+        ledger = privacy.charge(ledger, reserve)
     state.write_ledger(scope, ledger)
     log.info(
         "site charged run %s round %s (%s) on %s to privacy ledger %s: ε %.4g of %g spent",
@@ -949,6 +1045,101 @@ def _charge(
     )
     status = privacy.budget_status(ledger, scope.ledger)
     return answer.model_copy(update={"privacy": cost, "budget": status}), None
+
+
+def _evaluation_entry(header: JobHeader, job: RoundJob, dp: DPTraining) -> privacy.Charge:
+    """The ledger entry of this evaluation job's release: one Gaussian release at the sigma calibrated from
+    the run's evaluation epsilon (:func:`lepton_tasks.core.privacy.evaluation_sigma`)."""
+    return privacy.gaussian_charge(
+        privacy.evaluation_sigma(dp), run_id=header.run_id, round=header.round, dataset=job.dataset
+    )
+
+
+def _evaluation_reserve(header: JobHeader, job: RoundJob, dp: DPTraining) -> privacy.Charge:
+    """The evaluation's release that a train job of the run reserves: the very entry the evaluation job
+    (round ``rounds + 1``) will charge (:func:`lepton_tasks.core.privacy.evaluation_charge`)."""
+    return privacy.evaluation_charge(dp, run_id=header.run_id, rounds=job.rounds, dataset=job.dataset)
+
+
+def _charged_already(ledger: privacy.PrivacyLedger, entry: privacy.Charge) -> bool:
+    """Whether ``entry`` is in the ledger (same key and mechanism); ``ValueError`` when its key holds
+    another mechanism (``privacy.check_job``'s conflict)."""
+    for e in ledger.entries:
+        if e.key == entry.key:
+            if not e.same_charge(entry):
+                raise ValueError(
+                    f"run {entry.run_id!r} round {entry.round} is already charged with different parameters "
+                    f"(σ = {e.noise_multiplier:g}, q = {e.sampling_rate:g}, {e.steps} steps)"
+                )
+            return True
+    return False
+
+
+def _reserving_budget_reason(
+    ledger: privacy.PrivacyLedger, scope: BudgetScope, entry: privacy.Charge, reserve: privacy.Charge
+) -> dict[str, str] | None:
+    """Why a train ``entry`` cannot be charged while keeping room for the run's evaluation ``reserve``
+    (``None``: both fit, composed with the ledger). A site that trained must be able to evaluate: otherwise
+    it would drop out of the evaluation round (and of the union AUC) after spending its DP-SGD budget on the
+    run. The refusal names ε spent, asked, reserved, limit and remaining."""
+    if (problem := _budget_reason(ledger, scope, entry)) is not None and problem["code"] != (
+        RefusalCode.BUDGET_EXHAUSTED
+    ):
+        return problem  # a ledger conflict or shuffled batches: not a question of room
+    what = (
+        "this site's privacy budget"
+        if scope.ledger == SITE_LEDGER
+        else f"the privacy budget of dataset {scope.ledger!r}"
+    )
+    try:
+        new = [c for c in (entry, reserve) if not _charged_already(ledger, c)]
+    except ValueError as exc:  # the evaluation's round is charged with another sigma
+        return _reason(SiteRefusalCode.PRIVACY_LEDGER_CONFLICT, "hparams.dp", f"{what}: {exc}")
+    delta, limit = ledger.budget.delta, ledger.budget.epsilon
+    total = privacy.epsilon_of([*ledger.entries, *new], delta)
+    if total <= limit:
+        return None
+    spent = privacy.spent(ledger)
+    remaining = max(0.0, limit - spent)
+    asked = privacy.epsilon_of([entry], delta) if entry in new else 0.0
+    reserved = privacy.epsilon_of([reserve], delta) if reserve in new else 0.0
+    return {
+        **_reason(
+            RefusalCode.BUDGET_EXHAUSTED,
+            "hparams.dp",
+            f"{what} has no room for this job and the run's evaluation: ε spent {spent:.4g}, this job asks "
+            f"ε {asked:.4g}, the evaluation reserves ε {reserved:.4g} (round {reserve.round}, σ = "
+            f"{reserve.noise_multiplier:.4g}), ε {total:.4g} composed with what is spent; ε limit {limit:g} "
+            f"at δ = {delta:g}, ε remaining {remaining:.4g} (σ = {entry.noise_multiplier:g}, "
+            f"q = {entry.sampling_rate:.4g}, {entry.steps} steps)",
+        ),
+        "epsilon_spent": f"{spent:.6g}",
+        "epsilon_asked": f"{asked:.6g}",
+        "epsilon_reserved": f"{reserved:.6g}",
+        "epsilon_limit": f"{limit:g}",
+        "epsilon_remaining": f"{remaining:.6g}",
+        "delta": f"{delta:g}",
+    }
+
+
+#: what of a train answer's training metrics crosses under secure aggregation: rates and losses only —
+#: ``n``, ``positives`` or the training time would give away the site's sample count
+SECURE_TRAIN_METRICS: Final = frozenset(
+    {"auc", "pr_auc", "accuracy", "log_loss", "loss", "positive_rate", "epochs", "fedprox_mu", "update_norm"}
+)
+
+
+def _without_counts(job: RoundJob, answer: RoundAnswer) -> RoundAnswer:
+    """A secure run's answer as it may leave: no sample count (``n_samples`` None; the weighted FedAvg and
+    the statistics carry theirs masked, inside the sum); a train answer keeps only
+    :data:`SECURE_TRAIN_METRICS` and drops the held-out block of the incoming global model (its histogram
+    counts the site's held-out rows; the coordinator does not use it). An evaluation keeps its block: the
+    union AUC needs its histogram, whose total is the held-out count (noisy under DP, exact without)."""
+    hidden: dict[str, object] = {"n_samples": None}
+    if job.mode == "train":
+        hidden["metrics"] = {k: v for k, v in answer.metrics.items() if k in SECURE_TRAIN_METRICS}
+        hidden["evaluation"] = None
+    return answer.model_copy(update=hidden)
 
 
 def _update_charge(

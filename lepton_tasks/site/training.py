@@ -2,14 +2,14 @@
 
 :func:`lepton_tasks.site.jobs.handle_job` calls ``run_trainer(job, global_weights)`` once the job is
 authentic, allowed by the site's policy and approved. :class:`SiteTrainer` is that callable. It never trains
-a second way: it lays out, in the site's own ``models`` bucket, exactly what the single-stack training DAG
-would have there for a one-partner run, and then runs the existing trainer (``python -m
-lepton_tasks.trainer``, through :func:`lepton_tasks.federation.plan.trainer_job`) on it:
+a second way: it lays out, in the site's own ``models`` bucket, a one-partner local run
+(:mod:`lepton_tasks.site.local_run`), and then runs the trainer (``python -m lepton_tasks.trainer``, through
+:func:`lepton_tasks.site.local_run.trainer_job`) on it:
 
 - ``statistics`` (round 0): no trainer. The site reads its committed drops of the job's dataset
   (:func:`lepton_tasks.ingest.stage.staged_manifests`, each manifest verified with the site's own key by
   :func:`lepton_tasks.adapters.manifest.read_manifest`), keeps the latest drop per inbox file
-  (:func:`lepton_tasks.federation.plan.latest_per_source`) staged under the job's contract, and answers the
+  (:func:`lepton_tasks.site.local_run.latest_per_source`) staged under the job's contract, and answers the
   sum of their training-split :class:`~lepton_tasks.core.features.SufficientStats` — additive counts and
   sums only: no minimum, maximum or raw category value ever is one of them (see ``core.features``).
 - ``train`` (rounds 1..R) and ``evaluate`` (round R+1): the site writes under ``models/<local run>/`` (the
@@ -31,8 +31,8 @@ lepton_tasks.trainer``, through :func:`lepton_tasks.federation.plan.trainer_job`
   site trains one local round later than the exchange round: round 1's job also starts from the
   coordinator's weights.)
 
-The runner is injected so that the site's Airflow passes the Docker-based trainer of the single stack
-(``lepton_airflow.trainer.run_trainer``, what ``LeptonTrainerOperator`` runs; the site DAG,
+The runner is injected so that the site's Airflow passes the Docker-based trainer
+(``lepton_airflow.trainer.run_trainer``: a hardened container, or the local runtime; the site DAG,
 ``dags/lepton_site.py``) and a test may pass :func:`local_runner` (the same trainer as a subprocess).
 Whatever the runner, the trainer gets a job that names only this site's partner objects and a token scoped
 to its key; no secret passes through here.
@@ -58,13 +58,17 @@ Under differential privacy (the job's ``hparams.dp`` is set) only DP outputs lea
   monitoring curve), and the run's held-out quality is measured once, privately, in the evaluation round.
 - ``evaluate``: :func:`private_evaluation`. The score histogram is coarsened to :data:`DP_BINS` bins per
   class (:func:`dp_groups`: a fixed, data-independent grouping of the fine bins, 0.25 log-odds units over
-  [-8, 8] and one bin per tail: same sensitivity, 31x fewer noisy bins), every bin gets Gaussian noise of
-  std sigma = the job's DP-SGD noise multiplier (one held-out record is one count of one bin of one class:
-  L2 sensitivity 1 under add/remove-one), counts are rounded and clamped at 0, and every number in the
-  answer — n, positives, AUC, PR-AUC, accuracy, log-loss, the sample count — is recomputed FROM the noisy
-  histogram. The same sigma as DP-SGD: the run chose it as its noise level, and a site's approver sees one
-  sigma for the whole run. One such release costs ``GaussianDpEvent(sigma)`` (eps = 4.73 alone at sigma =
-  1, delta = 1e-5): the site's ledger charges it (``site.jobs``) and refuses the job when it does not fit.
+  [-8, 8] and one bin per tail: same sensitivity, 31x fewer noisy bins), every bin gets Gaussian noise
+  (one held-out record is one count of one bin of one class: L2 sensitivity 1 under add/remove-one),
+  counts are rounded and clamped at 0, and every number in the answer — n, positives, AUC, PR-AUC,
+  accuracy, log-loss, the sample count — is recomputed FROM the noisy histogram. The noise's sigma is
+  calibrated from the run's declared evaluation cost (``dp.evaluation_epsilon``, default 1):
+  :func:`lepton_tasks.core.privacy.evaluation_sigma`, the smallest sigma whose one
+  ``GaussianDpEvent(sigma)`` costs at most that epsilon at the run's delta (sigma = 4.05 for the default
+  at delta = 1e-5). Not the DP-SGD sigma: at sigma = 1 the release alone would cost eps = 4.73, and a site
+  whose budget DP-SGD nearly spent would drop out of the evaluation. The site's ledger charges it
+  (``site.jobs``), and reserves it when the run's train rounds are charged, so a site that trained can
+  always evaluate.
 """
 
 from __future__ import annotations
@@ -261,7 +265,7 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 
 @dataclass(frozen=True)
 class TrainerRun:
-    """One trainer execution, in the single-stack trainer's own terms (``LeptonTrainerOperator``'s
+    """One trainer execution, in the trainer's own terms (``lepton_airflow.trainer.run_trainer``'s
     parameters): the local run id whose plan the job is built from, the partner, mode and round."""
 
     run_id: str
@@ -286,7 +290,7 @@ def select_drops(manifests: Mapping[str, Manifest], contract_sha256: str) -> tup
     """Of one partner's verified manifests (key → manifest), the keys that count for a job under the contract
     ``contract_sha256``: the latest drop per inbox file, staged under that contract. Returns ``(keys,
     {left-out key: why})``."""
-    from lepton_tasks.federation.plan import latest_per_source
+    from lepton_tasks.site.local_run import latest_per_source
 
     current, superseded = latest_per_source(dict(manifests))
     excluded = {key: f"superseded by {by}" for key, by in superseded.items()}
@@ -304,7 +308,11 @@ def select_drops(manifests: Mapping[str, Manifest], contract_sha256: str) -> tup
 
 def statistics_answer(manifests: Iterable[Manifest]) -> RoundAnswer:
     """The answer to a ``statistics`` job: the sum of the drops' training-split statistics (additive counts
-    and sums; never a minimum, a maximum or a raw category value). :class:`NoUsableData` when empty."""
+    and sums; never a minimum, a maximum or a raw category value). :class:`NoUsableData` when empty.
+
+    These are EXACT; under a DP job they never leave as such: ``site.jobs`` replaces them with one Gaussian
+    release (``federation.private_statistics.noisy_statistics``) before the answer is charged, held for
+    secure aggregation or written."""
     from lepton_tasks.core.features import merge
 
     stats = [m.statistics_train for m in manifests]
@@ -315,7 +323,7 @@ def statistics_answer(manifests: Iterable[Manifest]) -> RoundAnswer:
 
 
 def site_hparams(job: RoundJob) -> HParams:
-    """The single-stack :class:`HParams` that make ``trainer_job`` hand the trainer the job's hparams."""
+    """The local run's :class:`HParams` that make ``trainer_job`` hand the trainer the job's hparams."""
     hp, dp = job.hparams, job.hparams.dp
     return HParams(
         rounds=job.rounds,
@@ -449,12 +457,16 @@ def _spread(grouped: np.ndarray) -> np.ndarray:
 
 def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, Any]:
     """The held-out metric ``block`` as it may leave under ``dp``: its score histogram regrouped to
-    :data:`DP_BINS` bins per class, Gaussian noise of std ``dp.noise_multiplier`` on every bin
-    (:func:`lepton_tasks.core.privacy.noisy_counts`), and the metrics recomputed from that noisy histogram
-    only; nothing else of ``block`` is kept. ``dp`` records the mechanism (the site checks it before the
-    answer leaves). :class:`BadTrainerOutput` when the block has no usable score histogram."""
+    :data:`DP_BINS` bins per class, Gaussian noise on every bin
+    (:func:`lepton_tasks.core.privacy.noisy_counts`) of std sigma =
+    :func:`~lepton_tasks.core.privacy.evaluation_sigma` — the smallest whose one release costs at most the
+    run's ``dp.evaluation_epsilon``, NOT the DP-SGD sigma: at sigma = 1 this one release alone would cost
+    eps = 4.73 (delta = 1e-5), and a site whose budget DP-SGD nearly spent could not evaluate — and the
+    metrics recomputed from that noisy histogram only; nothing else of ``block`` is kept. ``dp`` records the
+    mechanism (the site checks it before the answer leaves). :class:`BadTrainerOutput` when the block has no
+    usable score histogram."""
     from lepton_tasks.core import metrics as m
-    from lepton_tasks.core.privacy import noisy_counts
+    from lepton_tasks.core.privacy import evaluation_sigma, noisy_counts
 
     summary = block.get("score_summary")
     if (
@@ -469,7 +481,7 @@ def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, An
         threshold = float(summary.get("threshold", m.THRESHOLD))
     except (KeyError, TypeError, ValueError, IndexError):
         raise BadTrainerOutput("the trainer's score histogram is malformed") from None
-    sigma = dp.noise_multiplier
+    sigma = evaluation_sigma(dp)
     noisy = m.summary_from_counts(
         _spread(noisy_counts(_regroup(pos), sigma)),
         _spread(noisy_counts(_regroup(neg), sigma)),
@@ -490,6 +502,7 @@ def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, An
             "sensitivity": 1.0,
             "bins_per_class": DP_BINS,
             "delta": dp.delta,
+            "epsilon": dp.evaluation_epsilon,
         },
     }
 
@@ -637,7 +650,7 @@ class SiteTrainer:
         return {k: verified[k] for k in selected}
 
     def _prefix(self) -> str:
-        from lepton_tasks.federation.plan import run_prefix
+        from lepton_tasks.site.local_run import run_prefix
 
         return run_prefix(self.local_run)
 
@@ -645,7 +658,7 @@ class SiteTrainer:
         """Write the local plan (once per run), ``stats.json`` and the job's global weights."""
         from lepton_tasks.core.contracts import load_contract
         from lepton_tasks.core.features import GlobalStats, feature_names
-        from lepton_tasks.federation.plan import plan_key, read_plan
+        from lepton_tasks.site.local_run import plan_key, read_plan
 
         stats: SufficientStats | None = job.statistics
         if stats is None:
@@ -736,14 +749,14 @@ class SiteTrainer:
 def local_runner(
     settings: Settings, storage: Storage, vault: Vault, *, timeout: timedelta = timedelta(hours=1)
 ) -> TrainerRunner:
-    """A :data:`TrainerRunner` that runs the trainer as a subprocess of this process (the single stack's
-    local runtime): the job is :func:`~lepton_tasks.federation.plan.trainer_job`'s (presigned URLs for this
+    """A :data:`TrainerRunner` that runs the trainer as a subprocess of this process (the local
+    runtime): the job is :func:`~lepton_tasks.site.local_run.trainer_job`'s (presigned URLs for this
     partner's objects, a token scoped to its key), passed in the environment only; the subprocess gets no
-    S3 or Vault credential of ours. For tests and machines without Docker; the site DAG uses the
-    Docker-based ``LeptonTrainerOperator``."""
+    S3 or Vault credential of ours. For tests and machines without Docker; the site DAG uses
+    ``lepton_airflow.trainer.trainer_runner`` (a hardened container)."""
 
     def run(req: TrainerRun) -> None:
-        from lepton_tasks.federation.plan import trainer_job
+        from lepton_tasks.site.local_run import trainer_job
 
         job = trainer_job(
             settings,
@@ -941,6 +954,12 @@ def job_label(key: str) -> str:
     return f"{parts.run_id} round {parts.round}"
 
 
+def _evaluation_sigma(dp: DPTraining) -> float:
+    from lepton_tasks.core.privacy import evaluation_sigma
+
+    return evaluation_sigma(dp)
+
+
 def describe_job(job: RoundJob, header: Any) -> str:
     """What the site's approver reads (Markdown): who asks what of which data, under which terms."""
     dp = job.hparams.dp
@@ -955,10 +974,19 @@ def describe_job(job: RoundJob, header: Any) -> str:
         + (f"DP-SGD, noise multiplier {dp.noise_multiplier}, clip {dp.l2_clip}" if dp else "none"),
         *(
             [
-                f"- the held-out score histogram leaves with Gaussian noise (σ = {dp.noise_multiplier}), "
+                "- the held-out score histogram leaves with Gaussian noise "
+                f"(σ = {_evaluation_sigma(dp):.4g}, ε = {dp.evaluation_epsilon:g} at δ = {dp.delta:g}), "
                 "charged to the site's privacy budget; its metrics are computed from the noisy histogram"
             ]
             if dp is not None and job.mode == "evaluate"
+            else []
+        ),
+        *(
+            [
+                f"- the run's evaluation (ε = {dp.evaluation_epsilon:g}) is reserved in the site's privacy "
+                "budget with this run's training, so that the site can evaluate what it trained"
+            ]
+            if dp is not None and job.mode == "train"
             else []
         ),
         f"- secure aggregation: {'yes' if job.secure_aggregation else 'no'}",

@@ -1,7 +1,7 @@
 """The trainer entrypoint: ``python -m lepton_tasks.trainer`` (in the partner's container, or a subprocess).
 
 Its job (a :class:`~lepton_tasks.core.messages.TrainerJob`, see
-:func:`lepton_tasks.federation.plan.trainer_job`) holds presigned URLs for exactly this partner's objects, a
+:func:`lepton_tasks.site.local_run.trainer_job`) holds presigned URLs for exactly this partner's objects, a
 short-lived Vault token that can decrypt/verify with only this partner's key, and the dataset's contract
 (checked against its hash). It never comes on the command line. The operator gives it **response-wrapped**:
 the environment holds only ``LEPTON_JOB_TOKEN`` (a single-use Vault wrapping token, created at

@@ -1,8 +1,9 @@
 """Which Lepton DAGs an Airflow serves: those of its organization's role (``Settings.role``, ``LEPTON_ROLE``).
 
 A coordinator's Airflow has no ingest and no trainer: it cannot touch a partner's rows even by mistake. A
-site's has ingest and the site job DAG, not the coordinator's. ``single`` is stage 1 (one stack does ingest
-and training for every partner). Read at parse time from the environment and ``<data_dir>/lepton.env``:
+site's has ingest and the site job DAG, not the coordinator's. ``single`` (the stack ``lepton up`` starts)
+is an ingest-only development stack: it trains nothing — the only training path is a coordinator and its
+sites (``lepton demo topology``). Read at parse time from the environment and ``<data_dir>/lepton.env``:
 no service is contacted.
 """
 
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 from lepton_tasks.adapters.settings import Role, load_settings
 
-#: the DAG ids (``lepton_train`` stands for its per-dataset ``lepton_train_<dataset>`` DAGs) of each role
+#: the DAG ids of each role
 DAGS_BY_ROLE: dict[Role, frozenset[str]] = {
-    "single": frozenset({"lepton_ingest", "lepton_train"}),
+    "single": frozenset({"lepton_ingest"}),
     "site": frozenset({"lepton_ingest", "lepton_site"}),
     "coordinator": frozenset({"lepton_federated"}),
 }

@@ -1,21 +1,22 @@
-"""The per-partner trainer task: a hardened container whose secrets are minted at execute time.
+"""The site's trainer run: a hardened container whose secrets are minted at execute time.
 
-``LeptonTrainerOperator`` is mapped over partners. In ``execute`` (never at parse time, never in XCom) it
-first probes Vault (``sys/health``) and S3 (one HEAD, no retries): when either is down, the try fails at once
-with one message naming the service and its address (``ServicesDown``, transient: the DAG's retries with
-exponential backoff apply), before any token is minted or container started. Then it builds the partner's
-job — presigned URLs for that partner's objects only and a short-lived Vault token that can decrypt only
-that partner's key (itself response-wrapped) — and **response-wraps the whole job** (``sys/wrapping/wrap``,
-single use, valid :data:`WRAP_TTL`). The container's environment holds only that wrapping token
+:func:`run_trainer` runs inside a site's job task (``dags/lepton_site.py``, through :func:`trainer_runner`;
+never at parse time, never in XCom). It first probes Vault (``sys/health``) and S3 (one HEAD, no retries):
+when either is down, it fails at once with one message naming the service and its address (``ServicesDown``,
+transient: the task's retries with exponential backoff apply), before any token is minted or container
+started. Then it builds the partner's job for the site's local run (``lepton_tasks.site.local_run``:
+presigned URLs for that partner's objects only and a short-lived Vault token that can decrypt only that
+partner's key, itself response-wrapped) and **response-wraps the whole job** (``sys/wrapping/wrap``, single
+use, valid :data:`WRAP_TTL`). The container's environment holds only that wrapping token
 (``LEPTON_JOB_TOKEN``) and the Vault address (``LEPTON_JOB_VAULT_ADDR``); the trainer unwraps it once at
 start, so what ``docker inspect`` shows afterwards is a spent token: no presigned URL, no usable token. A
-token nobody unwrapped (the trainer never started) is spent by the operator once the container ended.
+token nobody unwrapped (the trainer never started) is spent once the container ended.
 
 The container (see :func:`container_spec`):
 
 - runs the trainer image's non-root user on the trainers' own network (``LEPTON_TRAINER_NETWORK``, default
   ``lepton-trainers``: an internal bridge with no route out, created when missing). Embedded services bound
-  to 127.0.0.1 are reached through the trainer gateway on that network's gateway address (``lepton up``
+  to 127.0.0.1 are reached through the trainer gateway on that network's gateway address (the site's stack
   runs it), so the job's Vault address and presigned URLs name the gateway, not 127.0.0.1. ``host`` is
   still accepted (weaker: the container then shares the host's network namespace);
 - has a read-only root file system with private tmpfs mounts for ``/tmp`` and its home (the work dir), no
@@ -25,26 +26,17 @@ The container (see :func:`container_spec`):
 
 Before anything is minted, the image is checked against the trainer sources of this checkout: a stale image
 fails the task at once (``run `lepton images build```) instead of failing inside the container. A failing
-trainer's last stderr lines are in the task's failure message; its documented exit codes 2 (bad job) and 3
-(security failure) fail the task without retries (``AirflowFailException``), other codes fail it normally
-(retried).
+trainer's last stderr lines (scrubbed of presigned-URL signatures and tokens) are in the
+:class:`TrainerFailed` it raises with the exit code; the site classifies it
+(``lepton_tasks.site.training.trainer_refusal``: a bad job or a security failure is refused at once).
 
-All of that is :func:`run_trainer`, a plain function: the operator's ``execute`` calls it, and so does a
-site's job task (``dags/lepton_site.py``, through :func:`trainer_runner`), which trains inside its own task
-instead of executing an operator outside Airflow's task runner. :func:`run_trainer` raises
-:class:`TrainerFailed` (with the exit code) for every non-zero exit; the operator turns exits 2 and 3 into
-``AirflowFailException``, the site classifies them itself (``lepton_tasks.site.training.trainer_refusal``).
-
-Why not ``DockerOperator.execute``: ``apache-airflow-providers-docker`` 4.6.1 (the latest) has no
-constructor parameter for a read-only root file system, ``cap_drop``, ``security_opt`` or tmpfs mounts,
-and its private environment can only be given at construction (the job exists only at execute time). So
-this operator keeps DockerOperator's connection handling (``docker_url``/``docker_conn_id``/TLS, through its
-public ``cli`` client) and creates the container itself with the Docker SDK; it writes no private
-attribute of DockerOperator.
+The Docker SDK creates the container itself (``apache-airflow-providers-docker``'s ``DockerOperator`` has no
+parameter for a read-only root file system, ``cap_drop``, ``security_opt`` or tmpfs mounts, and takes its
+private environment only at construction, while the job exists only at execute time).
 
 Runtime: ``docker`` when a daemon answers and the trainer image exists; otherwise the explicit ``local``
 runtime runs the same entrypoint (``python -m lepton_tasks.trainer``) as a subprocess, with a loud warning in
-the task log (and in the run's report). ``LEPTON_TRAINER_RUNTIME=docker`` makes a missing daemon an error.
+the task log. ``LEPTON_TRAINER_RUNTIME=docker`` makes a missing daemon an error.
 """
 
 from __future__ import annotations
@@ -58,8 +50,6 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
-
-from airflow.providers.docker.operators.docker import DockerOperator
 
 from lepton_tasks.trainer.__main__ import JOB_TOKEN_ENV, JOB_VAULT_ENV, PLAIN_JOB_ENV
 
@@ -79,8 +69,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-#: the trainer's documented exit codes that no retry can fix (see ``lepton_tasks.trainer.__main__``)
-NO_RETRY_EXIT_CODES = {2: "bad job", 3: "security failure"}
+#: the trainer's documented exit codes (see ``lepton_tasks.trainer.__main__``)
 EXIT_MEANINGS = {1: "unexpected error", 2: "bad job", 3: "security failure", 4: "transient failure"}
 #: how many of a failed trainer's last stderr lines go into the task's failure message
 STDERR_TAIL_LINES = 20
@@ -156,7 +145,7 @@ def container_spec(settings, *, network: str) -> dict[str, Any]:
         "memswap_limit": mem,  # no swap beyond the limit (tmpfs pages count against it too)
         "nano_cpus": int(float(settings.trainer_cpus) * 1e9),
         "pids_limit": PIDS_LIMIT,
-        "auto_remove": False,  # removed by the operator once its logs were read
+        "auto_remove": False,  # removed by run_trainer once its logs were read
         "privileged": False,
     }
     if settings.trainer_gpus:
@@ -167,7 +156,7 @@ def container_spec(settings, *, network: str) -> dict[str, Any]:
 
 
 class _WrappedTokenVault:
-    """The operator's Vault as :func:`~lepton_tasks.federation.plan.trainer_job` sees it: its
+    """The site's Vault as :func:`~lepton_tasks.site.local_run.trainer_job` sees it: its
     ``trainer_token`` returns a *response-wrapped* trainer token (single use, valid :data:`WRAP_TTL`)."""
 
     def __init__(self, vault) -> None:
@@ -205,22 +194,6 @@ def exited(partner: str, code: int, stderr_tail: list[str]) -> TrainerFailed:
     return TrainerFailed(message, exit_code=code, stderr_tail=tail)
 
 
-def for_airflow(exc: TrainerFailed) -> Exception:
-    """The operator's failure for ``exc``: no retry for exits 2 and 3 (``AirflowFailException``), ``exc``
-    itself (a normal failure, retried) for the others."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    if exc.exit_code in NO_RETRY_EXIT_CODES:
-        return AirflowFailException(f"{exc}\n(not retried: a retry cannot fix this)")
-    return exc
-
-
-def failure(partner: str, code: int, stderr_tail: list[str]) -> Exception:
-    """The operator's exception for a trainer that exited with ``code``: no retry for 2 and 3, a normal
-    failure (:class:`TrainerFailed`) else."""
-    return for_airflow(exited(partner, code, stderr_tail))
-
-
 def run_trainer(
     *,
     partner: str,
@@ -229,27 +202,24 @@ def run_trainer(
     run_id: str,
     timeout: timedelta = timedelta(hours=1),
     docker_client: Callable[[], Any] | None = None,
-    on_container: Callable[[str | None], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or evaluate) ``partner``'s model for the local run ``run_id`` in its own hardened container
     (or the local runtime), as described in the module docstring; returns what ran.
 
     ``timeout``: how long the job's presigned URLs and token live, and the local runtime's limit.
     ``docker_client``: makes the Docker ``APIClient`` to use, called only when the runtime is Docker (default:
-    one for ``DOCKER_HOST``; the operator's honours its ``docker_url``/``docker_conn_id``/TLS).
-    ``on_container``: told the container's id once it exists and ``None`` once it is removed (for the
-    operator's ``on_kill``). Raises ``ServicesDown`` (transient) before anything is minted,
+    one for ``DOCKER_HOST``). Raises ``ServicesDown`` (transient) before anything is minted,
     ``AirflowFailException`` for a stale image, :class:`TrainerFailed` for a non-zero exit. It runs inside
     the calling task (a plain function: no operator is executed outside Airflow's task runner).
     """
     from lepton_airflow.hook import LeptonHook
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.plan import trainer_job
+    from lepton_tasks.site.local_run import trainer_job
 
     where = {"run_id": run_id, "mode": mode, "round_number": round_number, "partner": partner}
     hook = LeptonHook()
     settings = hook.get_settings()
-    _require_services(settings, where)  # before any token is minted or container started; retried
+    require_services(settings)  # before any token is minted or container started; retried
     runtime, why = choose_runtime(settings)
     args = ["--partner", partner, "--mode", mode, "--round", str(round_number)]
     log.info("trainer for %s (%s, round %s) runtime=%s (%s)", partner, mode, round_number, runtime, why)
@@ -279,13 +249,9 @@ def run_trainer(
     try:
         if runtime == "docker":
             assert network is not None
-            _run_container(cli, settings, network, args, env, where, on_container or (lambda cid: None))
+            _run_container(cli, settings, network, args, env, where)
         else:
             run_local(args, env, timeout, why, partner)
-    except Exception as exc:
-        # the report and `aggregate` say why this partner is missing (the message is already scrubbed)
-        _record_failure(settings, where, str(exc))
-        raise
     finally:
         _spend_job_token(settings.vault_addr, env[JOB_TOKEN_ENV])
     return {"partner": partner, "mode": mode, "round": round_number, "runtime": runtime}
@@ -307,23 +273,6 @@ def trainer_runner(*, timeout: timedelta = timedelta(hours=1)) -> TrainerRunner:
     return run
 
 
-def _require_services(settings: Any, where: dict[str, Any]) -> None:
-    """:func:`require_services`; when S3 answers, the reason is recorded for ``aggregate`` and the report (it
-    matters when the last try fails too)."""
-    from lepton_tasks.adapters.health import ServicesDown
-    from lepton_tasks.adapters.storage import StorageError
-
-    try:
-        require_services(settings)
-    except ServicesDown as exc:
-        if all(h.service != "S3" for h in exc.down):
-            try:
-                _record_failure(settings, where, str(exc))
-            except StorageError as record_exc:  # never mask the outage's own message
-                log.warning("could not record why the task failed: %s", record_exc)
-        raise
-
-
 def _spend_job_token(vault_addr: str, token: str) -> None:
     """Spend the job's wrapping token if the trainer never unwrapped it (it did not start, or crashed)."""
     from lepton_tasks.adapters.vault import VaultError, spend_if_unused
@@ -333,13 +282,6 @@ def _spend_job_token(vault_addr: str, token: str) -> None:
             log.warning("the trainer never unwrapped its job: its wrapping token is now spent")
     except VaultError as exc:  # never mask the task's outcome; the token expires with WRAP_TTL anyway
         log.warning("could not check that the job's wrapping token is spent: %s", exc)
-
-
-def _record_failure(settings: Any, where: dict[str, Any], reason: str) -> None:
-    from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.plan import record_failure
-
-    record_failure(settings, Storage.from_settings(settings), reason=reason, **where)
 
 
 # docker -----------------------------------------------------------------------------------------------------
@@ -395,7 +337,6 @@ def _run_container(
     args: list[str],
     env: dict[str, str],
     where: dict[str, Any],
-    on_container: Callable[[str | None], None],
 ) -> None:
     partner = where["partner"]
     host_config = cli.create_host_config(**container_spec(settings, network=network))
@@ -414,7 +355,6 @@ def _run_container(
         },
     )
     cid = container["Id"]
-    on_container(cid)
     try:
         stream = cli.attach(container=cid, stdout=True, stderr=True, stream=True, logs=True)
         cli.start(cid)
@@ -436,7 +376,6 @@ def _run_container(
             cli.remove_container(cid, force=True)
         except Exception as exc:  # noqa: BLE001 - never mask the task's own outcome; logged
             log.warning("could not remove trainer container %s: %s", cid[:12], exc)
-        on_container(None)
 
 
 # local ------------------------------------------------------------------------------------------------------
@@ -464,73 +403,3 @@ def run_local(args: list[str], job: str | dict[str, str], ttl: timedelta, why: s
         log.info("trainer: %s", scrub(line))
     if proc.returncode != 0:
         raise exited(partner, proc.returncode, proc.stderr.splitlines())
-
-
-class LeptonTrainerOperator(DockerOperator):
-    """Train (or evaluate) one partner's model in its own hardened container (:func:`run_trainer`).
-
-    Image, network, limits and GPUs come from Lepton's settings (``LEPTON_TRAINER_IMAGE``,
-    ``LEPTON_TRAINER_NETWORK``, ``LEPTON_TRAINER_MEMORY``, ``LEPTON_TRAINER_CPUS``, ``LEPTON_TRAINER_GPUS``),
-    resolved in :meth:`execute`, like the connections — never at parse time. DockerOperator's parameters
-    that say how to reach the daemon (``docker_url``, ``docker_conn_id``, TLS, ``timeout``) are honoured.
-    Exit codes 2 and 3 fail the task without retries (``AirflowFailException``).
-    """
-
-    template_fields = (*DockerOperator.template_fields, "run_id_", "partner")
-
-    def __init__(
-        self, *, partner: str, mode: str, round_number: int = 0, run_id_: str = "{{ run_id }}", **kwargs: Any
-    ) -> None:
-        super().__init__(
-            image="lepton-trainer",  # the image actually run is settings.trainer_image, chosen in execute()
-            command=None,
-            auto_remove="force",
-            mount_tmp_dir=False,
-            do_xcom_push=False,
-            **kwargs,
-        )
-        self.partner = partner
-        self.mode = mode
-        self.round_number = round_number
-        self.run_id_ = run_id_
-
-    def execute(self, context) -> dict[str, Any]:
-        from lepton_tasks.site.training import TrainerFailed
-
-        try:
-            return run_trainer(
-                partner=self.partner,
-                mode=self.mode,
-                round_number=self.round_number,
-                run_id=self.run_id_,
-                timeout=self.execution_timeout or timedelta(hours=1),
-                docker_client=lambda: self.cli,
-                on_container=self._track,
-            )
-        except TrainerFailed as exc:
-            if (fail := for_airflow(exc)) is exc:
-                raise
-            raise fail from exc
-
-    def _track(self, cid: str | None) -> None:
-        """Remember the running container for :meth:`on_kill` (DockerOperator's public ``container``)."""
-        self.container = {"Id": cid} if cid else None  # type: ignore[assignment]
-
-    def on_kill(self) -> None:
-        if self.container is not None and self.hook.client_created:
-            log.info("stopping and removing trainer container %s", self.container["Id"][:12])
-            try:
-                self.cli.remove_container(self.container["Id"], force=True)
-            except Exception as exc:  # noqa: BLE001 - best effort while being killed
-                log.info("trainer container already gone: %s", exc)
-
-    def _run_local(self, args: list[str], job: str | dict[str, str], ttl: timedelta, why: str) -> None:
-        """:func:`run_local` for this operator's partner, exits 2 and 3 not retried (tools and tests)."""
-        from lepton_tasks.site.training import TrainerFailed
-
-        try:
-            run_local(args, job, ttl, why, self.partner)
-        except TrainerFailed as exc:
-            if (fail := for_airflow(exc)) is exc:
-                raise
-            raise fail from exc

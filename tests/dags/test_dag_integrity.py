@@ -43,33 +43,21 @@ def dagbag(dagbags) -> SimpleNamespace:
 
 
 def test_each_role_loads_only_its_dags(dagbags):
-    """A coordinator's Airflow has no ingest and no trainer DAG; a site's has no coordinator DAG."""
-    from lepton_tasks.core.contracts import available
-
-    train = {f"lepton_train_{d}" for d in available()}
-    assert set(dagbags["single"].dags) == {"lepton_ingest"} | train
+    """A coordinator's Airflow has no ingest and no trainer DAG; a site's has no coordinator DAG; the
+    single (development) stack only ingests: no Airflow trains except through the coordinator's run."""
+    assert set(dagbags["single"].dags) == {"lepton_ingest"}
     assert set(dagbags["site"].dags) == {"lepton_ingest", "lepton_site"}
     assert set(dagbags["coordinator"].dags) == {"lepton_federated"}
 
 
-def test_dag_files_exist():
-    assert {p.stem for p in DAG_FILES} >= {"lepton_ingest", "lepton_train"}
+def test_dag_files_are_the_topologys():
+    """The only training path is the coordinator's DAG and the sites' job DAG (stage 1's per-dataset
+    training DAGs are gone)."""
+    assert {p.stem for p in DAG_FILES} == {"lepton_ingest", "lepton_site", "lepton_federated"}
 
 
 def test_no_import_errors(dagbag):
     assert dagbag.import_errors == {}
-
-
-def test_one_training_dag_per_dataset_each_on_its_own_asset(dagbag):
-    from lepton_tasks.core.contracts import available
-
-    assert {f"lepton_train_{d}" for d in available()} | {"lepton_ingest", "lepton_federated"} <= set(
-        dagbag.dags
-    )
-    for d in available():
-        dag = dagbag.dags[f"lepton_train_{d}"]
-        assert d in dag.tags
-        assert f"lepton-staged-{d}" in repr(dag.timetable.asset_condition)
 
 
 def test_every_dag_is_documented_tagged_and_retried(dagbag):

@@ -9,7 +9,12 @@ coordinator's storage holds a partner's row values.
 Then a second run on the same stacks, with the three sites back in (hosp-b's policy allows fedavg again,
 hosp-c's real key is pinned): secure aggregation and DP-SGD at every site. It succeeds with all three, the
 report says secure aggregation on and the ε each site spent, and still no row value of any partner file is in
-any object of the coordinator's storage (which now holds the masked inputs instead of the updates)."""
+any object of the coordinator's storage (which now holds the masked inputs instead of the updates).
+
+After each run, every object it wrote (the coordinator's spec, round records and registry entry, every signed
+message and payload in the exchange buckets, each site's manifests, local run, outbound log and state) is
+loaded through its model (``tests/boundary_objects.py``): a drifted field fails here; and no task log of any
+stack (the coordinator's Airflow, each site's) holds a Vault token, an S3 secret key or a presigned URL."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Any
 import pytest
 
 from lepton_tasks.ops.topology import SiteSetup, Topology
+from tests.boundary_objects import load_run_objects
 from tests.conftest import need
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker, pytest.mark.slow]
@@ -73,6 +79,7 @@ def _pin_a_key_that_does_not_sign_its_answers(topo: Topology) -> None:
 
 def test_a_federated_run_across_separate_stacks(topology):
     from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.federation.coordinator import exchange_run_id
     from lepton_tasks.ops.topology_demo import TopologyDemoResult, federated_run, ingest_at_sites
 
     _refuse_the_runs_strategy(topology)
@@ -102,6 +109,43 @@ def test_a_federated_run_across_separate_stacks(topology):
 
     # no row value of any partner file is in any object of the coordinator's storage
     _assert_no_row_value_in(admin)
+    _every_object_loads_through_its_model(topology, exchange_run_id(result.run_id), refused=True)
+    _assert_no_secret_in_task_logs(topology)
+
+
+def _assert_no_secret_in_task_logs(topo: Topology) -> None:
+    """Every Airflow task log of every stack (``dag_id=*/…/*.log``: the coordinator's rounds, each site's job
+    tasks with their trainer output) holds none of any stack's Vault tokens or S3 secret keys (the storage
+    admin's and Airflow's), no presigned-URL signature and nothing shaped like a Vault token."""
+    secrets: set[str] = set()
+    for stack in topo.stacks().values():
+        secrets.add(stack.openbao.root_token())
+        for settings in (stack.settings(), stack.airflow_settings()):
+            secrets.add(settings.vault_token.get_secret_value())
+            secrets.add(settings.s3_secret_key.get_secret_value())
+    secrets.discard("")
+    scanned: dict[str, int] = {}
+    for name, stack in topo.stacks().items():
+        for path in stack.data_dir.rglob("dag_id=*/**/*.log"):
+            text = path.read_text(encoding="utf-8", errors="replace")
+            scanned[name] = scanned.get(name, 0) + 1
+            where = path.relative_to(stack.data_dir)
+            assert not [x for x in secrets if x in text], f"{name}: a secret leaked into the task log {where}"
+            assert "X-Amz-Signature" not in text, f"{name}: a presigned URL leaked into {where}"
+            assert not re.search(r"\b(?:s|hvs)\.[A-Za-z0-9]{24}\b", text), f"{name}: a Vault token in {where}"
+    assert set(scanned) == set(topo.stacks()), f"task logs found only for {sorted(scanned)}"
+
+
+def _every_object_loads_through_its_model(topo: Topology, run_id: str, *, refused: bool) -> set[str]:
+    """Each object this real run wrote goes through its model (a drifted field fails here); returns the
+    names of the models seen."""
+    objects = load_run_objects(topo, run_id, "banks")
+    print(f"\nboundary objects loaded: {objects.seen}\nwithout a model: {objects.unmodelled}")
+    expected = {"RunSpec", "RoundRecord", "JobHeader", "RegistryEntry", "SignedMessage", "RoundJob"}
+    expected |= {"RoundAnswer", "SignedManifest", "Plan", "UpdateMeta", "EvalResult", "OutboundRecord"}
+    expected |= {"StateDoc"} | ({"RoundRefusal"} if refused else set())
+    assert expected <= set(objects.seen), f"no real object of {expected - set(objects.seen)} was found"
+    return set(objects.seen)
 
 
 def _assert_no_row_value_in(admin: Any) -> None:
@@ -196,3 +240,5 @@ def test_a_secure_run_with_dp_across_separate_stacks(topology):
         assert keys and not [k for k in keys if k.endswith(".update")], (site, keys)
         assert [k for k in keys if k.endswith(".masked")], (site, keys)
     _assert_no_row_value_in(admin)
+    seen = _every_object_loads_through_its_model(topology, exchange_run_id(run_id), refused=False)
+    assert any(name.startswith("SecAgg") for name in seen), seen  # the secure-aggregation phase messages

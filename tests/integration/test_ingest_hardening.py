@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from lepton_tasks.adapters.manifest import read_manifest
 from lepton_tasks.core.contracts import Contract, load_contract
 from lepton_tasks.core.drops import DropError
-from lepton_tasks.federation.plan import read_manifest
 from lepton_tasks.ingest.stage import (
     already_ingested,
     drop_state,

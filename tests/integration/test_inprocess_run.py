@@ -15,6 +15,7 @@ from lepton_tasks.core.messages import TrainerHParams
 from lepton_tasks.ops.inprocess_run import ingest_at_site, local_only_baseline, run_federated
 from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
 from lepton_tasks.ops.topology import SiteSetup, Topology
+from tests.boundary_objects import load_run_objects
 from tests.conftest import need
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -68,3 +69,11 @@ def test_a_run_completes_with_every_sites_update_accepted_and_publishes(topology
     assert set(local.own) == set(local.union) == set(SITES)
     assert all(m["evaluated_by"] == len(SITES) for m in local.union.values())  # scored on every holdout
     assert local.mean_union_auc is not None and 0.0 <= local.mean_union_auc <= 1.0
+
+    # every object this run wrote goes through its model (the e2e topology test does the same with Airflow)
+    objects = load_run_objects(topology, result.run_id, "banks")
+    print(f"\nboundary objects loaded: {objects.seen}\nwithout a model: {objects.unmodelled}")
+    expected = {"RunSpec", "RoundRecord", "JobHeader", "RegistryEntry", "SignedMessage", "RoundJob"}
+    expected |= {"RoundAnswer", "SignedManifest", "Plan", "UpdateMeta", "EvalResult", "LocalModelMeta"}
+    expected |= {"OutboundRecord", "StateDoc"}
+    assert expected <= set(objects.seen), f"no real object of {expected - set(objects.seen)} was found"

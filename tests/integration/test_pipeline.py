@@ -1,6 +1,6 @@
-"""The data path against real SeaweedFS + OpenBao: ingest → staged (manifest last) → plan → trainer jobs
-(in-process, with the partner's scoped token) → aggregation with quorum → publish. Plus tamper and
-isolation."""
+"""The data path against real SeaweedFS + OpenBao: ingest → staged (manifest last) → the drops a site's run
+uses → the trainer's job (with the partner's scoped token). Plus tamper and isolation. (Rounds, quorum and
+publish across a coordinator and sites: tests/integration/test_inprocess_run.py, tests/e2e/.)"""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 
 import pytest
 
+from lepton_tasks.adapters.manifest import read_manifest
 from lepton_tasks.core.messages import dump
-from lepton_tasks.federation.plan import read_manifest
 from lepton_tasks.ingest.stage import MANIFEST, ingest_drop, staged_manifests
 from lepton_tasks.ops.demo import partner_name
 from lepton_tasks.ops.partners import drop_as_partner, partner_storage
@@ -149,101 +149,24 @@ def test_staged_object_decrypts_only_with_own_token_and_fails_when_tampered(
     assert not (tmp_path / "z.parquet").exists()  # nothing published from a failed stream
 
 
-def test_federated_rounds_quorum_and_publish(staged, settings, admin_storage, operator_vault):
-    from lepton_tasks.federation.plan import HParams, QuorumError, aggregate_round, plan_run, trainer_job
-    from lepton_tasks.federation.publish import publish_run
-    from lepton_tasks.trainer.__main__ import run_job
-
-    run_id = "test-run-1"
-    hp = HParams(rounds=2, local_epochs=2, batch_size=64, learning_rate=0.01, min_partners=3, seed=1)
-    plan = plan_run(
-        settings, admin_storage, operator_vault, run_id=run_id, dataset="banks", partners=PARTNERS, hparams=hp
-    )
-    assert plan.partners == sorted(PARTNERS)
-    for k in (1, 2):
-        for p in PARTNERS:
-            if k == 2 and p == PARTNERS[2]:
-                continue  # this partner "fails" in round 2
-            run_job(
-                trainer_job(
-                    settings,
-                    admin_storage,
-                    operator_vault,
-                    run_id=run_id,
-                    partner=p,
-                    mode="train",
-                    round_number=k,
-                )
-            )
-        if k == 2:
-            with pytest.raises(QuorumError, match="fewer than min_partners=3"):
-                aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
-            run_job(
-                trainer_job(
-                    settings,
-                    admin_storage,
-                    operator_vault,
-                    run_id=run_id,
-                    partner=PARTNERS[2],
-                    mode="train",
-                    round_number=k,
-                )
-            )  # clearing the task: only that partner re-runs
-        summary = aggregate_round(settings, admin_storage, run_id=run_id, round_number=k)
-        assert summary.excluded == {}
-    for mode in ("local", "evaluate"):
-        for p in PARTNERS:
-            run_job(
-                trainer_job(
-                    settings,
-                    admin_storage,
-                    operator_vault,
-                    run_id=run_id,
-                    partner=p,
-                    mode=mode,
-                    round_number=0,
-                )
-            )
-    out = publish_run(settings, admin_storage, run_id=run_id, runtime="local")
-    m = out["metrics"]
-    assert m["final"]["overall"]["auc"] > 0.85
-    assert set(m["final"]["per_partner"]) == set(PARTNERS) and set(m["local_only"]["per_partner"]) == set(
-        PARTNERS
-    )
-    for p, lo in m["local_only"]["per_partner"].items():  # each local model was scored by every partner
-        assert lo["union"]["evaluated_by"] == 3
-        assert lo["union"]["n"] == sum(v["n"] for v in m["final"]["per_partner"].values())
-        assert lo["n"] == m["final"]["per_partner"][p]["n"]  # and on its own holdout, like the global model
-    assert m["local_only"]["overall"]["auc"] is not None
-    # held-out AUC of the global model after every round (federated evaluation, pooled from score histograms)
-    assert [r["global"]["n"] for r in m["rounds"]] == [m["final"]["overall"]["n"]] * 2
-    assert m["rounds"][1]["global"]["auc"] == m["final"]["overall"]["auc"]
-    assert m["rounds"][1]["global_prev_holdout"]["round"] == 1 and m["rounds"][0]["global"]["auc"] > 0.8
-    staged_sha = read_manifest(
-        admin_storage, settings, operator_vault, PARTNERS[0], staged[PARTNERS[0]].manifest_key
-    ).drop_sha256
-    assert staged_sha in m["lineage"]["drops"][PARTNERS[0]]
-    for suffix in ("metrics.json", "report.html", "model/global.keras", "model/VERSION.json"):
-        assert admin_storage.exists(settings.models_bucket, f"{run_id}/{suffix}")
-    assert any("LOCAL runtime" in w for w in m["warnings"])
-
-
 def test_trainer_entrypoint_refuses_another_partners_token(
     staged, settings, admin_storage, operator_vault, monkeypatch, capsys
 ):
     """The real entrypoint, given partner A's job but partner B's token, cannot decrypt: exit 3, no upload."""
-    from lepton_tasks.federation.plan import HParams, plan_run, trainer_job
+    from lepton_tasks.core.messages import HParams
+    from lepton_tasks.site.local_run import trainer_job
     from lepton_tasks.trainer.__main__ import main
+    from tests.integration.local_plan import write_local_plan
 
     a, b = PARTNERS[0], PARTNERS[1]
-    plan_run(
+    write_local_plan(
         settings,
         admin_storage,
         operator_vault,
         run_id="deny-run",
+        partner=a,
         dataset="banks",
-        partners=PARTNERS,
-        hparams=HParams(rounds=1, min_partners=2),
+        hparams=HParams(rounds=1, min_partners=1),
     )
     job = trainer_job(
         settings, admin_storage, operator_vault, run_id="deny-run", partner=a, mode="train", round_number=1
@@ -321,32 +244,24 @@ def test_key_rotation_keeps_data_readable_until_min_decryption_version_is_raised
     )
 
 
-def test_a_file_uploaded_again_replaces_its_earlier_version_in_the_next_run(
+def test_a_file_uploaded_again_replaces_its_earlier_version_at_the_site(
     staged, settings, admin_storage, operator_vault
 ):
-    """The same inbox key uploaded again with new content is a new drop; the plan uses only the latest."""
-    from lepton_tasks.federation.plan import HParams, plan_run
+    """The same inbox key uploaded again with new content is a new drop; the site's next job uses only the
+    latest (``site.training.select_drops``, over the manifests as staged and verified)."""
+    from lepton_tasks.core.contracts import load_contract
+    from lepton_tasks.site.training import select_drops
 
     name = PARTNERS[0]
     df = SCENARIOS[SCENARIO].generate(7)[SCENARIOS[SCENARIO].partners[0]]
     drop_as_partner(settings, name, "banks/drop-1.csv", to_csv_bytes(df.iloc[:-50]))  # a corrected export
     res = ingest_drop(settings, admin_storage, operator_vault, name, "banks/drop-1.csv")
     assert res.status == "staged" and res.drop_id != staged[name].drop_id
-    plan = plan_run(
-        settings,
-        admin_storage,
-        operator_vault,
-        run_id="test-run-reupload",
-        dataset="banks",
-        partners=PARTNERS,
-        hparams=HParams(rounds=1, min_partners=3),
-    )
+    keys = staged_manifests(admin_storage, settings, "banks", [name])[name]
+    manifests = {k: read_manifest(admin_storage, settings, operator_vault, name, k, "banks") for k in keys}
+    selected, left_out = select_drops(manifests, load_contract("banks").sha256)
     # other test modules may have staged more files for this partner (other keys): those add up, untouched
-    planned = {d.manifest: d for d in plan.drops[name]}
-    assert res.manifest_key in planned and staged[name].manifest_key not in planned
-    assert plan.superseded[name] == [staged[name].manifest_key]
-    rows = planned[res.manifest_key].rows
+    assert res.manifest_key in selected and staged[name].manifest_key not in selected
+    assert left_out[staged[name].manifest_key] == f"superseded by {res.manifest_key}"
+    rows = manifests[res.manifest_key].rows
     assert rows.train + rows.holdout == sum(staged[name].rows.values()) - 50
-    for other in PARTNERS[1:]:  # the other partners' drops are untouched
-        assert staged[other].manifest_key in {d.manifest for d in plan.drops[other]}
-        assert other not in plan.superseded

@@ -424,13 +424,57 @@ def test_a_secure_run_sums_the_updates_recovers_a_dropout_and_no_update_crosses(
                     payload = json.loads(base64.b64decode(doc["payload"]))
                     assert payload.get("update") is None and payload.get("statistics") is None, key
 
+    # no site's sample count crossed on its own: no answer of a site holds its count anywhere (the
+    # evaluation's histogram bins, indices and held-out counts, are left out of the scan: no training count)
+    for s in (a, b, c, d):
+        answers = _answers(fed, s.bucket)
+        assert {p["mode"] for p in answers} == {"statistics", "train", "evaluate"}, s.name
+        for payload in answers:
+            assert payload["n_samples"] is None, (s.name, payload["mode"])
+            assert s.n not in set(_numbers(payload)), (s.name, payload)
+    # the coordinator worked without them: each round's total comes from the unmasked sum
+    assert [records[k].samples_total for k in (0, 1, 2)] == [  # type: ignore[union-attr]
+        sum(s.n for s in (a, b, c, d)),
+        sum(s.n for s in (a, b, c, d)),
+        sum(s.n for s in (a, b, c)),
+    ]
+    for k in (0, 1, 2):
+        assert all("n" not in m for m in records[k].metrics.values()), k  # type: ignore[union-attr]
+
     metrics = json.loads(fed.admin.get_bytes(bucket, f"federated/{run_id}/metrics.json"))
     assert metrics["privacy"]["secure_aggregation"] is True
     assert metrics["privacy"]["dropouts_recovered"] == 1
+    assert [r["samples_total"] for r in metrics["rounds"]] == [1000 + 300 + 600 + 100, 100 + 300 + 600]
+    page = fed.admin.get_bytes(bucket, f"federated/{run_id}/report.html").decode()
+    assert page.count("hidden (secure aggregation)") == 4 + 3  # each site of each train round
     # each site's held inputs are erased once it revealed (d never revealed round 2: its input stays home)
     for s in (a, b, c):
         assert not list((s.secagg.root / run_id).glob("*.held")), s.name
     assert "secure aggregation" in logs
+
+
+def _answers(fed: Federation, bucket: str) -> list[dict[str, Any]]:
+    """The payloads of every round answer a site wrote into its exchange bucket."""
+    out = []
+    for key in (o.key for o in fed.admin.list(bucket, "answers/")):
+        if key.endswith(".json"):
+            doc = json.loads(fed.admin.get_bytes(bucket, key))
+            if doc["header"]["payload_schema"] == RoundAnswer.payload_schema:
+                out.append(json.loads(base64.b64decode(doc["payload"])))
+    return out
+
+
+def _numbers(doc: Any) -> Iterator[float]:
+    """Every number in a JSON document, except a score histogram's bins (``pos``/``neg``)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k not in ("pos", "neg"):
+                yield from _numbers(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _numbers(v)
+    elif isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        yield doc
 
 
 def test_a_site_requiring_secure_aggregation_refuses_a_plain_run(federation):

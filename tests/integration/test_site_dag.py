@@ -7,8 +7,8 @@ key, its policy pinning the coordinator's key) into ``<data dir>/site``; the coo
 key. The site is also a partner with one banks drop ingested (validated, encrypted, staged with its
 manifest) in its own staging. The site's Airflow gets its connections (the stack's S3 identity and a Vault
 token with the operator policy plus the site-signer policy) and ``LEPTON_TRAINER_RUNTIME=local``: the
-job tasks run the single stack's trainer (``lepton_airflow.trainer.run_trainer``, what
-``LeptonTrainerOperator`` runs), whose local runtime is the real trainer as a subprocess (``python -m
+job tasks run the site's trainer (``lepton_airflow.trainer.run_trainer``), whose local runtime is the real
+trainer as a subprocess (``python -m
 lepton_tasks.trainer``: decrypts the staged data with a token scoped to the partner's key, trains the
 contract's model one epoch).
 

@@ -3,14 +3,15 @@
 Set-up as in tests/integration/test_exchange_round.py: the coordinator enrolls two sites (bucket
 ``exchange-<site>``, credentials scoped to it), each site imports its bundle, creates its own ed25519 key in
 Vault and writes its policy; the coordinator pins each site's key. Site A's policy gives the ``banks`` dataset
-a small budget (eps = 2.3 at delta = 1e-5); site B has none. The run trains with DP-SGD (sigma = 1.0, batch
-32, one local epoch) and site A holds 1,200 records, so each of its rounds costs eps = 1.838 alone and the
-rounds compose (RDP) to 2.142 after two and 2.398 after three: site A answers rounds 1 and 2 and refuses round
-3 with a signed ``budget_exhausted``, BEFORE training (its trainer is not called), which the coordinator's
-``collect_answers`` names as the reason A left the round; B answers every round, so the run goes on.
-The evaluation round (round 4) is a Gaussian release of each site's score histogram at the run's sigma (eps =
-4.73 alone): site A refuses it before evaluating (``budget_exhausted``); site B, without a budget, answers
-with the noisy histogram only, which the coordinator's merge accepts.
+a small budget (eps = 2.45 at delta = 1e-5); site B has none. The run trains with DP-SGD (sigma = 1.0, batch
+32, one local epoch, 3 rounds) and site A holds 1,200 records, so each of its rounds costs eps = 1.838 alone;
+with the run's first round A also reserves the evaluation's release (round 4: evaluation eps 1, sigma 4.05),
+and the rounds and the reservation compose (RDP) to 2.045 after one round, 2.339 after two and 2.588 after
+three: site A answers rounds 1 and 2 and refuses round 3 with a signed ``budget_exhausted``, BEFORE training
+(its trainer is not called), which the coordinator's ``collect_answers`` names as the reason A left the round;
+B answers every round, so the run goes on. The evaluation round (round 4) is a Gaussian release of each site's
+score histogram at sigma 4.05: site A answers it (the release was reserved: it costs nothing more), and
+so does site B, without a budget; both with the noisy histogram only, which the coordinator's merge accepts.
 
 The sites train with a numpy stand-in (the trainer itself is tested in tests/unit/trainer) that reports the
 charge the real trainer computes (``core.privacy.planned_charge``). After the run, site A's ledger file
@@ -67,7 +68,9 @@ SHAPES = ((4, 3), (3,))
 JOB_TTL = timedelta(hours=1)
 DP = DPTraining(noise_multiplier=1.0, l2_clip=1.0, delta=1e-5)
 BATCH = 32
-LIMIT = 2.3
+LIMIT = 2.45
+#: the run's evaluation (round 4 of a 3-round run), reserved by site A with its first train charge
+RESERVE_ROUND = 4
 
 
 @dataclass
@@ -149,7 +152,7 @@ def _job(contract: Any, mode: Literal["train", "evaluate"] = "train") -> RoundJo
         contract=contract.document(),
         contract_sha256=contract.sha256,
         strategy="fedavg",
-        rounds=5,
+        rounds=RESERVE_ROUND - 1,
         min_partners=1,
         hparams=TrainerHParams(
             local_epochs=1,
@@ -280,6 +283,11 @@ def play(
     return outcome, at_sites
 
 
+def _reserve(rig: Rig) -> privacy.Charge:
+    """The evaluation's release that site A reserves with its first train charge."""
+    return privacy.evaluation_charge(DP, run_id=rig.run_id, rounds=RESERVE_ROUND - 1, dataset="banks")
+
+
 def _charges(rig: Rig, site: Site) -> list[PrivacyCharge]:
     """The DP-SGD charges in the answers the coordinator accepted from ``site``, as it read them."""
     out = []
@@ -301,7 +309,9 @@ def test_rounds_within_the_budget_are_answered_with_the_sites_ledger_totals(rig)
         answer = outcome.sites[rig.a.name].answer
         assert answer is not None and answer.privacy == charge and answer.budget is not None
         assert answer.budget.epsilon_limit == LIMIT
-        assert answer.budget.epsilon_spent == pytest.approx(privacy.epsilon_of([charge] * round_, 1e-5))
+        assert answer.budget.epsilon_spent == pytest.approx(
+            privacy.epsilon_of([charge] * round_ + [_reserve(rig)], 1e-5)
+        )
         # site B has no budget: it reports its charge, no ledger
         b_answer = outcome.sites[rig.b.name].answer
         assert b_answer is not None and b_answer.privacy is not None and b_answer.budget is None
@@ -318,16 +328,20 @@ def test_the_round_over_budget_is_refused_with_budget_exhausted_and_the_coordina
     a = outcome.sites[rig.a.name]
     assert a.status is SiteStatus.REFUSED and [r["code"] for r in a.reasons] == ["budget_exhausted"]
     charge = privacy.planned_charge(DP, rig.a.n, BATCH, 1)
-    spent, asked = privacy.epsilon_of([charge] * 2, 1e-5), charge.epsilon_this_update
+    reserve = _reserve(rig)
+    spent, asked = privacy.epsilon_of([charge] * 2 + [reserve], 1e-5), charge.epsilon_this_update
     [reason] = a.reasons
     assert float(reason["epsilon_spent"]) == pytest.approx(spent, rel=1e-5)
     assert float(reason["epsilon_asked"]) == pytest.approx(asked, rel=1e-5)
+    assert float(reason["epsilon_reserved"]) == 0  # reserved with round 1: counted in what is spent
     assert float(reason["epsilon_limit"]) == LIMIT
+    composed = privacy.epsilon_of([charge] * 3 + [reserve], 1e-5)
     assert outcome.excluded == {
         rig.a.name: "refused by the site: budget_exhausted (hparams.dp): the privacy budget of dataset "
-        f"'banks' is exhausted: ε spent {spent:.4g}, this job asks ε {asked:.4g} "
-        f"(ε {privacy.epsilon_of([charge] * 3, 1e-5):.4g} composed with what is spent), ε limit {LIMIT:g} at "
-        f"δ = 1e-05; ε remaining {LIMIT - spent:.4g} (σ = 1, q = {charge.sampling_rate:.4g}, "
+        f"'banks' has no room for this job and the run's evaluation: ε spent {spent:.4g}, this job asks "
+        f"ε {asked:.4g}, the evaluation reserves ε 0 (round {RESERVE_ROUND}, σ = "
+        f"{reserve.noise_multiplier:.4g}), ε {composed:.4g} composed with what is spent; ε limit {LIMIT:g} "
+        f"at δ = 1e-05, ε remaining {LIMIT - spent:.4g} (σ = 1, q = {charge.sampling_rate:.4g}, "
         f"{charge.steps} steps)"
     }
     assert outcome.sites[rig.b.name].status is SiteStatus.ACCEPTED  # the run goes on with B
@@ -340,11 +354,14 @@ def test_the_sites_ledger_holds_exactly_the_charges_it_sent(rig):
     ledger = privacy.load_ledger(path)
     sent = _charges(rig, rig.a)
     assert len(sent) == 2
-    assert [e.key for e in ledger.entries] == [(rig.run_id, 1), (rig.run_id, 2)]
-    assert [(e.noise_multiplier, e.sampling_rate, e.steps) for e in ledger.entries] == [
+    # the two rounds it sent, and the evaluation it reserved with the first (not released yet)
+    assert [e.key for e in ledger.entries] == [(rig.run_id, 1), (rig.run_id, RESERVE_ROUND), (rig.run_id, 2)]
+    updates = [e for e in ledger.entries if e.release == "update"]
+    assert [(e.noise_multiplier, e.sampling_rate, e.steps) for e in updates] == [
         (c.noise_multiplier, c.sampling_rate, c.steps) for c in sent
     ]
-    assert privacy.spent(ledger) == pytest.approx(privacy.epsilon_of(sent, 1e-5))
+    assert ledger.entries[1].same_charge(_reserve(rig))
+    assert privacy.spent(ledger) == pytest.approx(privacy.epsilon_of([*sent, _reserve(rig)], 1e-5))
     # what the report shows for the run is the same number, built from what the coordinator received
     run = privacy.run_privacy(
         {
@@ -354,32 +371,41 @@ def test_the_sites_ledger_holds_exactly_the_charges_it_sent(rig):
         dp=DP,
         secure_aggregation=False,
     )
-    assert run.sites[rig.a.name].epsilon_run == pytest.approx(privacy.spent(ledger))
+    assert run.sites[rig.a.name].epsilon_run == pytest.approx(privacy.epsilon_of(sent, 1e-5))  # released
+    assert run.sites[rig.a.name].epsilon_spent == pytest.approx(privacy.spent(ledger))  # + reserved
     assert run.sites[rig.a.name].epsilon_remaining == pytest.approx(LIMIT - privacy.spent(ledger))
     assert run.sites[rig.b.name].rounds_charged == 3 and run.sites[rig.b.name].epsilon_limit is None
 
 
-def test_the_evaluation_is_charged_refused_over_budget_and_leaves_only_noisy(rig):
+def test_the_evaluation_is_reserved_charged_once_and_leaves_only_noisy(rig):
     assert len(rig.outcomes) == 3, "run after the round tests"
     before = privacy.load_ledger(rig.a.state.ledger_path("banks"))
     outcome, _ = play(rig, 4, "evaluate")
 
-    # site A: one Gaussian release (eps 4.73 alone) does not fit its budget: refused before evaluating
+    # site A spent its budget on two rounds, but reserved the evaluation with the first: it answers, and
+    # the release costs nothing more (its ledger is unchanged); what it sent is now what it spent
     a = outcome.sites[rig.a.name]
-    assert a.status is SiteStatus.REFUSED and [r["code"] for r in a.reasons] == ["budget_exhausted"]
-    asked = privacy.gaussian_privacy_charge(DP.noise_multiplier, DP.delta).epsilon_this_update
-    assert float(a.reasons[0]["epsilon_asked"]) == pytest.approx(asked, rel=1e-5)
-    assert rig.a.trained == [1, 2]
-    assert privacy.load_ledger(rig.a.state.ledger_path("banks")).entries == before.entries
+    assert a.status is SiteStatus.ACCEPTED and a.answer is not None and a.answer.evaluation is not None
+    assert a.answer.privacy == privacy.gaussian_privacy_charge(privacy.evaluation_sigma(DP), DP.delta)
+    assert a.answer.privacy.epsilon_this_update <= DP.evaluation_epsilon
+    assert rig.a.trained == [1, 2, 3]  # two train rounds and the evaluation
+    after = privacy.load_ledger(rig.a.state.ledger_path("banks"))
+    assert after.entries == before.entries
+    released = [*_charges(rig, rig.a), a.answer.privacy]
+    assert privacy.spent(after) == pytest.approx(privacy.epsilon_of(released, 1e-5))
+    assert privacy.spent(after) <= LIMIT
 
     # site B: the noisy histogram and the metrics computed from it, nothing exact
     b = outcome.sites[rig.b.name]
     assert b.status is SiteStatus.ACCEPTED and b.answer is not None and b.answer.evaluation is not None
     exact = EvalResult.model_validate(_eval_result(rig.b.n)).global_
     block = b.answer.evaluation
-    assert block["dp"]["mechanism"] == "gaussian" and block["dp"]["noise_multiplier"] == DP.noise_multiplier
+    sigma = privacy.evaluation_sigma(DP)  # calibrated from the run's evaluation epsilon (1): 4.05
+    assert block["dp"]["mechanism"] == "gaussian" and block["dp"]["noise_multiplier"] == sigma
     assert block["score_summary"]["pos"] != exact["score_summary"]["pos"]
     assert b.answer.n_samples == block["n"] == block["score_summary"]["n"]
     merged = metrics.merge_score_summaries([block["score_summary"]])  # what the coordinator merges
     assert merged["auc"] == block["auc"] and merged["n"] == block["n"]
-    assert merged["auc"] == pytest.approx(exact["auc"], abs=0.05)
+    # at sigma 4.05 on 3,000 rows the clamped noise lowers the AUC by 0.05 on average (sd 0.016,
+    # docs/benchmarks.md)
+    assert merged["auc"] == pytest.approx(exact["auc"], abs=0.15)

@@ -81,7 +81,7 @@ class ModelSpec(BaseModel):
 
 
 class TrainingDefaults(BaseModel):
-    """The trigger form's defaults for this dataset's training DAG (a run may override each)."""
+    """The coordinator trigger form's defaults for a federated run on this dataset (a run overrides each)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -133,3 +133,51 @@ def test_site_names_in_the_section_are_escaped():
     )
     html = section(report.render_html(dump(run_metrics(privacy))))
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+def test_through_sites_under_dp_the_report_says_the_statistics_were_a_noisy_release():
+    dp = DPTraining(noise_multiplier=1.1, delta=1e-5, statistics_epsilon=0.5)
+    privacy = RunPrivacy(
+        secure_aggregation=False,
+        dp=dp,
+        sites={"bank-a": SitePrivacy(rounds_charged=3, delta=1e-5, epsilon_run=2.5)},
+    )
+    metrics = dump(run_metrics(privacy))
+    metrics["runtime"] = "sites"
+    html = section(report.render_html(metrics))
+    key = "statistics ε (one noisy release of each site&#39;s counts, sums and sums of squares)"
+    assert pairs(html)[key] == "0.5000"
+    assert (
+        "the statistics round's noisy release" in html
+        and "statistics the model was built with are noisy" in html
+    )
+
+
+def test_a_run_through_sites_shows_the_evaluations_epsilon_and_sigma():
+    dp = DPTraining(noise_multiplier=1.1, l2_clip=0.8, delta=1e-5, evaluation_epsilon=1.0)
+    privacy = RunPrivacy(secure_aggregation=False, dp=dp, evaluation_noise_multiplier=4.0454)
+    metrics = dump(run_metrics(privacy))
+    metrics["runtime"] = "sites"
+    shown = pairs(section(report.render_html(metrics)))
+    assert shown["evaluation ε (one noisy release of each site&#39;s score histogram)"] == "1.0000"
+    assert shown["evaluation noise σ (calibrated from that ε)"] == "4.0454"
+
+
+def test_a_secure_runs_rounds_show_the_summed_total_and_each_sites_count_hidden():
+    metrics = dump(run_metrics(RunPrivacy(secure_aggregation=True)))
+    metrics["rounds"] = [
+        {"round": 1, "partners": {"bank-a": {"loss": 0.3}, "bank-b": {}}, "samples_total": 4321}
+    ]
+    page = report.render_html(metrics)
+    rounds = page.split("<h2>Training rounds</h2>", 1)[1].split("<h2>", 1)[0]
+    [row] = rows(rounds)
+    assert "4,321" in row[3] or "4321" in row[3]
+    assert (
+        row[4] == (f"bank-a: {report.HIDDEN_COUNT}, bank-b: {report.HIDDEN_COUNT}")
+        and report.HIDDEN_COUNT == "hidden (secure aggregation)"
+    )
+    # without secure aggregation: each site's stated count, and their sum
+    plain = dump(run_metrics(RunPrivacy(secure_aggregation=False)))
+    plain["rounds"] = [{"round": 1, "partners": {"bank-a": {"n": 100}, "bank-b": {"n": 250}}}]
+    [row] = rows(report.render_html(plain).split("<h2>Training rounds</h2>", 1)[1].split("<h2>", 1)[0])
+    assert row[3] == "350" and row[4] == "bank-a: 100, bank-b: 250"

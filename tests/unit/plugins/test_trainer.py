@@ -1,14 +1,12 @@
-"""LeptonTrainerOperator's pure parts: exit codes → retry or not, stderr tail, secrets scrubbed, container
-hardening options, addresses through the trainer gateway, no write to DockerOperator's private attributes."""
+"""The site trainer's pure parts (``lepton_airflow.trainer``): a failed trainer's exit code and stderr tail,
+secrets scrubbed, container hardening options, addresses through the trainer gateway, the local runtime.
+(How the site classifies an exit code: tests/unit/site/test_trainer_failures.py.)"""
 
 from __future__ import annotations
 
-import ast
 import json
-from pathlib import Path
 
 import pytest
-from airflow.sdk.exceptions import AirflowFailException
 from pydantic import SecretStr
 
 from lepton_airflow import trainer
@@ -24,19 +22,21 @@ def _settings(**kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("code", "meaning"), [(2, "bad job"), (3, "security failure")])
-def test_bad_job_and_security_failure_are_not_retried(code, meaning):
-    exc = trainer.failure("acme", code, ["first", "security error: manifest signature does not verify"])
-    assert isinstance(exc, AirflowFailException)
+@pytest.mark.parametrize(
+    ("code", "meaning"),
+    [
+        (1, "unexpected error"),
+        (2, "bad job"),
+        (3, "security failure"),
+        (4, "transient failure"),
+        (137, "killed"),
+    ],
+)
+def test_a_failed_trainer_is_named_with_its_exit_code_and_meaning(code, meaning):
+    exc = trainer.exited("acme", code, ["first", "security error: manifest signature does not verify"])
+    assert isinstance(exc, trainer.TrainerFailed) and exc.exit_code == code
     assert f"trainer for acme failed: {meaning} (exit code {code})" in str(exc)
     assert "manifest signature does not verify" in str(exc)
-
-
-@pytest.mark.parametrize("code", [1, 4, 137])
-def test_other_exit_codes_fail_normally_and_are_retried(code):
-    exc = trainer.failure("acme", code, ["boom"])
-    assert not isinstance(exc, AirflowFailException)
-    assert isinstance(exc, trainer.TrainerFailed) and f"(exit code {code})" in str(exc) and "boom" in str(exc)
 
 
 def test_failure_message_holds_the_last_20_stderr_lines_without_secrets():
@@ -45,7 +45,7 @@ def test_failure_message_holds_the_last_20_stderr_lines_without_secrets():
         "GET http://172.18.0.1:8333/staging/x?X-Amz-Credential=AK%2F1&X-Amz-Signature=abcdef0123 failed"
     )
     lines[-2] = "token s.AbCdEfGhIjKlMnOpQrStUvWx1234 denied"
-    text = str(trainer.failure("acme", 1, lines))
+    text = str(trainer.exited("acme", 1, lines))
     assert "line 29" not in text and "line 30" in text
     assert "abcdef0123" not in text and "AK%2F1" not in text and "X-Amz-Signature=[redacted]" in text
     assert "s.AbCdEfGhIjKlMnOpQrStUvWx1234" not in text
@@ -71,29 +71,13 @@ def test_loopback_addresses_go_through_the_gateway():
     assert trainer.via_gateway(compose, "172.18.0.1") is compose
 
 
-def test_no_write_to_private_attributes_of_docker_operator():
-    """The operator sets no ``self._x`` attribute (DockerOperator's private state stays its own)."""
-    tree = ast.parse(Path(trainer.__file__).read_text())
-    writes = [
-        node.attr
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.ctx, ast.Store)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "self"
-        and node.attr.startswith("_")
-    ]
-    allowed = {"_vault"}  # _WrappedTokenVault's own attribute, not an operator's
-    assert set(writes) <= allowed, f"writes to private attributes: {set(writes) - allowed}"
-
-
-def test_local_runtime_maps_a_bad_job_to_no_retry_with_its_stderr():
-    """A real trainer process given an invalid job exits 2: the task fails at once, saying why."""
-    op = trainer.LeptonTrainerOperator(task_id="t", partner="acme", mode="train", run_id_="r")
-    with pytest.raises(AirflowFailException, match=r"bad job \(exit code 2\)") as err:
-        op._run_local(
-            ["--partner", "acme", "--mode", "train"], json.dumps({"partner": "acme"}), _ttl(), "test"
+def test_local_runtime_names_a_bad_job_with_its_exit_code_and_stderr():
+    """A real trainer process given an invalid job exits 2: ``TrainerFailed`` says why, with its stderr."""
+    with pytest.raises(trainer.TrainerFailed, match=r"bad job \(exit code 2\)") as err:
+        trainer.run_local(
+            ["--partner", "acme", "--mode", "train"], json.dumps({"partner": "acme"}), _ttl(), "test", "acme"
         )
+    assert err.value.exit_code == 2
     assert "bad job" in str(err.value).split("stderr lines:", 1)[1]
 
 

@@ -2,8 +2,10 @@
 trains, refused with ``budget_exhausted`` when it would exceed it, and charged once before anything leaves.
 
 Numbers: 1,200 records, batch 32, one local epoch, sigma 1.0, delta 1e-5 → q = 32/1200, 38 steps a round,
-eps = 1.838 for one round, 2.142 for two and 2.398 for three composed (RDP; summing gives 3.68 after two).
-A budget of eps = 2.3 therefore admits rounds 1 and 2 and refuses round 3.
+eps = 1.838 for one round alone. The run's evaluation release (evaluation eps 1, sigma 4.05, round 6 of a
+5-round run) is reserved with the first round: eps = 2.045 for one round and the reservation, 2.339 for two
+and 2.588 for three composed (RDP; summing the rounds alone gives 3.68 after two). A budget of eps = 2.45
+therefore admits rounds 1 and 2 and refuses round 3.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from tests.unit.site.test_jobs import SITE, UPDATE, World
 N, BATCH, SIGMA, DELTA = 1200, 32, 1.0, 1e-5
 DP = DPTraining(noise_multiplier=SIGMA, delta=DELTA)
 PLANNED = privacy.planned_charge(DP, N, BATCH, 1)
-EPS_1, EPS_2, EPS_3 = (privacy.epsilon_of([PLANNED] * k, DELTA) for k in (1, 2, 3))
-LIMIT = 2.3
+#: the evaluation's release of ``RUN`` (5 rounds: the evaluation is round 6), reserved with round 1
+RESERVE = privacy.evaluation_charge(DP, run_id=RUN, rounds=5, dataset="banks")
+EPS_1, EPS_2, EPS_3 = (privacy.epsilon_of([PLANNED] * k + [RESERVE], DELTA) for k in (1, 2, 3))
+LIMIT = 2.45
 SCOPE = BudgetScope(ledger="banks", budget=PrivacyBudget(epsilon=LIMIT, delta=DELTA))
 
 
@@ -120,7 +124,9 @@ def _answer(world: World, outcome: JobOutcome) -> RoundAnswer:
 
 def test_the_numbers_of_this_module():
     assert EPS_1 < EPS_2 < LIMIT < EPS_3
-    assert EPS_1 + EPS_1 > LIMIT  # summing per-round epsilons would refuse round 2: the ledger composes
+    alone = privacy.epsilon_of([PLANNED], DELTA)
+    assert alone + alone > LIMIT  # summing per-round epsilons would refuse round 2: the ledger composes
+    assert RESERVE.key == (RUN, 6) and RESERVE.noise_multiplier == pytest.approx(4.0454, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------------ within budget
@@ -136,8 +142,9 @@ def test_a_job_within_the_budget_is_answered_charged_and_reports_the_ledger(worl
     assert answer.budget.epsilon_remaining == pytest.approx(LIMIT - EPS_1)
 
     ledger = world.ledger()
-    assert [e.key for e in ledger.entries] == [(RUN, 1)]
+    assert [e.key for e in ledger.entries] == [(RUN, 1), (RUN, 6)]  # the round, and the evaluation reserved
     assert ledger.entries[0].same_charge(privacy.ledger_charge(PLANNED, run_id=RUN, round=1, dataset="banks"))
+    assert ledger.entries[1].same_charge(RESERVE)
     path = world.state.ledger_path("banks")
     assert path.parent == world.state.path.parent and path.stat().st_mode & 0o777 == 0o600
     assert privacy.load_ledger(path).entries == ledger.entries
@@ -154,11 +161,13 @@ def test_rounds_compose_and_the_round_over_budget_is_refused_before_training(wor
     [reason] = _refusal(world, outcome).reasons
     assert reason["code"] == "budget_exhausted" and reason["field"] == "hparams.dp"
     assert float(reason["epsilon_spent"]) == pytest.approx(EPS_2, rel=1e-5)
-    assert float(reason["epsilon_asked"]) == pytest.approx(EPS_1, rel=1e-5)
+    alone = privacy.epsilon_of([PLANNED], DELTA)
+    assert float(reason["epsilon_asked"]) == pytest.approx(alone, rel=1e-5)
+    assert float(reason["epsilon_reserved"]) == 0  # reserved with round 1: already in what is spent
     assert float(reason["epsilon_limit"]) == LIMIT
     assert float(reason["epsilon_remaining"]) == pytest.approx(LIMIT - EPS_2, rel=1e-5)
     message = reason["message"]
-    assert f"ε spent {EPS_2:.4g}" in message and f"asks ε {EPS_1:.4g}" in message
+    assert f"ε spent {EPS_2:.4g}" in message and f"asks ε {alone:.4g}" in message
     assert f"ε limit {LIMIT:g}" in message and f"ε {EPS_3:.4g} composed" in message
     assert len(world.trained) == 2  # refused BEFORE training
     assert world.ledger().entries == before.entries  # a refusal costs nothing
@@ -185,7 +194,7 @@ def test_without_a_sample_count_the_budget_is_enforced_after_training_and_nothin
     assert [r["code"] for r in _refusal(world, outcome).reasons] == ["budget_exhausted"]
     assert len(world.trained) == 3  # it trained (the site did not know its count beforehand) …
     assert [k for k in outcome.written if k.endswith(".update")] == []  # … but the update never left
-    assert len(world.ledger().entries) == 2
+    assert len(world.ledger().entries) == 3  # two rounds and the evaluation's reservation
 
 
 def test_a_policy_that_lowers_the_budget_applies_to_what_was_already_spent(world):
@@ -206,7 +215,10 @@ def test_a_train_job_without_dp_on_a_budgeted_dataset_is_refused_untrained(world
     assert world.trained == [] and world.ledger().entries == []
 
 
-def test_statistics_jobs_need_no_dp_and_are_not_charged(world):
+def test_a_statistics_job_without_dp_on_a_budgeted_dataset_is_refused_uncomputed(world):
+    """Its answer would be exact counts, sums and sums of squares: released only with DP under a budget
+    (without a budget it is answered exactly: test_statistics_privacy)."""
+
     class StatsWorld(DPWorld):
         def trainer(self, job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
             self.trained.append((job, global_weights))
@@ -214,8 +226,10 @@ def test_statistics_jobs_need_no_dp_and_are_not_charged(world):
 
     stats = StatsWorld(**{k: getattr(world, k) for k in World.__dataclass_fields__})
     outcome = stats.handle(stats.post(dp_job(dp=None, mode="statistics"), blob=None), sample_count=count)
-    assert outcome.status is JobStatus.ANSWERED and _answer(stats, outcome).budget is None
-    assert not stats.state.ledger_path("banks").exists()
+    [reason] = _refusal(stats, outcome).reasons
+    assert (reason["code"], reason["field"]) == ("privacy_required", "hparams.dp")
+    assert "statistics" in reason["message"]
+    assert stats.trained == [] and not stats.state.ledger_path("banks").exists()
 
 
 def test_a_site_without_a_budget_answers_without_a_ledger(world):
@@ -232,7 +246,7 @@ def test_a_site_wide_budget_keeps_one_ledger_beside_the_state(world):
     answer = _answer(world, world.handle(world.post(dp_job()), sample_count=count))
     assert answer.budget is not None and answer.budget.ledger == SITE_LEDGER
     assert world.state.ledger_path(SITE_LEDGER) == world.state.path.with_name("state.privacy.json")
-    assert len(privacy.load_ledger(world.state.ledger_path(SITE_LEDGER)).entries) == 1
+    assert len(privacy.load_ledger(world.state.ledger_path(SITE_LEDGER)).entries) == 2  # + reservation
 
 
 # ------------------------------------------------------------------------------------------ retries, re-sends
@@ -254,12 +268,12 @@ def test_a_retried_job_is_charged_once(world):
     job = world.post(dp_job())
     with pytest.raises(StorageError):
         world.handle(job, sample_count=count)
-    assert [e.key for e in world.ledger().entries] == [(RUN, 1)]  # charged before anything left
+    assert [e.key for e in world.ledger().entries] == [(RUN, 1), (RUN, 6)]  # charged before anything left
     assert world.state.read().handled == {}  # the job is not finished: the task retries it
 
     retried = world.handle(job, sample_count=count)
     answer = _answer(world, retried)
-    assert [e.key for e in world.ledger().entries] == [(RUN, 1)]
+    assert [e.key for e in world.ledger().entries] == [(RUN, 1), (RUN, 6)]
     assert answer.budget is not None and answer.budget.epsilon_spent == pytest.approx(EPS_1)
 
 
@@ -267,7 +281,7 @@ def test_a_job_re_sent_for_a_round_already_answered_is_refused(world):
     assert world.handle(world.post(dp_job()), sample_count=count).status is JobStatus.ANSWERED
     outcome = world.handle(world.post(dp_job()), sample_count=count)  # the same round, a new message
     assert [r["code"] for r in _refusal(world, outcome).reasons] == ["round_already_answered"]
-    assert len(world.trained) == 1 and len(world.ledger().entries) == 1
+    assert len(world.trained) == 1 and len(world.ledger().entries) == 2  # the round and the reservation
 
 
 def test_a_retry_with_another_mechanism_under_the_same_round_is_refused(world):
@@ -311,3 +325,32 @@ def test_a_trainer_that_did_not_train_as_asked_fails_the_task_and_nothing_leaves
     with pytest.raises(RuntimeError, match=match):
         world.handle(world.post(dp_job()))  # no sample count: no planned charge to fall back on
     assert world.site_writes() == [] and world.ledger().entries == []
+
+
+# ------------------------------------------------------------------------------- the evaluation's reservation
+
+
+def test_a_round_that_fits_alone_is_refused_when_the_evaluation_would_no_longer_fit(world):
+    """Without the reservation this round would be answered, and the site would then have to refuse the
+    evaluation (its release costs the run's evaluation epsilon): it would drop out of the union AUC."""
+    alone = privacy.epsilon_of([PLANNED], DELTA)
+    world.policy = budget_policy(world.coordinator, epsilon=(alone + EPS_1) / 2)
+    outcome = world.handle(world.post(dp_job()), sample_count=count)
+    [reason] = _refusal(world, outcome).reasons
+    assert reason["code"] == "budget_exhausted"
+    reserved = privacy.epsilon_of([RESERVE], DELTA)
+    assert float(reason["epsilon_reserved"]) == pytest.approx(reserved, rel=1e-5) and reserved <= 1.0
+    assert float(reason["epsilon_asked"]) == pytest.approx(alone, rel=1e-5)
+    assert float(reason["epsilon_spent"]) == 0 and float(reason["epsilon_remaining"]) > alone
+    message = reason["message"]
+    assert f"the evaluation reserves ε {reserved:.4g} (round 6" in message and "ε remaining" in message
+    assert world.trained == [] and world.ledger().entries == []
+
+
+def test_without_a_sample_count_the_reservation_is_checked_after_training(world):
+    alone = privacy.epsilon_of([PLANNED], DELTA)
+    world.policy = budget_policy(world.coordinator, epsilon=(alone + EPS_1) / 2)
+    outcome = world.handle(world.post(dp_job()))
+    assert [r["code"] for r in _refusal(world, outcome).reasons] == ["budget_exhausted"]
+    assert len(world.trained) == 1 and world.ledger().entries == []
+    assert [k for k in outcome.written if k.endswith(".update")] == []

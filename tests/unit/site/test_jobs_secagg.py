@@ -175,9 +175,10 @@ def test_a_secure_train_job_is_answered_without_its_update_which_stays_at_the_si
     assert not [k for k in world.storage.puts(BUCKET) if k.endswith(".update")]
     answer_key = next(k for k in outcome.written if k.endswith(".json"))
     payload = _payload(world.storage, answer_key)
-    assert payload["update"] is None and payload["n_samples"] == 120
+    assert payload["update"] is None and payload["n_samples"] is None  # the count crosses masked only
     held = held_input(world.ctx, run_id=RUN, round=1)
     assert held is not None and held.purpose == "update" and held.job_message_id == job.message_id
+    assert held.n_samples == 120  # what the masked input weights with
     arrays, _ = weights.loads(held.data)
     for got, want in zip(arrays, UPDATE, strict=True):
         np.testing.assert_array_equal(got, want)
@@ -185,6 +186,27 @@ def test_a_secure_train_job_is_answered_without_its_update_which_stays_at_the_si
     path = next((world.ctx.root / RUN).glob("*.held"))
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     assert UPDATE[0].tobytes() not in path.read_bytes()
+
+
+def test_a_secure_train_answer_carries_no_count_in_its_metrics_or_held_out_block(world):
+    """A trainer's training metrics hold the row count (``n``, ``positives``) and the incoming model's
+    held-out block a histogram of the held-out rows: under secure aggregation none of it crosses."""
+    n = 4321
+
+    def trainer(job: RoundJob, global_weights: bytes | None) -> tuple[RoundAnswer, bytes | None]:
+        world.trained.append(job)
+        metrics = {"loss": 0.25, "auc": 0.7, "n": n, "positives": 1234, "train_seconds": 2.5}
+        held_out = {"auc": 0.7, "n": 999, "score_summary": {"n": 999}}
+        answer = RoundAnswer(mode="train", n_samples=n, metrics=metrics, evaluation=held_out)
+        return answer, weights.dumps(UPDATE, {})
+
+    outcome = world.handle(
+        world.post(round_job(secure_aggregation=True, min_partners=3)), run_trainer=trainer
+    )
+    payload = _payload(world.storage, next(k for k in outcome.written if k.endswith(".json")))
+    assert payload["n_samples"] is None and payload["evaluation"] is None
+    assert payload["metrics"] == {"loss": 0.25, "auc": 0.7}
+    assert str(n) not in json.dumps(payload) and "1234" not in json.dumps(payload)
 
 
 def test_a_secure_job_is_refused_before_training_by_a_site_not_set_up_for_it(world):

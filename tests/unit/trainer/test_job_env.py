@@ -1,6 +1,6 @@
 """How the trainer reads its job from the environment (``read_job_env``) and the exit codes of what can go
 wrong before any data is touched. Unwrapping against a real OpenBao (once, refused when spent or
-substituted) is in tests/integration/test_trainer_operator.py."""
+substituted) is in tests/integration/test_trainer_container.py."""
 
 from __future__ import annotations
 

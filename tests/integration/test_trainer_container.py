@@ -1,12 +1,13 @@
-"""LeptonTrainerOperator against real services and a real Docker daemon: the container it starts is hardened
-(read-only root, no capabilities, no-new-privileges, memory/CPU/pids limits, the trainers' own network, not
-the host's); its whole job is response-wrapped, so ``docker inspect`` shows no presigned URL and no usable
-token (the wrapping token in its environment is spent by the trainer while it still runs); the container is
-gone afterwards; a stale image fails before any container starts. Without Docker (real OpenBao): a wrapped
-job unwraps once, a spent or substituted wrapping token is a security failure (exit 3), and a service that is
-down fails the try at once, naming it, before any token is minted. Runs the operator's ``execute`` as
-Airflow's worker would, with Airflow's own connections (its least-privilege S3 identity and the operator
-Vault token). (Exit codes 2/3 → no retry: tests/unit/plugins/test_trainer.py and the e2e training DAG.)"""
+"""The site's trainer run (``lepton_airflow.trainer.run_trainer``, what a site's job task runs) against real
+services and a real Docker daemon: the container it starts is hardened (read-only root, no capabilities,
+no-new-privileges, memory/CPU/pids limits, the trainers' own network, not the host's); its whole job is
+response-wrapped, so ``docker inspect`` shows no presigned URL and no usable token (the wrapping token in its
+environment is spent by the trainer while it still runs); the container is gone afterwards; a stale image
+fails before any container starts. Without Docker (real OpenBao): a wrapped job unwraps once, a spent or
+substituted wrapping token is a security failure (exit 3), and a service that is down fails the try at once,
+naming it, before any token is minted. Runs as a site's worker would, with Airflow's own connections (its
+least-privilege S3 identity and the operator Vault token), on a one-partner local run. (How a site refuses
+for exit codes 2/3: tests/unit/site/test_trainer_failures.py.)"""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 docker_only = pytest.mark.docker
 
 PARTNER = "op-a"
-RUN_ID = "operator-test-1"
+RUN_ID = "trainer-container-1"
 LABEL = "org.lepton.trainer"
 
 
@@ -49,23 +50,24 @@ def docker_client():
 
 @pytest.fixture(scope="module")
 def planned(services, settings, admin_storage, operator_vault, onboard):
-    """One hospital's drop staged under partner op-a and a planned run."""
-    from lepton_tasks.federation.plan import HParams, plan_run
+    """One hospital's drop staged under partner op-a and its one-partner local run."""
+    from lepton_tasks.core.messages import HParams
     from lepton_tasks.ingest.stage import ingest_drop
     from lepton_tasks.ops.scenarios import SCENARIOS, to_csv_bytes
+    from tests.integration.local_plan import write_local_plan
 
     df = sorted(SCENARIOS["hospitals"].generate(5).items())[0][1]
     onboard(PARTNER, ["hospitals"])
     drop_as_partner(settings, PARTNER, "hospitals/op.csv", to_csv_bytes(df))
     ingest_drop(settings, admin_storage, operator_vault, PARTNER, "hospitals/op.csv")
     hp = HParams(rounds=1, local_epochs=1, batch_size=64, learning_rate=0.01, min_partners=1, seed=1)
-    plan_run(
+    write_local_plan(
         settings,
         admin_storage,
         operator_vault,
         run_id=RUN_ID,
+        partner=PARTNER,
         dataset="hospitals",
-        partners=[PARTNER],
         hparams=hp,
     )
     return RUN_ID
@@ -82,10 +84,11 @@ def as_airflow(services, monkeypatch):
     monkeypatch.setenv("LEPTON_TRAINER_RUNTIME", "docker")
 
 
-def _operator(partner: str, mode: str = "local"):
-    from lepton_airflow.trainer import LeptonTrainerOperator
+def _run(partner: str, mode: str = "local") -> dict:
+    """What a site's job task runs for one trainer execution of local run :data:`RUN_ID`."""
+    from lepton_airflow.trainer import run_trainer
 
-    return LeptonTrainerOperator(task_id=f"t-{partner}-{mode}", partner=partner, mode=mode, run_id_=RUN_ID)
+    return run_trainer(partner=partner, mode=mode, round_number=0, run_id=RUN_ID)
 
 
 class Inspector(threading.Thread):
@@ -149,7 +152,7 @@ def test_container_is_hardened_and_docker_inspect_shows_nothing_usable(
     spy.start()
     started = time.monotonic()
     try:
-        result = _operator(partner).execute(context={})
+        result = _run(partner)
     finally:
         spy.done.set()
         spy.join(5)
@@ -209,7 +212,7 @@ def test_stale_image_fails_before_any_container(docker_client, planned, as_airfl
             match=r"trainer image lepton-trainer:000000000000 is stale \(sources hash to [0-9a-f]{12}\): "
             r"run `lepton images build`",
         ):
-            _operator(PARTNER).execute(context={})
+            _run(PARTNER)
         assert _trainer_containers(docker_client) == []
     finally:
         docker_client.images.remove("lepton-trainer:stale-test", force=True)
@@ -269,7 +272,6 @@ def test_a_service_down_fails_the_try_at_once_naming_it_before_any_token(
     from airflow.sdk.exceptions import AirflowFailException
 
     from lepton_tasks.adapters.health import ServicesDown
-    from lepton_tasks.federation.plan import failure_key
 
     port = _closed_port()
     address = f"http://127.0.0.1:{port}"
@@ -278,25 +280,18 @@ def test_a_service_down_fails_the_try_at_once_naming_it_before_any_token(
     else:
         _airflow_env(services, monkeypatch, s3_endpoint=f"127.0.0.1:{port}")
     service = {"vault": "Vault", "s3": "S3"}[down]
-    recorded = failure_key(RUN_ID, "train", 0, "probe-p")
-    admin_storage.remove(settings.models_bucket, recorded)  # each case starts without a failure record
     tokens = _token_accessors(root_vault)
     started = time.monotonic()
     with pytest.raises(ServicesDown) as err:
-        _operator("probe-p", mode="train").execute(context={})
+        _run("probe-p", mode="train")
     elapsed = time.monotonic() - started
     assert str(err.value) == (
         f"{service} at {address} is unreachable: [Errno 111] Connection refused; "
         "Airflow retries this task with backoff"
     )
-    assert not isinstance(err.value, AirflowFailException)  # transient: the DAG's retries with backoff apply
+    assert not isinstance(err.value, AirflowFailException)  # transient: the task's retries with backoff apply
     assert elapsed < 5, f"the probe took {elapsed:.1f}s"
     assert not _token_accessors(root_vault) - tokens, "a token was minted although a service was down"
-    if down == "vault":  # S3 answers: the reason is recorded for aggregate and the report
-        assert admin_storage.get_json(settings.models_bucket, recorded)["reason"] == str(err.value)
-        admin_storage.remove(settings.models_bucket, recorded)
-    else:
-        assert not admin_storage.exists(settings.models_bucket, recorded)
 
 
 def test_an_older_stacks_operator_policy_gets_job_wrapping_at_the_next_up(
@@ -319,8 +314,8 @@ def test_an_older_stacks_operator_policy_gets_job_wrapping_at_the_next_up(
     assert operator_vault.wrap({"job": "{}"}, ttl=30)
 
 
-def test_a_job_token_nobody_unwrapped_is_spent_by_the_operator(settings, operator_vault):
-    """What the operator does once a container ended: a token the trainer never unwrapped is spent then."""
+def test_a_job_token_nobody_unwrapped_is_spent_after_the_run(settings, operator_vault):
+    """What ``run_trainer`` does once a container ended: a token the trainer never unwrapped is spent then."""
     from lepton_tasks.adapters.vault import VaultError, lookup_wrapping, spend_if_unused, unwrap_data
 
     unused = operator_vault.wrap({"job": "{}"}, ttl=60)

@@ -1,4 +1,4 @@
-"""Which of a partner's staged drops a training run uses: the latest per inbox file."""
+"""Which of a partner's staged drops a site's local run uses: the latest per inbox file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from datetime import datetime
 
 from lepton_tasks.core.features import SufficientStats
 from lepton_tasks.core.messages import Manifest
-from lepton_tasks.federation.plan import latest_per_source
+from lepton_tasks.site.local_run import latest_per_source
 
 SHA = "ab" * 32
 
@@ -64,14 +64,3 @@ def test_same_time_ties_break_on_the_key_deterministically():
     assert current == ["a/banks/2/manifest.json"] and old == {
         "a/banks/1/manifest.json": "a/banks/2/manifest.json"
     }
-
-
-def test_the_best_scored_round_is_published_not_the_last():
-    from lepton_tasks.federation.plan import choose_published_round
-
-    # Caravan: the model overfits after round 3 (scored at the start of round 4)
-    assert choose_published_round({1: 0.70, 2: 0.76, 3: 0.775, 4: 0.758}, last=5) == 3
-    # still improving at the end: the last (unscored until the final evaluation) round is published
-    assert choose_published_round({1: 0.70, 2: 0.72, 3: 0.74, 4: 0.75}, last=5) == 5
-    assert choose_published_round({}, last=1) == 1
-    assert choose_published_round({1: None}, last=2) == 2
