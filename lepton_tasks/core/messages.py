@@ -468,7 +468,9 @@ class SitePrivacy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rounds_charged: int = Field(ge=0, description="train answers of this run that carried a DP-SGD charge")
+    rounds_charged: int = Field(
+        ge=0, description="answers of this run that carried a DP charge (statistics, train, evaluation)"
+    )
     delta: float = Field(gt=0, lt=1, description="the delta of the epsilons below (the site's budget's)")
     epsilon_run: float = Field(ge=0, description="this run's charges composed (RDP), at delta")
     noise_multiplier: float | None = Field(None, gt=0)

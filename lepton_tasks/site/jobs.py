@@ -998,6 +998,8 @@ def _only_private(header: JobHeader, job: RoundJob, answer: RoundAnswer, dp: DPT
             f"the evaluation of run {header.run_id!r} round {header.round} is not the noisy release its DP "
             f"job asks (Gaussian, σ ≥ {needed:g} for ε = {dp.evaluation_epsilon:g}): nothing was sent"
         )
+    if answer.privacy is None:  # a site without a budget still reports what the release cost (the run's ε)
+        return answer.model_copy(update={"privacy": privacy.gaussian_privacy_charge(float(sigma), dp.delta)})
     return answer
 
 
