@@ -4,14 +4,21 @@ Issue 9's done criterion ("every boundary object is a model"): the e2e and in-pr
 :func:`load_run_objects` on their own run, so each example object comes from real code, not a fixture:
 
 - the coordinator's ``models`` bucket: the run's spec (``run.json``, ``RunSpec``), each round's decision
-  (``record.json``, ``RoundRecord``) and sent job headers (``sent.json``, ``JobHeader``), the registry entry;
+  (``record.json``, ``RoundRecord``), sent job headers (``sent.json``, ``JobHeader``) and secure aggregation
+  (``secagg.json``, ``AggregationState``), the merged statistics (``stats.json``, ``MergedStatistics``), the
+  meta of every global weights file (``GlobalWeightsMeta``), the published ``metrics.json`` (``RunMetrics``),
+  ``model/VERSION.json`` (``ModelVersion``) and the registry entry;
 - each site's exchange bucket: every message (``SignedMessage``) and its payload through the model its
-  ``payload_schema`` names (``RoundJob``, ``RoundAnswer``, ``RoundRefusal``, the ``SecAgg*`` phases);
-- each site's own stack: its staged manifests (``SignedManifest``), its local run (``Plan``, the trainer's
-  ``UpdateMeta``, ``EvalResult``, ``LocalModelMeta``), its outbound log (``OutboundRecord``) and state
-  (``StateDoc``).
+  ``payload_schema`` names (``RoundJob``, ``RoundAnswer``, ``RoundRefusal``, the ``SecAgg*`` phases), the
+  global weights beside a job (``GlobalWeightsMeta``) and an update beside an answer
+  (``ExchangeUpdateMeta``);
+- each site's own stack: its staged manifests (``SignedManifest``), its local run (``Plan``, the merged
+  statistics ``SufficientStats``, the coordinator's global weights, the trainer's ``UpdateMeta``,
+  ``EvalResult``, ``LocalModelMeta``), its outbound log (``OutboundRecord``) and state (``StateDoc``).
 
-What has no model yet is returned by name (``unmodelled``), so a test can print it and a reader sees the gap.
+What has no model is returned by name (``unmodelled``): only files that are not data objects (the report's
+HTML, the Keras model) and the masked inputs of secure aggregation (ring elements, ``secagg_round``), so a
+test can print them and a reader sees the rest is covered.
 """
 
 from __future__ import annotations
@@ -50,11 +57,17 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.core import weights as wio
     from lepton_tasks.core.exchange import SignedMessage
+    from lepton_tasks.core.features import SufficientStats
     from lepton_tasks.core.messages import (
         EvalResult,
+        ExchangeUpdateMeta,
+        GlobalWeightsMeta,
         LocalModelMeta,
+        MergedStatistics,
+        ModelVersion,
         Plan,
         RegistryEntry,
+        RunMetrics,
         SignedManifest,
         UpdateMeta,
         load,
@@ -62,6 +75,8 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
     from lepton_tasks.core.outbound_log import OutboundRecord, read_log
     from lepton_tasks.federation.coordinator import RoundRecord, RunSpec, run_prefix
     from lepton_tasks.federation.enrollment import SiteRegistry
+    from lepton_tasks.federation.exchange import UPDATE_SUFFIX, WEIGHTS_SUFFIX
+    from lepton_tasks.federation.secagg_round import AggregationState
     from lepton_tasks.ingest.stage import staged_manifests
     from lepton_tasks.site.enrollment import SiteFiles
     from lepton_tasks.site.local_run import run_prefix as local_prefix
@@ -74,23 +89,40 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
     admin = Storage.from_settings(cs)
     mb = cs.models_bucket
 
-    # the coordinator's own objects
+    # the coordinator's own objects: each JSON document and weights meta through its model (``load`` where
+    # the model is a core.messages one, so an error names the object, the key and the field)
+    documents: dict[str, type[Any]] = {
+        "/stats.json": MergedStatistics,
+        "/metrics.json": RunMetrics,
+        "/model/VERSION.json": ModelVersion,
+    }
     for obj in admin.list(mb, run_prefix(run_id)):
         key, raw = obj.key, admin.get_bytes(mb, obj.key)
-        if key.endswith("/run.json"):
+        where = f"{mb}/{key}"
+        document = next((m for suffix, m in documents.items() if key.endswith(suffix)), None)
+        if document is not None:
+            load(document, raw, where=where)
+            out.count(document)
+        elif key.endswith(".npz"):  # round-<kkkk>/global.npz and the published model/global.npz
+            load(GlobalWeightsMeta, wio.loads(raw)[1], where=where)
+            out.count(GlobalWeightsMeta)
+        elif key.endswith("/run.json"):
             RunSpec.model_validate_json(raw)
             out.count(RunSpec)
         elif key.endswith("/record.json"):
             RoundRecord.model_validate_json(raw)
             out.count(RoundRecord)
+        elif key.endswith("/secagg.json"):
+            AggregationState.model_validate_json(raw)
+            out.count(AggregationState)
         elif key.endswith("/sent.json"):
             from lepton_tasks.core.exchange import JobHeader
 
             for header in json.loads(raw)["jobs"].values():
                 JobHeader.model_validate_json(json.dumps(header))
                 out.count(JobHeader)
-        else:  # weights (npz with a plain meta), statistics, metrics.json, VERSION.json, the report, Keras
-            out.unmodelled.append(f"{mb}/{key}")
+        else:  # not data: the report's HTML, the Keras model
+            out.unmodelled.append(where)
     spec = RunSpec.model_validate_json(admin.get_bytes(mb, run_prefix(run_id) + "run.json"))
     for obj in admin.list(mb, f"_registry/{dataset}/"):
         entry = load(RegistryEntry, admin.get_bytes(mb, obj.key), where=obj.key)
@@ -104,7 +136,15 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
         for kind in ("jobs", "answers", "refusals"):
             for obj in admin.list(bucket, f"{kind}/{run_id}/"):
                 raw = admin.get_bytes(bucket, obj.key)
-                if not obj.key.endswith(".json"):  # weights and masked inputs beside their message
+                if obj.key.endswith(WEIGHTS_SUFFIX):  # the global weights beside a job
+                    load(GlobalWeightsMeta, wio.loads(raw)[1], where=f"{bucket}/{obj.key}")
+                    out.count(GlobalWeightsMeta)
+                    continue
+                if obj.key.endswith(UPDATE_SUFFIX):  # a site's update beside its answer
+                    load(ExchangeUpdateMeta, wio.loads(raw)[1], where=f"{bucket}/{obj.key}")
+                    out.count(ExchangeUpdateMeta)
+                    continue
+                if not obj.key.endswith(".json"):  # masked inputs (ring elements) beside their message
                     out.unmodelled.append(f"{bucket}/{obj.key}")
                     continue
                 message = SignedMessage.model_validate_json(raw)
@@ -136,7 +176,13 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
             elif "/local/" in key and key.endswith(".npz"):
                 load(LocalModelMeta, wio.loads(storage.get_bytes(sb, key))[1], where=key)
                 out.count(LocalModelMeta)
-            else:  # stats.json, the coordinator's global weights as the site got them
+            elif key.endswith("/global.npz"):  # the coordinator's global weights as the site got them
+                load(GlobalWeightsMeta, wio.loads(storage.get_bytes(sb, key))[1], where=key)
+                out.count(GlobalWeightsMeta)
+            elif key.endswith("/stats.json"):  # the merged statistics the job carried
+                SufficientStats.model_validate_json(storage.get_bytes(sb, key))
+                out.count(SufficientStats)
+            else:
                 out.unmodelled.append(f"{site}:{sb}/{key}")
         files = SiteFiles(ss.site_dir)
         for _ in (r for r in read_log(files.outbound_log) if r.run_id == run_id):

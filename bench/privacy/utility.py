@@ -166,6 +166,13 @@ def _train_rows(topo: Any, run_id: str) -> dict[str, int]:
     return out
 
 
+def _metrics(result: Any) -> Any:
+    """The run's ``metrics.json`` as ``federate`` loaded it (a ``RunMetrics``)."""
+    if result.metrics is None:
+        raise RuntimeError(f"run {result.run_id} published no metrics")
+    return result.metrics
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -240,7 +247,7 @@ def main() -> int:
                     "setting": "non-private",
                     "target_epsilon": None,
                     "sigma": None,
-                    "federated_auc": result.metrics["final"]["overall"]["auc"],
+                    "federated_auc": _metrics(result).final.overall["auc"],
                     "mean_local_only_auc": local.mean_union_auc,
                     "train_rows": sizes,
                     "seconds": round(time.perf_counter() - t0, 1),
@@ -267,13 +274,13 @@ def main() -> int:
                             raise RuntimeError(
                                 f"{site}: planned eps {planned[site]}, the updates say {spent[site]}"
                             )
-                    run_eps = {s: p["epsilon_run"] for s, p in result.metrics["privacy"]["sites"].items()}
+                    run_eps = {s: p.epsilon_run for s, p in _metrics(result).privacy.sites.items()}
                     row = {
                         "seed": seed,
                         "setting": f"eps={eps:g}",
                         "target_epsilon": eps,
                         "sigma": round(sigma, 4),
-                        "federated_auc": result.metrics["final"]["overall"]["auc"],
+                        "federated_auc": _metrics(result).final.overall["auc"],
                         "exact_auc_before_evaluation_noise": _exact_auc(topo, result.run_id),
                         "mean_local_only_auc": baseline["mean_local_only_auc"],
                         "epsilon_spent": {s: round(v, 3) for s, v in spent.items()},

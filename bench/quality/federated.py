@@ -107,7 +107,8 @@ def run_seed(topo: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         },
     )
     t_refs = time.perf_counter() - t2
-    fed = result.metrics["final"]["overall"].get("auc")
+    assert result.metrics is not None  # metrics.json, loaded through RunMetrics
+    fed = result.metrics.final.overall.get("auc")
     central = ref["overall"]["auc"]
     mean_local = local.mean_union_auc
     return {
@@ -119,9 +120,9 @@ def run_seed(topo: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         "fed_minus_central": None if fed is None else fed - central,
         "fed_minus_local": None if fed is None or mean_local is None else fed - mean_local,
         "all_sites_accepted_every_round": all_accepted,
-        "excluded": result.metrics.get("excluded") or {},
+        "excluded": result.metrics.excluded,
         "federated_per_site_auc": {
-            site: (m or {}).get("auc") for site, m in result.metrics["final"]["per_partner"].items()
+            site: m.get("auc") for site, m in result.metrics.final.per_partner.items()
         },
         "local_only_union_auc": {site: m.get("auc") for site, m in local.union.items()},
         "local_only_own_holdout_auc": {site: m.get("auc") for site, m in local.own.items()},

@@ -1,12 +1,15 @@
 """Every object that crosses a process boundary, as a typed, versioned message.
 
-Ingest writes a :class:`SignedManifest` per drop; the coordinator's ``plan`` writes a :class:`Plan`; each
-trainer container receives a :class:`TrainerJob` and answers with :class:`UpdateMeta` (inside the weights
-file), :class:`LocalModelMeta` or an :class:`EvalResult`; ``aggregate`` writes a :class:`RoundSummary` per
-round; ``publish`` writes :class:`RunMetrics`, a :class:`ModelVersion` and a :class:`RegistryEntry`;
-quarantine writes a :class:`QuarantineReason`. Writers build the model and dump it with :func:`dump`;
-readers go through :func:`load`, which fails with a :class:`MessageError` naming the object, where it was
-read from and the field: a missing, unknown or mistyped field never reaches the code that uses it.
+Ingest writes a :class:`SignedManifest` per drop; a site's local run writes a one-partner :class:`Plan`;
+each trainer container receives a :class:`TrainerJob` and answers with :class:`UpdateMeta` (inside the
+weights file), :class:`LocalModelMeta` or an :class:`EvalResult`; the coordinator and the sites exchange a
+:class:`RoundJob` and a :class:`RoundAnswer` (or a :class:`RoundRefusal`), a site's update carrying an
+:class:`ExchangeUpdateMeta`; the coordinator writes :class:`MergedStatistics` (``stats.json``), a
+:class:`GlobalWeightsMeta` inside every round's global weights, and on publish :class:`RunMetrics`
+(``metrics.json``), a :class:`ModelVersion` and a :class:`RegistryEntry`; quarantine writes a
+:class:`QuarantineReason`. Writers build the model and dump it with :func:`dump`; readers go through
+:func:`load`, which fails with a :class:`MessageError` naming the object, where it was read from and the
+field: a missing, unknown or mistyped field never reaches the code that uses it.
 
 Each model carries ``schema_version``; a reader accepts exactly the versions it knows. The JSON Schemas
 (``lepton schemas export``, committed under ``docs/schemas/``) are what a partner's engineers read.
@@ -17,6 +20,7 @@ This module sits in ``core`` because the trainer image needs it; it imports noth
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,6 +29,10 @@ from lepton_tasks.core.features import SufficientStats
 from lepton_tasks.core.strategies import Strategy
 
 TrainerMode = Literal["train", "local", "evaluate"]
+#: what a round of a federated run asks of the sites (round 0: statistics, 1..R: train, R+1: evaluate)
+RoundMode = Literal["statistics", "train", "evaluate"]
+#: a SHA-256 hex digest
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 #: metric blocks (``auc``, ``pr_auc``, ``accuracy``, ``log_loss``, ``n``, ``score_summary`` …) are produced
 #: and read by ``core.metrics`` only; their keys are documented there.
@@ -154,7 +162,7 @@ class QuarantineReason(Message):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# coordinator: plan, jobs, rounds, metrics, registry
+# run settings (DP, hyper-parameters) and a site's local run: plan, trainer job, trainer outputs
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -391,16 +399,6 @@ class LocalModelMeta(Message):
     )
 
 
-class GlobalWeightsMeta(Message):
-    """The metadata inside ``round-<k>/global.npz``."""
-
-    kind: Literal["global"] = "global"
-    run_id: str
-    round: int = Field(ge=1)
-    strategy: Strategy
-    partners: list[str]
-
-
 class EvalRows(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -420,46 +418,94 @@ class EvalResult(Message):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
 
-class RoundSummary(Message):
-    """``round-<k>/summary.json``: who contributed, who was excluded and why, training metrics."""
+# ---------------------------------------------------------------------------------------------------------
+# the coordinator's objects (``federation.coordinator``, in its own object storage)
+# ---------------------------------------------------------------------------------------------------------
 
-    round: int = Field(ge=1)
+
+class MergedStatistics(Message):
+    """``federated/<run>/stats.json``: the statistics round's merged statistics, the feature names derived
+    from them (the model's input order) and the sites merged."""
+
+    statistics: SufficientStats
+    feature_names: list[str]
+    sites: list[str]
+
+
+class GlobalWeightsMeta(Message):
+    """The metadata inside ``federated/<run>/round-<kkkk>/global.npz`` (round 0: the initial weights)."""
+
+    kind: Literal["global"] = "global"
+    run_id: str
+    round: int = Field(ge=0)
     strategy: Strategy
-    partners: dict[str, dict[str, float | int | None]]
-    excluded: dict[str, str] = Field(
-        default_factory=dict, description="partner → why it is not in this round"
-    )
-    global_prev_holdout: dict[str, Any] | None = None
-    global_: MetricBlock | None = Field(None, alias="global")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+    sites: list[str] = Field(description="the sites whose statistics (round 0) or updates built the weights")
 
 
-class Lineage(BaseModel):
+class ExclusionKind(StrEnum):
+    """Why a site is not in a round (what the report groups by)."""
+
+    DEADLINE_MISSED = "deadline_missed"  # nothing valid before the job expired
+    REFUSED = "refused"  # the site's signed refusal (policy, approval, budget, weights check)
+    VERIFICATION_FAILED = "verification_failed"  # its reply failed verification (signature, tampering…)
+    TRAINING_FAILED = "training_failed"  # the site reported that its trainer failed
+    UNUSABLE = "unusable"  # a verified answer the round cannot use (wrong mode, shapes, statistics)
+    UNREADABLE = "unreadable"  # the coordinator could not read the site's replies (storage)
+
+
+class RunExclusion(BaseModel):
+    """One site left out of one round of a run, as ``metrics.json`` lists it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run_id: str
-    rounds: int
-    strategy: Strategy
-    contract: str
-    drops: dict[str, list[str]] = Field(description="partner → SHA-256 of the drops that fed the model")
-    published_round: int | None = None
-    model_version: int | None = None
-    global_weights_sha256: str | None = None
+    site: str
+    round: int = Field(ge=0)
+    mode: RoundMode
+    kind: ExclusionKind
+    code: str | None = Field(None, description="the machine-readable code (a refusal's, a rejection's…)")
+    reason: str
+
+
+class RoundMetrics(BaseModel):
+    """One round of a run in ``metrics.json``: the sites that took part with their metrics, who was left out
+    and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=0)
+    partners: dict[str, MetricBlock] = Field(
+        description="accepted site → its sample count ``n`` (absent under secure aggregation) and, in a "
+        "train round, its local training metrics"
+    )
+    excluded: dict[str, str] = Field(default_factory=dict, description="site → why it is not in this round")
+    samples_total: int | None = Field(
+        None, ge=0, description="secure aggregation: the round's total sample count, from the unmasked sum"
+    )
 
 
 class FinalMetrics(BaseModel):
+    """The evaluation round: the final global model on each site's held-out split, and overall (the merged
+    score histograms)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     per_partner: dict[str, MetricBlock]
     overall: MetricBlock
 
 
-class LocalOnlyMetrics(BaseModel):
+class Lineage(BaseModel):
+    """Where a published model came from: the run, its rounds and strategy, the contract, the sites that
+    trained it and the global weights published."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    per_partner: dict[str, MetricBlock]
-    overall: MetricBlock
+    run_id: str
+    rounds: int = Field(ge=1)
+    strategy: Strategy
+    contract: str = Field(description="the contract's version tag, e.g. banks@v1")
+    sites: list[str] = Field(description="every site whose update is in some train round's aggregate")
+    published_round: int = Field(ge=1, description="the train round whose global weights were published")
+    global_weights_sha256: str = Field(pattern=SHA256_PATTERN)
 
 
 class SitePrivacy(BaseModel):
@@ -500,28 +546,32 @@ class RunPrivacy(BaseModel):
 
 
 class RunMetrics(Message):
-    """``metrics.json`` of a run: per round, per partner, global vs local-only, lineage, warnings."""
+    """``federated/<run>/metrics.json`` (and the report's input): per round the sites that took part and
+    their metrics, every exclusion with its kind and reason, the final held-out metrics per site and
+    overall, the lineage, what protected the run, the warnings."""
 
-    run_id: str
+    run_id: str = Field(description="the exchange run id")
+    airflow_run_id: str
+    consortium: str
     dataset: str
-    contract_version: str
+    contract_version: str = Field(description="the contract's version tag, e.g. banks@v1")
+    contract_sha256: str = Field(pattern=SHA256_PATTERN)
     strategy: Strategy
-    hparams: HParams
-    runtime: str
-    rounds: list[RoundSummary]
+    min_partners: int = Field(ge=1)
+    runtime: Literal["sites"] = Field("sites", description="training ran at the sites, over the exchange")
+    created_at: datetime
+    partners: list[str] = Field(description="the run's sites")
+    statistics_round: RoundMetrics = Field(description="round 0: the sites whose statistics were merged")
+    rounds: list[RoundMetrics] = Field(description="the train rounds 1..R, in order")
     final: FinalMetrics
-    local_only: LocalOnlyMetrics
-    lineage: Lineage
     excluded: dict[str, str] = Field(
-        default_factory=dict, description="partner or drop → why it did not feed the model (plan, rounds)"
+        default_factory=dict, description="'<site> (round <k>, <mode>)' → why (the report's exclusions table)"
     )
+    exclusions: list[RunExclusion] = Field(default_factory=list)
+    lineage: Lineage
+    privacy: RunPrivacy
     warnings: list[str] = Field(default_factory=list)
-    centralized: MetricBlock | None = Field(
-        None, description="a pooled reference run (demo only: pools data, which production never does)"
-    )
-    privacy: RunPrivacy | None = Field(
-        None, description="what protected the run (secure aggregation, DP, budgets); None: not recorded"
-    )
+    model_version: int | None = Field(None, ge=1, description="set when the run is published")
 
 
 class ModelVersion(Message):
@@ -555,6 +605,17 @@ class BlobRef(BaseModel):
     key: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size: int = Field(ge=0)
+
+
+class ExchangeUpdateMeta(Message):
+    """The metadata inside a site's weights update in the exchange (``answers/<run>/<round>/<id>.update``,
+    the :class:`BlobRef` of a train :class:`RoundAnswer`): the coordinator's run and round and the sample
+    count; the trainer's :class:`UpdateMeta` (partner, drops, metrics) stays at the site."""
+
+    kind: Literal["exchange-update"] = "exchange-update"
+    run_id: str
+    round: int = Field(ge=1)
+    n_samples: int = Field(gt=0)
 
 
 class RoundJob(Message):
@@ -614,15 +675,16 @@ BOUNDARY_MODELS: dict[str, type[Message]] = {
     "trainer-job": TrainerJob,
     "update-meta": UpdateMeta,
     "local-model-meta": LocalModelMeta,
-    "global-weights-meta": GlobalWeightsMeta,
     "eval-result": EvalResult,
-    "round-summary": RoundSummary,
+    "merged-statistics": MergedStatistics,
+    "global-weights-meta": GlobalWeightsMeta,
     "run-metrics": RunMetrics,
     "model-version": ModelVersion,
     "registry-entry": RegistryEntry,
     "round-job": RoundJob,
     "round-answer": RoundAnswer,
     "round-refusal": RoundRefusal,
+    "exchange-update-meta": ExchangeUpdateMeta,
 }
 
 

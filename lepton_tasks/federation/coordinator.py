@@ -22,10 +22,13 @@ task finds what an earlier try wrote (sending and deciding are idempotent)::
     <bucket>/federated/<run>/run.json                the run's immutable spec (RunSpec)
     <bucket>/federated/<run>/round-<kkkk>/sent.json  the headers of the jobs sent (what answers bind to)
     <bucket>/federated/<run>/round-<kkkk>/record.json  the round's decision (RoundRecord)
-    <bucket>/federated/<run>/round-<kkkk>/global.npz   global weights after the round (0: initial)
-    <bucket>/federated/<run>/stats.json              the merged statistics (round 0)
+    <bucket>/federated/<run>/round-<kkkk>/global.npz   global weights after the round (0: initial), with a
+                                                     GlobalWeightsMeta
+    <bucket>/federated/<run>/stats.json              the merged statistics (round 0, MergedStatistics)
     <bucket>/federated/<run>/metrics.json, report.html, model/global.npz, model/global.keras,
-                                                     model/VERSION.json (publish)
+                                                     model/VERSION.json (publish: RunMetrics, ModelVersion)
+
+Each of them is written from its model (``core.messages`` or the models below) and read back through it.
 
 No Airflow import here (the DAG and the trigger in ``plugins/lepton_airflow`` wire it); no site address or
 credential is ever needed: the coordinator writes into and reads from the exchange buckets of its own storage.
@@ -52,7 +55,6 @@ import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -62,7 +64,23 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from lepton_tasks.core import weights as wio
 from lepton_tasks.core.contracts import Contract, load_contract
 from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader
-from lepton_tasks.core.messages import RoundAnswer, RoundJob, RunPrivacy, TrainerHParams, dump, load
+from lepton_tasks.core.messages import (
+    ExclusionKind,
+    FinalMetrics,
+    GlobalWeightsMeta,
+    Lineage,
+    MergedStatistics,
+    ModelVersion,
+    RoundAnswer,
+    RoundJob,
+    RoundMetrics,
+    RunExclusion,
+    RunMetrics,
+    RunPrivacy,
+    TrainerHParams,
+    dump,
+    load,
+)
 from lepton_tasks.core.secagg_messages import UpdateLayout
 from lepton_tasks.core.strategies import NEEDS_INDIVIDUAL_UPDATES, Strategy
 from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
@@ -158,17 +176,6 @@ class RoundNotComplete(RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 # typed records
 # ----------------------------------------------------------------------------------------------------
-
-
-class ExclusionKind(StrEnum):
-    """Why a site is not in a round (what the report groups by)."""
-
-    DEADLINE_MISSED = "deadline_missed"  # nothing valid before the job expired
-    REFUSED = "refused"  # the site's signed refusal (policy, approval, budget, weights check)
-    VERIFICATION_FAILED = "verification_failed"  # its reply failed verification (signature, tampering…)
-    TRAINING_FAILED = "training_failed"  # the site reported that its trainer failed
-    UNUSABLE = "unusable"  # a verified answer the round cannot use (wrong mode, shapes, statistics)
-    UNREADABLE = "unreadable"  # the coordinator could not read the site's replies (storage)
 
 
 class Exclusion(BaseModel):
@@ -493,10 +500,19 @@ def _contract(spec: RunSpec) -> Contract:
 
 
 def _merged_statistics(storage: Storage, bucket: str, run_id: str) -> tuple[SufficientStats, list[str]]:
-    from lepton_tasks.core.features import SufficientStats
+    key = _stats_key(run_id)
+    doc = load(MergedStatistics, storage.get_bytes(bucket, key), where=f"s3://{bucket}/{key}")
+    return doc.statistics, list(doc.feature_names)
 
-    doc = storage.get_json(bucket, _stats_key(run_id))
-    return SufficientStats.model_validate(doc["statistics"]), list(doc["feature_names"])
+
+def _global_weights(
+    storage: Storage, bucket: str, run_id: str, round_: int
+) -> tuple[bytes, list[np.ndarray], GlobalWeightsMeta]:
+    """Round ``round_``'s global weights (the blob, its arrays and its :class:`GlobalWeightsMeta`)."""
+    key = _global_key(run_id, round_)
+    blob = storage.get_bytes(bucket, key)
+    arrays, meta = wio.loads(blob)
+    return blob, arrays, load(GlobalWeightsMeta, meta, where=f"s3://{bucket}/{key}")
 
 
 def build_job(
@@ -549,7 +565,7 @@ def send_jobs(
         statistics, names = _merged_statistics(storage, bucket, spec.run_id)
         job = build_job(spec, contract, mode, statistics=statistics, feature_names=names)
         previous = round_ - 1  # evaluate: the last train round's model
-        blobs[ALL_SITES] = storage.get_bytes(bucket, _global_key(spec.run_id, previous))
+        blobs[ALL_SITES], _, _ = _global_weights(storage, bucket, spec.run_id, previous)
     sent = send_round(
         storage,
         signer,
@@ -889,7 +905,7 @@ def decide_round(
     charges: dict[str, dict[str, Any]] = {}
     overall: dict[str, Any] | None = None
     weights_out: list[np.ndarray] | None = None
-    stats_doc: dict[str, Any] | None = None
+    stats_doc: MergedStatistics | None = None
     if mode == "statistics":
         if secure is not None:
             accepted, bad = _secure_exclusions(answers, secure, round_)
@@ -910,13 +926,9 @@ def decide_round(
 
         names = feature_names(contract, GlobalStats.from_stats(merged, contract))
         weights_out = build_initial(contract, names, spec.hparams.seed)
-        stats_doc = {
-            "statistics": merged.model_dump(mode="json"),
-            "feature_names": names,
-            "sites": accepted,
-        }
+        stats_doc = MergedStatistics(statistics=merged, feature_names=names, sites=accepted)
     elif mode == "train":
-        global_prev, _ = wio.loads(storage.get_bytes(bucket, _global_key(run_id, round_ - 1)))
+        _, global_prev, _ = _global_weights(storage, bucket, run_id, round_ - 1)
         if secure is not None:
             accepted, bad = _secure_exclusions(answers, secure, round_)
         else:
@@ -973,12 +985,12 @@ def decide_round(
 
     digest = None
     if weights_out is not None:
-        meta = {"run_id": run_id, "round": round_, "strategy": spec.strategy, "sites": accepted}
-        blob = wio.dumps(weights_out, meta)
+        meta = GlobalWeightsMeta(run_id=run_id, round=round_, strategy=spec.strategy, sites=accepted)
+        blob = wio.dumps(weights_out, dump(meta))
         digest = wio.sha256(blob)
         storage.put_bytes(bucket, _global_key(run_id, round_), blob)
     if stats_doc is not None:
-        storage.put_json(bucket, _stats_key(run_id), stats_doc)
+        storage.put_json(bucket, _stats_key(run_id), dump(stats_doc))
     record = _record(spec, round_, mode, accepted, exclusions, metrics, overall, outcome, warnings, digest)
     record = record.model_copy(
         update={
@@ -1022,7 +1034,7 @@ def _update_layout(
 ) -> UpdateLayout:
     """A train round's public ring layout: the shapes of the global weights the sites trained from, the
     clip bound :data:`SECAGG_UPDATE_CLIP` and the contract's largest row count as the sample bound."""
-    global_prev, _ = wio.loads(storage.get_bytes(bucket, _global_key(spec.run_id, round_ - 1)))
+    _, global_prev, _ = _global_weights(storage, bucket, spec.run_id, round_ - 1)
     return UpdateLayout(
         shapes=[list(np.shape(w)) for w in global_prev],
         clip=SECAGG_UPDATE_CLIP,
@@ -1255,11 +1267,20 @@ def _group_of(spec: RunSpec, round_: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
-    """The run's metrics document (the report's input, ``federation.report``'s schema): per round the
-    sites that took part and their metrics, every exclusion with its kind and reason, the final held-out
-    metrics per site and overall, and what protected the run (``core.privacy.run_privacy`` over the DP-SGD
-    charges the sites reported)."""
+def _round_metrics(record: RoundRecord) -> RoundMetrics:
+    return RoundMetrics(
+        round=record.round,
+        partners=record.metrics,
+        excluded=record.excluded,
+        samples_total=record.samples_total,
+    )
+
+
+def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> RunMetrics:
+    """The run's metrics (``metrics.json``, the report's input): per round the sites that took part and
+    their metrics, every exclusion with its kind and reason, the final held-out metrics per site and
+    overall, and what protected the run (``core.privacy.run_privacy`` over the DP-SGD charges the sites
+    reported)."""
     from lepton_tasks.core.privacy import run_privacy
 
     records = []
@@ -1271,7 +1292,11 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
     train = [r for r in records if r.mode == "train"]
     final = records[-1]
     excluded = {f"{e.site} (round {r.round}, {r.mode})": e.describe() for r in records for e in r.exclusions}
-    exclusions = [{**e.model_dump(mode="json"), "mode": r.mode} for r in records for e in r.exclusions]
+    exclusions = [
+        RunExclusion(site=e.site, round=e.round, mode=r.mode, kind=e.kind, code=e.code, reason=e.reason)
+        for r in records
+        for e in r.exclusions
+    ]
     warnings = [w for r in records for w in r.warnings]
     privacy = run_privacy(
         {
@@ -1287,43 +1312,36 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> dict[str, Any]:
     if excluded:
         warnings.append(f"{len(excluded)} exclusion(s): see the exclusions table")
     last = train[-1]
-    return {
-        "run_id": spec.run_id,
-        "airflow_run_id": spec.airflow_run_id,
-        "consortium": spec.consortium,
-        "dataset": spec.dataset,
-        "contract_version": spec.contract,
-        "contract_sha256": spec.contract_sha256,
-        "strategy": spec.strategy,
-        "min_partners": spec.min_partners,
-        "runtime": "sites",
-        "created_at": spec.created_at.isoformat(),
-        "partners": spec.sites,
-        "rounds": [
-            {
-                "round": r.round,
-                "partners": r.metrics,
-                "excluded": {e.site: e.describe() for e in r.exclusions},
-                **({"samples_total": r.samples_total} if r.samples_total is not None else {}),
-            }
-            for r in train
-        ],
-        "statistics_round": records[0].model_dump(mode="json"),
-        "final": {"per_partner": final.metrics, "overall": final.overall or {}},
-        "excluded": excluded,
-        "exclusions": exclusions,
-        "lineage": {
-            "run_id": spec.run_id,
-            "rounds": spec.rounds,
-            "strategy": spec.strategy,
-            "contract": spec.contract,
-            "sites": sorted({s for r in train for s in r.accepted}),
-            "published_round": last.round,
-            "global_weights_sha256": last.global_weights_sha256,
-        },
-        "privacy": _with_evaluation_noise(privacy).model_dump(mode="json"),
-        "warnings": warnings,
-    }
+    if last.global_weights_sha256 is None:  # a train round decided with its quorum wrote its weights
+        raise CoordinatorError(f"run {spec.run_id}: round {last.round} recorded no global weights")
+    return RunMetrics(
+        run_id=spec.run_id,
+        airflow_run_id=spec.airflow_run_id,
+        consortium=spec.consortium,
+        dataset=spec.dataset,
+        contract_version=spec.contract,
+        contract_sha256=spec.contract_sha256,
+        strategy=spec.strategy,
+        min_partners=spec.min_partners,
+        created_at=spec.created_at,
+        partners=spec.sites,
+        statistics_round=_round_metrics(records[0]),
+        rounds=[_round_metrics(r) for r in train],
+        final=FinalMetrics(per_partner=final.metrics, overall=final.overall or {}),
+        excluded=excluded,
+        exclusions=exclusions,
+        lineage=Lineage(
+            run_id=spec.run_id,
+            rounds=spec.rounds,
+            strategy=spec.strategy,
+            contract=spec.contract,
+            sites=sorted({s for r in train for s in r.accepted}),
+            published_round=last.round,
+            global_weights_sha256=last.global_weights_sha256,
+        ),
+        privacy=_with_evaluation_noise(privacy),
+        warnings=warnings,
+    )
 
 
 def _with_evaluation_noise(privacy: RunPrivacy) -> RunPrivacy:
@@ -1354,37 +1372,32 @@ def publish_run(
     metrics = run_metrics(storage, bucket, spec)
     prefix = run_prefix(spec.run_id)
     version = _next_version(storage, bucket, spec.dataset, spec.run_id)
-    metrics["model_version"] = str(version)
+    metrics = metrics.model_copy(update={"model_version": version})
     report = render_report(metrics, report_dir)
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    storage.put_json(bucket, prefix + "metrics.json", metrics)
+    (report_dir / "metrics.json").write_text(json.dumps(dump(metrics), indent=2), encoding="utf-8")
+    storage.put_json(bucket, prefix + "metrics.json", dump(metrics))
     storage.put_file(bucket, prefix + "report.html", report, content_type="text/html")
 
-    last = metrics["lineage"]["published_round"]
-    blob = storage.get_bytes(bucket, _global_key(spec.run_id, last))
+    last = metrics.lineage.published_round
+    blob, _, _ = _global_weights(storage, bucket, spec.run_id, last)
     storage.put_bytes(bucket, prefix + "model/global.npz", blob)
     model_url = f"s3://{bucket}/{prefix}model/global.npz"
     if save_keras:
         import tempfile
 
-        stats, names = _merged_statistics(storage, bucket, spec.run_id)
-        del stats
+        _, names = _merged_statistics(storage, bucket, spec.run_id)
         with tempfile.TemporaryDirectory() as tmp:
             path = _save_keras(spec.dataset, blob, len(names), Path(tmp))
             storage.put_file(bucket, prefix + "model/global.keras", path)
         model_url = f"s3://{bucket}/{prefix}model/global.keras"
-    storage.put_json(
-        bucket,
-        prefix + "model/VERSION.json",
-        {
-            "schema_version": 1,
-            "version": version,
-            "dataset": spec.dataset,
-            "run_id": spec.run_id,
-            "published_at": datetime.now(UTC).isoformat(),
-            "lineage": metrics["lineage"],
-        },
+    model_version = ModelVersion(
+        version=version,
+        dataset=spec.dataset,
+        run_id=spec.run_id,
+        published_at=datetime.now(UTC),
+        lineage=metrics.lineage,
     )
+    storage.put_json(bucket, prefix + "model/VERSION.json", dump(model_version))
     storage.put_json(
         bucket,
         f"_registry/{spec.dataset}/{version:06d}.json",
@@ -1396,7 +1409,7 @@ def publish_run(
         "report_path": str(report),
         "report_url": f"s3://{bucket}/{prefix}report.html",
         "model_url": model_url,
-        "excluded": metrics["excluded"],
+        "excluded": metrics.excluded,
     }
 
 

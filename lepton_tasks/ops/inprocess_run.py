@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from lepton_tasks.adapters.signing import TransitSigner
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.adapters.vault import Vault
-    from lepton_tasks.core.messages import TrainerHParams
+    from lepton_tasks.core.messages import RunMetrics, TrainerHParams
     from lepton_tasks.core.strategies import Strategy
     from lepton_tasks.federation.coordinator import RoundRecord, RunSpec
     from lepton_tasks.federation.enrollment import SiteRegistry
@@ -211,7 +211,7 @@ class InProcessRunResult:
     #: ``publish_run``'s return value (version, report path and URL, model URL, exclusions)
     published: dict[str, Any] = field(default_factory=dict)
     #: the run's ``metrics.json`` (``final.overall`` is the federated model on the union of the holdouts)
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: RunMetrics | None = None
     #: phase → seconds (wall clock)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -239,6 +239,7 @@ def run_federated(
     job between ``send`` and ``collect`` (see the module docstring). ``runner`` makes each site's trainer
     runner (default :func:`~lepton_tasks.site.training.local_runner`); ``min_partners`` defaults to every
     site; ``run_name`` is the "Airflow run id" (default: a fresh ``inprocess__<uuid>``)."""
+    from lepton_tasks.core.messages import RunMetrics, load
     from lepton_tasks.federation.coordinator import (
         RoundNotComplete,
         decide_round,
@@ -309,8 +310,11 @@ def run_federated(
         spec,
         report_dir=coordinator.settings.data_dir / "reports" / "federated" / spec.run_id,
     )
-    result.metrics = coordinator.storage.get_json(
-        coordinator.bucket, run_prefix(spec.run_id) + "metrics.json"
+    metrics_key = run_prefix(spec.run_id) + "metrics.json"
+    result.metrics = load(
+        RunMetrics,
+        coordinator.storage.get_bytes(coordinator.bucket, metrics_key),
+        where=f"s3://{coordinator.bucket}/{metrics_key}",
     )
     result.timings["publish"] = round(time.monotonic() - t_pub, 1)
     result.timings["total"] = round(time.monotonic() - t0, 1)

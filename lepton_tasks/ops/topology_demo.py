@@ -247,6 +247,7 @@ def federated_run(
     """Trigger ``lepton_federated`` at the coordinator (``rounds`` None: the contract's default) and wait for
     it; fills ``result``."""
     from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.core.messages import RunMetrics, load
     from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
 
     coordinator = topo.coordinator()
@@ -273,14 +274,18 @@ def federated_run(
     storage = Storage.from_settings(cs)
     exchange_id = exchange_run_id(run_id)
     prefix = run_prefix(exchange_id)
-    metrics = storage.get_json(cs.models_bucket, prefix + "metrics.json")
+    metrics_key = prefix + "metrics.json"
+    metrics = load(
+        RunMetrics,
+        storage.get_bytes(cs.models_bucket, metrics_key),
+        where=f"s3://{cs.models_bucket}/{metrics_key}",
+    )
     result.report_url = f"s3://{cs.models_bucket}/{prefix}report.html"
     result.report_path = str(cs.data_dir / "reports" / "federated" / exchange_id / "report.html")
-    final = metrics.get("final", {})
-    for site, m in (final.get("per_partner") or {}).items():
-        result.auc[site] = (m or {}).get("auc")
-    result.auc["federated (union of holdouts)"] = (final.get("overall") or {}).get("auc")
-    result.excluded = metrics.get("excluded") or {}
+    for site, m in metrics.final.per_partner.items():
+        result.auc[site] = m.get("auc")
+    result.auc["federated (union of holdouts)"] = metrics.final.overall.get("auc")
+    result.excluded = dict(metrics.excluded)
 
 
 def references(topo: Topology, scenario: str, *, seed: int, result: TopologyDemoResult) -> Iterator[str]:

@@ -391,6 +391,7 @@ def update_answer(
     :class:`BadTrainerOutput` when the file is not this run's, round's and partner's update.
     """
     from lepton_tasks.core import weights as wio
+    from lepton_tasks.core.messages import ExchangeUpdateMeta
 
     try:
         arrays, raw_meta = wio.loads(raw)
@@ -408,7 +409,8 @@ def update_answer(
         fields.update(metrics=_scalars(meta.metrics), evaluation=meta.global_prev_holdout)
     if meta.privacy is not None and "privacy" in RoundAnswer.model_fields:
         fields["privacy"] = meta.privacy
-    update = wio.dumps(arrays, {"run_id": run_id, "round": round_, "n_samples": meta.n_samples})
+    out_meta = ExchangeUpdateMeta(run_id=run_id, round=round_, n_samples=meta.n_samples)
+    update = wio.dumps(arrays, dump(out_meta))
     return RoundAnswer(**fields), update
 
 

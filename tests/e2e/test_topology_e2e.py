@@ -144,6 +144,8 @@ def _every_object_loads_through_its_model(topo: Topology, run_id: str, *, refuse
     expected = {"RunSpec", "RoundRecord", "JobHeader", "RegistryEntry", "SignedMessage", "RoundJob"}
     expected |= {"RoundAnswer", "SignedManifest", "Plan", "UpdateMeta", "EvalResult", "OutboundRecord"}
     expected |= {"StateDoc"} | ({"RoundRefusal"} if refused else set())
+    expected |= {"MergedStatistics", "GlobalWeightsMeta", "RunMetrics", "ModelVersion", "SufficientStats"}
+    assert not [k for k in objects.unmodelled if k.endswith(".json")], objects.unmodelled
     assert expected <= set(objects.seen), f"no real object of {expected - set(objects.seen)} was found"
     return set(objects.seen)
 
@@ -202,6 +204,7 @@ def _every_site_back_in(topo: Topology) -> None:
 def test_a_secure_run_with_dp_across_separate_stacks(topology):
     """Runs after the first test (same stacks, the sites' data already ingested)."""
     from lepton_tasks.adapters.storage import Storage
+    from lepton_tasks.core.messages import RunMetrics, load
     from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
     from lepton_tasks.ops.topology_demo import _api
 
@@ -224,15 +227,17 @@ def test_a_secure_run_with_dp_across_separate_stacks(topology):
     cs = coordinator.settings()
     admin = Storage.from_settings(cs)
     prefix = run_prefix(exchange_run_id(run_id))
-    metrics = admin.get_json(cs.models_bucket, prefix + "metrics.json")
-    privacy = metrics["privacy"]
-    assert privacy["secure_aggregation"] is True and privacy["dropouts_recovered"] == 0, privacy
-    assert privacy["dp"]["noise_multiplier"] == 1.1
-    assert set(privacy["sites"]) == set(SITES), privacy["sites"]
-    for site, p in privacy["sites"].items():
+    metrics = load(
+        RunMetrics, admin.get_bytes(cs.models_bucket, prefix + "metrics.json"), where="metrics.json"
+    )
+    privacy = metrics.privacy
+    assert privacy.secure_aggregation is True and privacy.dropouts_recovered == 0, privacy
+    assert privacy.dp is not None and privacy.dp.noise_multiplier == 1.1
+    assert set(privacy.sites) == set(SITES), privacy.sites
+    for site, p in privacy.sites.items():
         # three charged releases: the noisy statistics, the one DP-SGD round, the noisy evaluation
-        assert p["rounds_charged"] == 3 and p["epsilon_run"] > 0, (site, p)
-    assert not metrics["excluded"], metrics["excluded"]
+        assert p.rounds_charged == 3 and p.epsilon_run > 0, (site, p)
+    assert not metrics.excluded, metrics.excluded
     report = admin.get_bytes(cs.models_bucket, prefix + "report.html").decode()
     assert "secure aggregation" in report.lower()
     # what crossed: masked inputs, no update blob

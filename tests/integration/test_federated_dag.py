@@ -373,20 +373,20 @@ def test_a_run_completes_with_the_remaining_quorum_and_the_report_names_both_exc
     shift = (a.delta * a.n + b.delta * b.n) / (a.n + b.n) + a.delta  # round 1: a and b; round 2: a alone
     for got, start in zip(w2, w0, strict=True):
         np.testing.assert_allclose(got, start + np.float32(shift), rtol=1e-5, atol=1e-5)
-    assert meta["sites"] == [a.name]
+    from lepton_tasks.core.messages import GlobalWeightsMeta, RunMetrics, load
 
-    metrics = json.loads(fed.admin.get_bytes(bucket, f"federated/{run_id}/metrics.json"))
-    assert set(metrics["excluded"]) == {
+    assert load(GlobalWeightsMeta, meta, where="round 2's global weights").sites == [a.name]
+
+    raw = fed.admin.get_bytes(bucket, f"federated/{run_id}/metrics.json")
+    metrics = load(RunMetrics, raw, where="metrics.json")
+    assert set(metrics.excluded) == {
         *(
             f"{c.name} (round {k}, {m})"
             for k, m in ((0, "statistics"), (1, "train"), (2, "train"), (3, "evaluate"))
         ),
         f"{b.name} (round 2, train)",
     }
-    assert metrics["final"]["overall"]["n"] == 400 and set(metrics["final"]["per_partner"]) == {
-        a.name,
-        b.name,
-    }
+    assert metrics.final.overall["n"] == 400 and set(metrics.final.per_partner) == {a.name, b.name}
     report = fed.admin.get_bytes(bucket, f"federated/{run_id}/report.html").decode()
     for text in (c.name, "strategy_not_allowed", b.name, "tampered_payload", "verification_failed"):
         assert text in report, text

@@ -59,10 +59,11 @@ def test_a_run_completes_with_every_sites_update_accepted_and_publishes(topology
     train = result.records[1]
     assert train.mode == "train" and train.global_weights_sha256  # the aggregate was written
     assert all(train.metrics[s]["n"] > 0 for s in SITES)  # real training on the site's staged rows
-    final = result.metrics["final"]
-    assert set(final["per_partner"]) == set(SITES)
-    assert 0.5 < final["overall"]["auc"] <= 1.0  # the evaluation round's merged histograms
-    assert result.metrics["excluded"] == {}
+    assert result.metrics is not None  # metrics.json, loaded through RunMetrics
+    final = result.metrics.final
+    assert set(final.per_partner) == set(SITES)
+    assert 0.5 < final.overall["auc"] <= 1.0  # the evaluation round's merged histograms
+    assert result.metrics.excluded == {}
     assert result.published["version"] >= 1 and result.published["model_url"].endswith("global.keras")
 
     local = local_only_baseline(topology, result.run_id)
@@ -75,5 +76,7 @@ def test_a_run_completes_with_every_sites_update_accepted_and_publishes(topology
     print(f"\nboundary objects loaded: {objects.seen}\nwithout a model: {objects.unmodelled}")
     expected = {"RunSpec", "RoundRecord", "JobHeader", "RegistryEntry", "SignedMessage", "RoundJob"}
     expected |= {"RoundAnswer", "SignedManifest", "Plan", "UpdateMeta", "EvalResult", "LocalModelMeta"}
-    expected |= {"OutboundRecord", "StateDoc"}
+    expected |= {"OutboundRecord", "StateDoc", "ExchangeUpdateMeta", "SufficientStats"}
+    expected |= {"MergedStatistics", "GlobalWeightsMeta", "RunMetrics", "ModelVersion"}  # the coordinator's
+    assert not [k for k in objects.unmodelled if k.endswith(".json")], objects.unmodelled
     assert expected <= set(objects.seen), f"no real object of {expected - set(objects.seen)} was found"

@@ -392,9 +392,12 @@ def test_a_secure_run_sums_the_updates_recovers_a_dropout_and_no_update_crosses(
     assert dropped.code == "secagg_dropout" and "its masks were removed" in dropped.reason
 
     # the merged statistics are the exact sum of the four sites' counts
-    stats = json.loads(fed.admin.get_bytes(bucket, f"federated/{run_id}/stats.json"))
-    assert stats["statistics"]["rows"] == sum(s.n for s in (a, b, c, d))
-    assert stats["statistics"]["label_counts"] == {"No": sum(s.n for s in (a, b, c, d)) - 4, "Yes": 4}
+    from lepton_tasks.core.messages import MergedStatistics, RunMetrics, load
+
+    raw = fed.admin.get_bytes(bucket, f"federated/{run_id}/stats.json")
+    stats = load(MergedStatistics, raw, where="stats.json").statistics
+    assert stats.rows == sum(s.n for s in (a, b, c, d))
+    assert stats.label_counts == {"No": sum(s.n for s in (a, b, c, d)) - 4, "Yes": 4}
 
     # each round's global weights: the plain weighted FedAvg of the summed sites, within the codec's bound
     max_rows = load_contract("banks").rows.max
@@ -441,10 +444,12 @@ def test_a_secure_run_sums_the_updates_recovers_a_dropout_and_no_update_crosses(
     for k in (0, 1, 2):
         assert all("n" not in m for m in records[k].metrics.values()), k  # type: ignore[union-attr]
 
-    metrics = json.loads(fed.admin.get_bytes(bucket, f"federated/{run_id}/metrics.json"))
-    assert metrics["privacy"]["secure_aggregation"] is True
-    assert metrics["privacy"]["dropouts_recovered"] == 1
-    assert [r["samples_total"] for r in metrics["rounds"]] == [1000 + 300 + 600 + 100, 100 + 300 + 600]
+    metrics = load(
+        RunMetrics, fed.admin.get_bytes(bucket, f"federated/{run_id}/metrics.json"), where="metrics"
+    )
+    assert metrics.privacy.secure_aggregation is True
+    assert metrics.privacy.dropouts_recovered == 1
+    assert [r.samples_total for r in metrics.rounds] == [1000 + 300 + 600 + 100, 100 + 300 + 600]
     page = fed.admin.get_bytes(bucket, f"federated/{run_id}/report.html").decode()
     assert page.count("hidden (secure aggregation)") == 4 + 3  # each site of each train round
     # each site's held inputs are erased once it revealed (d never revealed round 2: its input stays home)

@@ -13,7 +13,6 @@ from lepton_tasks.core.messages import (
     HParams,
     MessageError,
     RegistryEntry,
-    RoundSummary,
     TrainerJob,
     dump,
     load,
@@ -90,15 +89,6 @@ def test_strategies_have_one_home_and_hparams_use_it():
         HParams(strategy="mean")
     with pytest.raises(ValueError, match="trim_beta"):
         HParams(trim_beta=0.5)
-
-
-def test_round_summary_keeps_the_reason_of_each_exclusion():
-    s = RoundSummary(
-        round=2, strategy="fedavg", partners={"a": {"n": 3}}, excluded={"b": "security error: x"}
-    )
-    assert load(RoundSummary, dump(s), where="s").excluded == {"b": "security error: x"}
-    with pytest.raises(MessageError, match="excluded"):
-        load(RoundSummary, {**dump(s), "excluded": ["b"]}, where="old-format")
 
 
 def test_every_model_carries_a_schema_version():
@@ -197,16 +187,9 @@ def test_a_privacy_charge_rides_in_the_update_and_the_local_model_meta():
             load(UpdateMeta, {**dump(update), "privacy": {**dump(update)["privacy"], **bad}}, where="u")
 
 
-def test_answers_and_run_metrics_carry_privacy_additively():
+def test_answers_carry_privacy_additively():
     """Schema version 1 grows optional fields only: what was written before still reads, unchanged."""
-    from lepton_tasks.core.messages import (
-        BudgetStatus,
-        PrivacyCharge,
-        RoundAnswer,
-        RunMetrics,
-        RunPrivacy,
-        SitePrivacy,
-    )
+    from lepton_tasks.core.messages import BudgetStatus, PrivacyCharge, RoundAnswer, RunPrivacy, SitePrivacy
 
     charge = PrivacyCharge(
         noise_multiplier=1.1, sampling_rate=0.01, steps=100, l2_clip=1.0, delta=1e-5, epsilon_this_update=0.5
@@ -227,4 +210,88 @@ def test_answers_and_run_metrics_carry_privacy_additively():
         secure_aggregation=False, sites={"a": SitePrivacy(rounds_charged=1, delta=1e-5, epsilon_run=0.5)}
     )
     assert RunPrivacy.model_validate(run.model_dump(mode="json")) == run
-    assert "privacy" in RunMetrics.model_fields and not RunMetrics.model_fields["privacy"].is_required()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the coordinator's objects: metrics.json, model/VERSION.json, stats.json, the global weights' meta
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_run_metrics_round_trips_and_carries_what_the_report_reads():
+    from lepton_tasks.core.messages import RunMetrics
+    from tests.unit.federation.metrics_sample import sample_run_metrics
+
+    metrics = sample_run_metrics()
+    text = json.dumps(dump(metrics))
+    assert load(RunMetrics, text, where="metrics.json") == metrics
+    for name in ("run_id", "rounds", "statistics_round", "final", "lineage", "privacy"):
+        assert RunMetrics.model_fields[name].is_required(), name  # the report reads them without a default
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        (lambda d: d.pop("privacy"), "privacy", "Field required"),
+        (lambda d: d.pop("lineage"), "lineage", "Field required"),
+        (lambda d: d.update(local_only={}), "local_only", "Extra inputs are not permitted"),
+        (lambda d: d["rounds"][0].update(global_={"auc": 1}), r"rounds\.0\.global_", "Extra inputs"),
+        (lambda d: d.update(min_partners="two"), "min_partners", "valid integer"),
+        (lambda d: d["final"].update(overall=[]), r"final\.overall", "Input should be an object"),
+        (lambda d: d["lineage"].update(published_round=0), r"lineage\.published_round", "greater than"),
+        (lambda d: d["exclusions"][0].update(kind="lost"), r"exclusions\.0\.kind", "Input should be"),
+        (lambda d: d.update(schema_version=2), "schema_version", "Input should be 1"),
+    ],
+)
+def test_a_missing_unknown_or_mistyped_field_of_metrics_json_names_the_object_and_the_field(
+    change, field, problem
+):
+    from lepton_tasks.core.messages import RunMetrics
+    from tests.unit.federation.metrics_sample import sample_run_metrics
+
+    doc = dump(sample_run_metrics())
+    change(doc)
+    where = "s3://models/federated/r/metrics.json"
+    with pytest.raises(MessageError, match=rf"^{where}: invalid RunMetrics: field {field}: .*{problem}"):
+        load(RunMetrics, json.dumps(doc), where=where)
+
+
+def test_model_version_carries_the_runs_lineage():
+    from datetime import UTC, datetime
+
+    from lepton_tasks.core.messages import ModelVersion
+    from tests.unit.federation.metrics_sample import sample_run_metrics
+
+    lineage = sample_run_metrics().lineage
+    version = ModelVersion(
+        version=3, dataset="banks", run_id=lineage.run_id, published_at=datetime.now(UTC), lineage=lineage
+    )
+    assert load(ModelVersion, json.dumps(dump(version)), where="VERSION.json") == version
+    with pytest.raises(MessageError, match=r"^VERSION\.json: invalid ModelVersion: field lineage\.drops"):
+        bad = dump(version)
+        bad["lineage"]["drops"] = {}  # stage 1's lineage: the coordinator never sees a drop
+        load(ModelVersion, bad, where="VERSION.json")
+
+
+def test_the_global_weights_meta_and_the_merged_statistics():
+    from lepton_tasks.core.features import SufficientStats
+    from lepton_tasks.core.messages import GlobalWeightsMeta, MergedStatistics
+
+    initial = GlobalWeightsMeta(run_id="r", round=0, strategy="fedavg", sites=["a", "b"])
+    assert load(GlobalWeightsMeta, dump(initial), where="round 0") == initial  # round 0: the initial weights
+    with pytest.raises(MessageError, match=r"^g: invalid GlobalWeightsMeta: field round: .*greater than"):
+        load(GlobalWeightsMeta, {**dump(initial), "round": -1}, where="g")
+    with pytest.raises(MessageError, match=r"field partners: Extra inputs"):
+        load(GlobalWeightsMeta, {**dump(initial), "partners": []}, where="g")
+
+    stats = MergedStatistics(
+        statistics=SufficientStats(dataset="banks", contract_version=1, rows=3),
+        feature_names=["balance"],
+        sites=["a"],
+    )
+    assert load(MergedStatistics, json.dumps(dump(stats)), where="stats.json") == stats
+    with pytest.raises(MessageError, match=r"^stats\.json: invalid MergedStatistics: field feature_names"):
+        load(
+            MergedStatistics,
+            {k: v for k, v in dump(stats).items() if k != "feature_names"},
+            where="stats.json",
+        )

@@ -20,7 +20,18 @@ from lepton_tasks.core import weights
 from lepton_tasks.core.contracts import Contract, load_contract
 from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader, MessageKind, make_header
 from lepton_tasks.core.features import CategoricalStats, NumericStats, SufficientStats
-from lepton_tasks.core.messages import PrivacyCharge, RoundAnswer, RoundJob, TrainerHParams
+from lepton_tasks.core.messages import (
+    GlobalWeightsMeta,
+    MergedStatistics,
+    ModelVersion,
+    PrivacyCharge,
+    RegistryEntry,
+    RoundAnswer,
+    RoundJob,
+    RunMetrics,
+    TrainerHParams,
+    load,
+)
 from lepton_tasks.core.metrics import score_summary
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.privacy import epsilon_of, gaussian_privacy_charge
@@ -37,6 +48,7 @@ from lepton_tasks.federation.coordinator import (
     exchange_run_id,
     exclusion_of,
     merge_statistics,
+    publish_run,
     read_record,
     read_sent,
     read_spec,
@@ -399,7 +411,7 @@ def _start(world: Any, min_partners: int) -> str:
     return spec.run_id
 
 
-def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry_it(world):
+def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry_it(world, tmp_path):
     storage, registry, *_ = world
     run_id = _start(world, min_partners=2)
     assert (
@@ -409,14 +421,12 @@ def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry
 
     stats = _play(world, run_id, 0)
     assert (stats.mode, stats.accepted) == ("statistics", ["bank-a", "bank-b"])
-    merged = storage.get_json(BUCKET, f"federated/{run_id}/stats.json")
-    assert merged["statistics"]["numeric"]["balance"] == {
-        "count": 400,
-        "sum": 4000.0,
-        "sum_sq": 0.0,
-        "null_count": 0,
-    }
-    assert merged["feature_names"] == ["student=No", "student=Yes", "balance", "income", "income__missing"]
+    merged = load(MergedStatistics, storage.get_bytes(BUCKET, f"federated/{run_id}/stats.json"), where="s")
+    assert merged.statistics.numeric["balance"] == NumericStats(count=400, sum=4000.0, sum_sq=0.0)
+    assert merged.feature_names == ["student=No", "student=Yes", "balance", "income", "income__missing"]
+    assert merged.sites == ["bank-a", "bank-b"]
+    _, meta = weights.loads(storage.get_bytes(BUCKET, f"federated/{run_id}/round-0000/global.npz"))
+    assert load(GlobalWeightsMeta, meta, where="round 0").round == 0  # the initial weights: round 0
 
     expected = [np.zeros(s, np.float32) for s in SHAPES]
     for k in (1, 2):
@@ -429,7 +439,9 @@ def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry
         )
         for got, want in zip(arrays, expected, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6)
-        assert meta["sites"] == ["bank-a", "bank-b"]
+        assert load(GlobalWeightsMeta, meta, where=f"round {k}") == GlobalWeightsMeta(
+            run_id=run_id, round=k, strategy="fedavg", sites=["bank-a", "bank-b"]
+        )
     evaluation = _play(world, run_id, 3)
     assert evaluation.mode == "evaluate" and evaluation.overall is not None and evaluation.overall["n"] == 8
     assert evaluation.metrics["bank-a"] == {"auc": 1.0, "n": 4}
@@ -439,20 +451,49 @@ def test_a_whole_run_excludes_the_refusing_site_every_round_and_the_others_carry
         [c] = record.exclusions
         assert (c.site, c.kind, c.code) == ("bank-c", ExclusionKind.REFUSED, "strategy_not_allowed")
         assert "strategy 'fedavg' is not allowed here (allowed: median)" in c.reason
-    metrics = run_metrics(storage, BUCKET, read_spec(storage, BUCKET, run_id))
-    assert sorted(metrics["excluded"]) == [
+    spec = read_spec(storage, BUCKET, run_id)
+    metrics = run_metrics(storage, BUCKET, spec)
+    assert sorted(metrics.excluded) == [
         f"bank-c (round {k}, {m})"
         for k, m in ((0, "statistics"), (1, "train"), (2, "train"), (3, "evaluate"))
     ]
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [(e.site, e.round, e.mode, e.kind) for e in metrics.exclusions][:2] == [
+        ("bank-c", 0, "statistics", ExclusionKind.REFUSED),
+        ("bank-c", 1, "train", ExclusionKind.REFUSED),
+    ]
+    assert metrics.statistics_round.round == 0 and sorted(metrics.statistics_round.partners) == [
+        "bank-a",
+        "bank-b",
+    ]
+    assert [r.round for r in metrics.rounds] == [1, 2]
+    assert metrics.rounds[0].partners["bank-b"] == {"loss": 0.5, "n": 300}
+    assert metrics.final.overall["n"] == 8 and metrics.lineage.published_round == 2
+    assert metrics.lineage.sites == ["bank-a", "bank-b"] and metrics.model_version is None
     # what protected the run: each site's two DP-SGD charges and its evaluation's release, composed by the
     # accountant (the report must not leave out the histogram's cost)
-    privacy = metrics["privacy"]
-    assert privacy["secure_aggregation"] is False and set(privacy["sites"]) == {"bank-a", "bank-b"}
-    assert privacy["sites"]["bank-a"]["rounds_charged"] == 3
+    privacy = metrics.privacy
+    assert privacy.secure_aggregation is False and set(privacy.sites) == {"bank-a", "bank-b"}
+    assert privacy.sites["bank-a"].rounds_charged == 3
     composed = epsilon_of([CHARGE, CHARGE, RELEASE], 1e-5)
-    assert privacy["sites"]["bank-a"]["epsilon_run"] == pytest.approx(composed)
+    assert privacy.sites["bank-a"].epsilon_run == pytest.approx(composed)
     assert composed > epsilon_of([CHARGE, CHARGE], 1e-5)
+
+    # publish: every object it writes reads back through its model
+    published = publish_run(storage, BUCKET, spec, report_dir=tmp_path / "report", save_keras=False)
+    prefix = f"federated/{run_id}/"
+    written = load(RunMetrics, storage.get_bytes(BUCKET, prefix + "metrics.json"), where="metrics.json")
+    assert written == metrics.model_copy(update={"model_version": 1}) and published["version"] == 1
+    assert load(RunMetrics, (tmp_path / "report" / "metrics.json").read_text(), where="local") == written
+    version = load(ModelVersion, storage.get_bytes(BUCKET, prefix + "model/VERSION.json"), where="VERSION")
+    assert (version.version, version.run_id, version.lineage) == (1, run_id, metrics.lineage)
+    entry = load(RegistryEntry, storage.get_bytes(BUCKET, "_registry/banks/000001.json"), where="registry")
+    assert entry == RegistryEntry(run_id=run_id, version=1)
+    assert storage.get_bytes(BUCKET, prefix + "model/global.npz") == storage.get_bytes(
+        BUCKET, f"{prefix}round-0002/global.npz"
+    )
+    page = storage.get_bytes(BUCKET, prefix + "report.html").decode()
+    assert "bank-c (round 1, train)" in page and "strategy_not_allowed" in page
+    assert publish_run(storage, BUCKET, spec, report_dir=tmp_path / "again", save_keras=False)["version"] == 1
     # a decided round is not decided again (the record is the commit)
     assert decide_round(storage, BUCKET, registry, run_id, 1, build_initial=_initial) == read_record(
         storage, BUCKET, run_id, 1

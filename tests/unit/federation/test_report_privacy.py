@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import pytest
 
-from lepton_tasks.core.messages import (
-    DPTraining,
-    FinalMetrics,
-    HParams,
-    Lineage,
-    LocalOnlyMetrics,
-    RoundSummary,
-    RunMetrics,
-    RunPrivacy,
-    SitePrivacy,
-    dump,
-)
+from lepton_tasks.core.messages import DPTraining, RoundMetrics, RunPrivacy, SitePrivacy
 from lepton_tasks.federation import report
+from tests.unit.federation.metrics_sample import sample_run_metrics
 
 SECTION = "<h2>What protected this run</h2>"
 
@@ -28,24 +17,6 @@ SECTION = "<h2>What protected this run</h2>"
 def no_plots(monkeypatch):
     monkeypatch.setattr(report, "_rounds_plot", lambda rounds: None)
     monkeypatch.setattr(report, "_partner_auc_plot", lambda *args: None)
-
-
-def run_metrics(privacy: RunPrivacy | None, **hparams: Any) -> RunMetrics:
-    """A RunMetrics built by hand, as the coordinator's publish writes it."""
-    block = {"n": 100, "auc": 0.8}
-    return RunMetrics(
-        run_id="run-1",
-        dataset="banks",
-        contract_version="banks@v1",
-        strategy="fedavg",
-        hparams=HParams(**hparams),
-        runtime="docker",
-        rounds=[RoundSummary(round=1, strategy="fedavg", partners={"bank-a": {"n": 100}})],
-        final=FinalMetrics(per_partner={"bank-a": block}, overall=block),
-        local_only=LocalOnlyMetrics(per_partner={"bank-a": block}, overall=block),
-        lineage=Lineage(run_id="run-1", rounds=1, strategy="fedavg", contract="banks@v1", drops={}),
-        privacy=privacy,
-    )
 
 
 def section(page: str) -> str:
@@ -84,7 +55,7 @@ def test_with_dp_and_secure_aggregation_each_sites_epsilon_and_budget_is_shown()
             "bank-b": SitePrivacy(rounds_charged=3, delta=1e-6, epsilon_run=1.25),
         },
     )
-    html = section(report.render_html(dump(run_metrics(privacy, dp_noise_multiplier=1.1))))
+    html = section(report.render_html(sample_run_metrics(privacy)))
     settings = pairs(html)
     assert settings["secure aggregation"] == "on" and settings["dropouts recovered"] == "1"
     assert settings["differential privacy (DP-SGD)"] == "on"
@@ -98,7 +69,7 @@ def test_with_dp_and_secure_aggregation_each_sites_epsilon_and_budget_is_shown()
 
 
 def test_with_dp_off_the_section_says_so_without_a_table():
-    html = section(report.render_html(dump(run_metrics(RunPrivacy(secure_aggregation=False)))))
+    html = section(report.render_html(sample_run_metrics(RunPrivacy(secure_aggregation=False))))
     settings = pairs(html)
     assert settings == {
         "secure aggregation": "off",
@@ -110,19 +81,15 @@ def test_with_dp_off_the_section_says_so_without_a_table():
 
 
 def test_secure_aggregation_without_dropouts_shows_zero():
-    html = section(report.render_html(dump(run_metrics(RunPrivacy(secure_aggregation=True)))))
+    html = section(report.render_html(sample_run_metrics(RunPrivacy(secure_aggregation=True))))
     assert pairs(html)["dropouts recovered"] == "0"
 
 
-def test_older_metrics_without_a_privacy_record_show_the_dp_settings_and_say_what_is_missing():
-    metrics = dump(run_metrics(None, dp_noise_multiplier=1.3, dp_l2_clip=2.0, dp_delta=1e-6))
-    html = section(report.render_html(metrics))
+def test_with_dp_but_no_site_charges_the_section_says_what_is_missing():
+    html = section(report.render_html(sample_run_metrics(RunPrivacy(secure_aggregation=False, dp=DP))))
     settings = pairs(html)
-    assert settings["secure aggregation"] == "not recorded"
-    assert settings["noise multiplier σ"] == "1.3000" and settings["δ"] == "1e-06"
+    assert settings["differential privacy (DP-SGD)"] == "on" and settings["noise multiplier σ"] == "1.1000"
     assert "Per-site ε is not recorded" in html and "<thead>" not in html
-    html = section(report.render_html(dump(run_metrics(None))))
-    assert "Differential privacy was off" in html
 
 
 def test_site_names_in_the_section_are_escaped():
@@ -131,7 +98,7 @@ def test_site_names_in_the_section_are_escaped():
         dp=DP,
         sites={"<script>alert(1)</script>": SitePrivacy(rounds_charged=1, delta=1e-5, epsilon_run=0.5)},
     )
-    html = section(report.render_html(dump(run_metrics(privacy))))
+    html = section(report.render_html(sample_run_metrics(privacy)))
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
 
 
@@ -142,8 +109,7 @@ def test_through_sites_under_dp_the_report_says_the_statistics_were_a_noisy_rele
         dp=dp,
         sites={"bank-a": SitePrivacy(rounds_charged=3, delta=1e-5, epsilon_run=2.5)},
     )
-    metrics = dump(run_metrics(privacy))
-    metrics["runtime"] = "sites"
+    metrics = sample_run_metrics(privacy)
     html = section(report.render_html(metrics))
     key = "statistics ε (one noisy release of each site&#39;s counts, sums and sums of squares)"
     assert pairs(html)[key] == "0.5000"
@@ -156,18 +122,15 @@ def test_through_sites_under_dp_the_report_says_the_statistics_were_a_noisy_rele
 def test_a_run_through_sites_shows_the_evaluations_epsilon_and_sigma():
     dp = DPTraining(noise_multiplier=1.1, l2_clip=0.8, delta=1e-5, evaluation_epsilon=1.0)
     privacy = RunPrivacy(secure_aggregation=False, dp=dp, evaluation_noise_multiplier=4.0454)
-    metrics = dump(run_metrics(privacy))
-    metrics["runtime"] = "sites"
+    metrics = sample_run_metrics(privacy)
     shown = pairs(section(report.render_html(metrics)))
     assert shown["evaluation ε (one noisy release of each site&#39;s score histogram)"] == "1.0000"
     assert shown["evaluation noise σ (calibrated from that ε)"] == "4.0454"
 
 
 def test_a_secure_runs_rounds_show_the_summed_total_and_each_sites_count_hidden():
-    metrics = dump(run_metrics(RunPrivacy(secure_aggregation=True)))
-    metrics["rounds"] = [
-        {"round": 1, "partners": {"bank-a": {"loss": 0.3}, "bank-b": {}}, "samples_total": 4321}
-    ]
+    secure_round = RoundMetrics(round=1, partners={"bank-a": {"loss": 0.3}, "bank-b": {}}, samples_total=4321)
+    metrics = sample_run_metrics(RunPrivacy(secure_aggregation=True), rounds=[secure_round])
     page = report.render_html(metrics)
     rounds = page.split("<h2>Training rounds</h2>", 1)[1].split("<h2>", 1)[0]
     [row] = rows(rounds)
@@ -177,7 +140,7 @@ def test_a_secure_runs_rounds_show_the_summed_total_and_each_sites_count_hidden(
         and report.HIDDEN_COUNT == "hidden (secure aggregation)"
     )
     # without secure aggregation: each site's stated count, and their sum
-    plain = dump(run_metrics(RunPrivacy(secure_aggregation=False)))
-    plain["rounds"] = [{"round": 1, "partners": {"bank-a": {"n": 100}, "bank-b": {"n": 250}}}]
+    plain_round = RoundMetrics(round=1, partners={"bank-a": {"n": 100}, "bank-b": {"n": 250}})
+    plain = sample_run_metrics(RunPrivacy(secure_aggregation=False), rounds=[plain_round])
     [row] = rows(report.render_html(plain).split("<h2>Training rounds</h2>", 1)[1].split("<h2>", 1)[0])
     assert row[3] == "350" and row[4] == "bank-a: 100, bank-b: 250"

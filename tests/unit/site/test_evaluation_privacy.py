@@ -286,13 +286,16 @@ def test_without_dp_and_without_a_budget_nothing_changes(eval_world):
 
 
 def test_the_report_labels_the_held_out_numbers_of_a_dp_run_through_sites_as_noisy():
+    from lepton_tasks.core.messages import FinalMetrics, RunPrivacy
     from lepton_tasks.federation.report import _summary
+    from tests.unit.federation.metrics_sample import sample_run_metrics
 
-    overall = {"auc": 0.81, "n": 3012, "method": "score-histogram"}
-    dp = {"runtime": "sites", "privacy": {"dp": {"noise_multiplier": 1.0}}}
-    labels = [str(k) for k, _ in _summary(dp, [], [], overall)]
+    final = FinalMetrics(per_partner={}, overall={"auc": 0.81, "n": 3012, "method": "score-histogram"})
+    dp = RunPrivacy(secure_aggregation=False, dp=DPTraining(noise_multiplier=1.0))
+    labels = [str(k) for k, _ in _summary(sample_run_metrics(dp, final=final))]
     assert "overall AUC (score-histogram) (noisy: DP)" in labels and "held-out samples (noisy: DP)" in labels
-    plain = [str(k) for k, _ in _summary({"runtime": "sites", "privacy": {"dp": None}}, [], [], overall)]
+    off = RunPrivacy(secure_aggregation=False)
+    plain = [str(k) for k, _ in _summary(sample_run_metrics(off, final=final))]
     assert "overall AUC (score-histogram)" in plain and not any("noisy" in k for k in plain)
 
 

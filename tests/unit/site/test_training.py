@@ -202,7 +202,10 @@ def test_a_train_answer_carries_metrics_and_weights_but_not_the_trainers_meta():
     assert answer.privacy == charge
     arrays, meta = weights.loads(update)
     np.testing.assert_array_equal(arrays[0], np.ones((2, 3), np.float32))
-    assert meta == {"run_id": "fed-1", "round": 2, "n_samples": 40}  # no partner name, no drop hashes
+    from lepton_tasks.core.messages import ExchangeUpdateMeta, load
+
+    expected = ExchangeUpdateMeta(run_id="fed-1", round=2, n_samples=40)
+    assert load(ExchangeUpdateMeta, meta, where="update") == expected  # no partner name, no drop hashes
 
 
 @pytest.mark.parametrize(
