@@ -24,7 +24,9 @@ FedAvg rounds with each site training on its own data, evaluation round, publish
 AUCs: the published global model (the last round) on the union of the three holdouts, from the evaluation
 round's merged histograms (noised under DP); beside it, a diagnostic outside the protocol: the same model's
 AUC merged from the sites' un-noised evaluations (the trainer's output in each site's local run, before the
-site noises what it answers), which tells the private evaluation's cost apart from training's. Mean
+site noises what it answers), which tells the private evaluation's cost apart from training's, and the
+spread of the published AUC: those un-noised evaluations released ``--rereleases`` more times and merged
+(also as clamped at 0, the release until 2026-12-03). Mean
 local-only: each bank's local-only model on the union, averaged (non-private: what a bank that does not
 federate gets). Targets at the largest epsilon: within 0.02 of non-private federated, and >= 0.03 above the
 mean local-only AUC.
@@ -133,23 +135,61 @@ def _training_spent(topo: Any, run_id: str) -> dict[str, float]:
     return out
 
 
-def _exact_auc(topo: Any, run_id: str) -> float | None:
+def _exact_auc(topo: Any, run_id: str, dp: Any, draws: int) -> tuple[float | None, dict[str, Any]]:
     """DIAGNOSTIC, outside the protocol: the published model's AUC on the union of the holdouts from each
     site's OWN un-noised evaluation (the trainer's ``eval/<partner>.json`` in its local run, before the site
-    noises the histogram it answers with). Tells the cost of the private evaluation apart from training's."""
+    noises the histogram it answers with). Tells the cost of the private evaluation apart from training's.
+    Beside it, the spread of what the run could have published: the same un-noised blocks released
+    ``draws`` more times (``site.training.private_evaluation`` at the run's evaluation sigma) and merged as
+    the coordinator merges them; mean, sd and 5th/95th percentiles of that AUC, and the mean AUC the release
+    as it was until 2026-12-03 (each noisy count clamped at 0) would have published."""
+    import numpy as np
+
+    from lepton_tasks.core import privacy
     from lepton_tasks.core.messages import EvalResult, load
     from lepton_tasks.core.metrics import merge_score_summaries
     from lepton_tasks.ops.inprocess_run import open_site
     from lepton_tasks.site.local_run import run_prefix
-    from lepton_tasks.site.training import local_run_id
+    from lepton_tasks.site.training import local_run_id, private_evaluation
 
-    summaries = []
+    blocks = []
     for name in topo.sites:
         site = open_site(topo, name)
         key = f"{run_prefix(local_run_id(run_id))}eval/{site.partner}.json"
         result = load(EvalResult, site.storage.get_bytes(site.settings.models_bucket, key), where=key)
-        summaries.append(result.global_["score_summary"])
-    return merge_score_summaries(summaries).get("auc")
+        blocks.append(result.global_)
+    exact = merge_score_summaries([b["score_summary"] for b in blocks]).get("auc")
+
+    def published() -> np.ndarray:
+        return np.array(
+            [
+                merge_score_summaries([private_evaluation(b, dp)["score_summary"] for b in blocks])["auc"]
+                for _ in range(draws)
+            ],
+            dtype=float,
+        )
+
+    aucs = published()
+    signed = privacy.noisy_counts
+    privacy.noisy_counts = lambda c, sigma: np.maximum(signed(c, sigma), 0)  # type: ignore[assignment]
+    try:
+        clamped = published()
+    finally:
+        privacy.noisy_counts = signed
+    spread = {
+        "draws": draws,
+        "mean": round(float(np.nanmean(aucs)), 4),
+        "sd": round(float(np.nanstd(aucs, ddof=1)), 4),
+        "p05": round(float(np.nanpercentile(aucs, 5)), 4),
+        "p95": round(float(np.nanpercentile(aucs, 95)), 4),
+        "undefined": int(np.isnan(aucs).sum()),
+        "clamped_mean": round(float(np.nanmean(clamped)), 4),
+        "holdout": {
+            name: {"n": int(b["n"]), "positives": int(b["positives"])}
+            for name, b in zip(topo.sites, blocks, strict=True)
+        },
+    }
+    return exact, spread
 
 
 def _train_rows(topo: Any, run_id: str) -> dict[str, int]:
@@ -184,6 +224,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--learning-rate", type=float, default=0.005)
     ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument(
+        "--rereleases",
+        type=int,
+        default=200,
+        help="diagnostic: release the sites' un-noised evaluations this many more times (spread of the AUC)",
+    )
     args = ap.parse_args()
 
     from lepton_tasks.core.messages import DPTraining, TrainerHParams
@@ -275,13 +321,15 @@ def main() -> int:
                                 f"{site}: planned eps {planned[site]}, the updates say {spent[site]}"
                             )
                     run_eps = {s: p.epsilon_run for s, p in _metrics(result).privacy.sites.items()}
+                    exact_auc, spread = _exact_auc(topo, result.run_id, dp, args.rereleases)
                     row = {
                         "seed": seed,
                         "setting": f"eps={eps:g}",
                         "target_epsilon": eps,
                         "sigma": round(sigma, 4),
-                        "federated_auc": _metrics(result).final.overall["auc"],
-                        "exact_auc_before_evaluation_noise": _exact_auc(topo, result.run_id),
+                        "federated_auc": _metrics(result).final.overall.get("auc"),
+                        "exact_auc_before_evaluation_noise": exact_auc,
+                        "published_auc_rereleased": spread,
                         "mean_local_only_auc": baseline["mean_local_only_auc"],
                         "epsilon_spent": {s: round(v, 3) for s, v in spent.items()},
                         "epsilon_run_with_evaluation": {s: round(v, 3) for s, v in sorted(run_eps.items())},
@@ -304,12 +352,16 @@ def main() -> int:
     base_by_seed = {r["seed"]: r for r in rows if r["setting"] == "non-private"}
     for r in rows:
         b = base_by_seed[r["seed"]]
+        spent = " ".join(f"{v:.2f}" for v in (r.get("epsilon_spent") or {}).values()) or "-"
+        sigma = f"{r['sigma']:.3f}" if r["sigma"] is not None else "-"
+        if r["federated_auc"] is None:  # a class's noisy total <= 0 in the merged histograms: no AUC
+            ok &= r["target_epsilon"] != top
+            print(f"{r['seed']:>4}  {r['setting']:<12} {sigma:>6}   undefined (class total <= 0)  {spent}")
+            continue
         d_np = r["federated_auc"] - b["federated_auc"]
         d_lo = r["federated_auc"] - b["mean_local_only_auc"]
         if r["target_epsilon"] == top:
             ok &= d_np >= -0.02 and d_lo >= 0.03
-        spent = " ".join(f"{v:.2f}" for v in (r.get("epsilon_spent") or {}).values()) or "-"
-        sigma = f"{r['sigma']:.3f}" if r["sigma"] is not None else "-"
         print(
             f"{r['seed']:>4}  {r['setting']:<12} {sigma:>6}   {r['federated_auc']:.4f}         "
             f"{d_np:+.4f}          {d_lo:+.4f}           {spent}"
@@ -321,6 +373,16 @@ def main() -> int:
             print(
                 f"seed {r['seed']} {r['setting']}: the same model's AUC from the sites' un-noised "
                 f"evaluations (diagnostic) {r['exact_auc_before_evaluation_noise']:.4f}"
+            )
+        if (again := r.get("published_auc_rereleased")) is not None:
+            b = base_by_seed[r["seed"]]
+            print(
+                f"seed {r['seed']} {r['setting']}: the same evaluations released {again['draws']} more "
+                f"times (diagnostic): AUC mean {again['mean']:.4f}, sd {again['sd']:.4f}, 5-95 % "
+                f"[{again['p05']:.4f}, {again['p95']:.4f}] (mean vs non-private "
+                f"{again['mean'] - b['federated_auc']:+.4f}, vs mean local-only "
+                f"{again['mean'] - b['mean_local_only_auc']:+.4f}); clamped at 0 as before: mean "
+                f"{again['clamped_mean']:.4f}; held-out rows {again['holdout']}"
             )
         if r.get("epsilon_run_with_evaluation"):
             print(

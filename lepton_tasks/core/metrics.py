@@ -216,7 +216,7 @@ def score_summary(
 
 
 def summary_from_counts(
-    pos: ArrayLike, neg: ArrayLike, *, threshold: float = THRESHOLD, eps: float = EPS
+    pos: ArrayLike, neg: ArrayLike, *, threshold: float = THRESHOLD, eps: float = EPS, noisy: bool = False
 ) -> dict[str, Any]:
     """A :func:`score_summary` built from per-class bin counts alone (dense, :data:`N_BINS` each).
 
@@ -224,13 +224,18 @@ def summary_from_counts(
     ``log_loss_sum``) is derived from the counts, so none carries an exact value beside them. ``correct``
     and ``log_loss_sum`` take each bin's centre for its rows' score: exact for ``correct`` at threshold 0.5
     (a bin edge), within the bin width otherwise.
+
+    ``noisy=True``: the counts are a noisy release (``site.training.private_evaluation``) and may be
+    negative — they are left signed, unclamped, so that sums of them and the metrics computed from them
+    stay unbiased; the summary says so (``"noisy": true``), and only such a summary may hold a negative count
+    (:func:`merge_score_summaries`). Without it a negative count is an error.
     """
     p_counts = np.asarray(pos, dtype=np.int64).reshape(-1)
     n_counts = np.asarray(neg, dtype=np.int64).reshape(-1)
     if p_counts.size != N_BINS or n_counts.size != N_BINS:
         raise ValueError(f"need {N_BINS} bins per class, got {p_counts.size} and {n_counts.size}")
-    if (p_counts < 0).any() or (n_counts < 0).any():
-        raise ValueError("bin counts must be >= 0")
+    if not noisy and ((p_counts < 0).any() or (n_counts < 0).any()):
+        raise ValueError("bin counts must be >= 0 (only a noisy release holds signed counts)")
     width = 2 * LOGIT_RANGE / N_BINS
     centre = -LOGIT_RANGE + (np.arange(N_BINS) + 0.5) * width
     lo, hi = math.log(eps) - math.log1p(-eps), math.log1p(-eps) - math.log(eps)
@@ -244,6 +249,7 @@ def summary_from_counts(
         "bins": N_BINS,
         "logit_range": LOGIT_RANGE,
         "threshold": threshold,
+        **({"noisy": True} if noisy else {}),
         "n": int(p_counts.sum() + n_counts.sum()),
         "positives": int(p_counts.sum()),
         "log_loss_sum": loss,
@@ -253,17 +259,39 @@ def summary_from_counts(
     }
 
 
+def _average_precision(pos: np.ndarray, neg: np.ndarray, positives: int) -> float:
+    """Average precision over the bin thresholds, from the highest bin down: sum over bins of (precision
+    after including the bin) x (the bin's positives) / ``positives``. Signed (noisy) counts: the cumulative
+    counts behind a precision are floored at 0 and a precision with nothing predicted positive yet is 1, the
+    bins' positives stay signed (their noise averages out), and the result is clipped into [0, 1]; each of
+    these is a no-op on non-negative counts."""
+    tp = np.maximum(np.cumsum(pos[::-1]), 0)
+    fp = np.maximum(np.cumsum(neg[::-1]), 0)
+    predicted = tp + fp
+    precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 1.0)
+    return float(np.clip(np.sum(precision * pos[::-1]) / positives, 0.0, 1.0))
+
+
 def merge_score_summaries(summaries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Overall metrics from partners' :func:`score_summary` dicts, without any raw prediction.
 
     AUC counts a positive/negative pair in the same bin as half-correct; PR-AUC is average precision over the
-    bin thresholds. Both match the pooled values to about the bin width (1/64 of a log-odds unit).
+    bin thresholds (:func:`_average_precision`). Both match the pooled values to about the bin width (1/64 of
+    a log-odds unit).
+
+    Noisy summaries (``"noisy": true``, :func:`summary_from_counts`) hold signed counts and are merged as
+    they are: the merged counts' noise is the sum of the sites', unbiased, and every metric is computed from
+    the signed counts. Only what keeps a metric defined is added, each a no-op on an exact histogram: a
+    noisy total ``n`` <= 0 gives no metric (``n`` reads 0); a class whose noisy total is <= 0 gives no AUC
+    or PR-AUC; ``positives`` is clipped into [0, n]; AUC, PR-AUC and accuracy into [0, 1]; log-loss at 0.
+    A negative count in a summary not marked noisy is an error.
     """
     pos = np.zeros(N_BINS, np.int64)
     neg = np.zeros(N_BINS, np.int64)
     n = positives = correct = 0
     ll = 0.0
     count = 0
+    noisy = False
     for s in summaries:
         if (
             s.get("kind") != "score-histogram"
@@ -271,6 +299,10 @@ def merge_score_summaries(summaries: Iterable[Mapping[str, Any]]) -> dict[str, A
             or s.get("logit_range") != LOGIT_RANGE
         ):
             raise ValueError("incompatible score summary (different kind, bin count or range)")
+        signed = s.get("noisy") is True
+        for c in ("pos", "neg"):
+            if not signed and any(int(v) < 0 for _, v in s[c]):
+                raise ValueError("a negative bin count in a score summary that is not a noisy release")
         for i, c in s["pos"]:
             pos[int(i)] += int(c)
         for i, c in s["neg"]:
@@ -280,26 +312,30 @@ def merge_score_summaries(summaries: Iterable[Mapping[str, Any]]) -> dict[str, A
         correct += int(s["correct"])
         ll += float(s["log_loss_sum"])
         count += 1
+        noisy = noisy or signed
     if int(pos.sum()) != positives or int(pos.sum() + neg.sum()) != n:
         raise ValueError("score summaries are inconsistent: histogram counts do not add up to n/positives")
-    if n == 0:
-        return {**_empty([]), "method": "score-histogram", "partners": count}
+    if n <= 0:  # below 0 only for a noisy release of (almost) no rows
+        why = [f"the noisy histograms total {n} rows: no metric is defined"] if n < 0 else []
+        return {**_empty(why), "method": "score-histogram", "partners": count}
     notes: list[str] = []
     auc = pr_auc = None
     n_neg = n - positives
-    if positives and n_neg:
+    if positives > 0 and n_neg > 0:
         neg_below = np.cumsum(neg) - neg  # negatives in strictly lower bins
-        auc = float((np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg)) / (positives * n_neg))
-        # thresholds from the highest bin down: precision/recall after including each bin
-        tp = np.cumsum(pos[::-1])
-        fp = np.cumsum(neg[::-1])
-        take = pos[::-1] > 0
-        precision = tp[take] / (tp[take] + fp[take])
-        pr_auc = float(np.sum(precision * pos[::-1][take]) / positives)
+        auc_raw = (np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg)) / (positives * n_neg)
+        auc = float(np.clip(auc_raw, 0.0, 1.0))
+        pr_auc = _average_precision(pos, neg, positives)
+    elif noisy:
+        notes.append(
+            f"a class's noisy total is <= 0 ({positives} positives of {n}): AUC and PR-AUC are undefined"
+        )
     else:
         notes.append(f"only one class present ({positives} positives of {n}): AUC and PR-AUC are undefined")
+    accuracy = float(np.clip(correct / n, 0.0, 1.0))
+    positives_out = min(max(positives, 0), n)
     return {
-        **_metrics(n, positives, auc, pr_auc, correct / n, ll / n, notes),
+        **_metrics(n, positives_out, auc, pr_auc, accuracy, max(ll / n, 0.0), notes),
         "method": "score-histogram",
         "partners": count,
     }

@@ -454,18 +454,23 @@ def evaluation_charge(dp: DPTraining, *, run_id: str, rounds: int, dataset: str)
 
 
 def noisy_counts(counts: np.ndarray, noise_multiplier: float) -> np.ndarray:
-    """``counts`` + N(0, noise_multiplier^2) per cell, rounded and clamped at 0 (post-processing).
+    """``counts`` + N(0, noise_multiplier^2) per cell, rounded to integers (post-processing), NOT clamped:
+    a cell may come out negative.
 
     The Gaussian mechanism for counts where one record adds 1 to exactly one cell (L2 sensitivity 1 under
     add/remove-one). EVERY cell gets noise, empty ones included: which cells are empty is data too. The
     noise comes from a generator seeded by :mod:`secrets` (never a fixed or derivable seed, as DP-SGD's).
+    Each released cell is unbiased: for an integer count c, ``rint(c + Z) = c + rint(Z)`` and ``rint(Z)`` is
+    symmetric about 0. Clamping at 0 would add about 0.4 sigma to every empty cell, a bias that sums over
+    cells and sites (an AUC computed from clamped counts is pulled toward 0.5: docs/benchmarks.md); whoever
+    needs a non-negative figure clips the metric computed from the signed counts, not the counts.
     """
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier}")
     exact = np.asarray(counts, dtype=np.float64)
     rng = np.random.default_rng(secrets.randbits(128))
     noisy = exact + rng.normal(0.0, noise_multiplier, size=exact.shape)
-    return np.asarray(np.maximum(np.rint(noisy), 0.0), dtype=np.int64)
+    return np.asarray(np.rint(noisy), dtype=np.int64)
 
 
 def dp_schedule(n: int, batch_size: int, epochs: int) -> tuple[float, int]:

@@ -992,7 +992,8 @@ def _only_private(header: JobHeader, job: RoundJob, answer: RoundAnswer, dp: DPT
         or not isinstance(sigma := mech.get("noise_multiplier"), (int, float))
         or sigma < needed
         or not isinstance(summary, dict)
-        or answer.n_samples != summary.get("n")
+        or not isinstance(total := summary.get("n"), int)
+        or answer.n_samples != max(total, 0)  # a noisy total below 0 is answered as 0 samples
     ):
         raise RuntimeError(
             f"the evaluation of run {header.run_id!r} round {header.round} is not the noisy release its DP "

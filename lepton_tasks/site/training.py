@@ -60,8 +60,10 @@ Under differential privacy (the job's ``hparams.dp`` is set) only DP outputs lea
   class (:func:`dp_groups`: a fixed, data-independent grouping of the fine bins, 0.25 log-odds units over
   [-8, 8] and one bin per tail: same sensitivity, 31x fewer noisy bins), every bin gets Gaussian noise
   (one held-out record is one count of one bin of one class: L2 sensitivity 1 under add/remove-one),
-  counts are rounded and clamped at 0, and every number in the answer — n, positives, AUC, PR-AUC,
-  accuracy, log-loss, the sample count — is recomputed FROM the noisy histogram. The noise's sigma is
+  counts are rounded but NOT clamped (a bin may be negative: each stays unbiased, and so do the sums the
+  coordinator merges), and every number in the answer — n, positives, AUC, PR-AUC, accuracy, log-loss, the
+  sample count — is recomputed FROM the noisy histogram (``core.metrics.merge_score_summaries``: metrics
+  clipped into their range, none where a noisy total is <= 0). The noise's sigma is
   calibrated from the run's declared evaluation cost (``dp.evaluation_epsilon``, default 1):
   :func:`lepton_tasks.core.privacy.evaluation_sigma`, the smallest sigma whose one
   ``GaussianDpEvent(sigma)`` costs at most that epsilon at the run's delta (sigma = 4.05 for the default
@@ -150,8 +152,7 @@ LOCAL_RUN_PREFIX: Final = "exchange-"
 EVAL_SCALARS: Final = ("auc", "pr_auc", "accuracy", "log_loss", "n", "positives")
 #: a score histogram released under DP groups the ``core.metrics.N_BINS`` fine bins (a fixed, data-independent
 #: grouping): groups of DP_GROUP_WIDTH fine bins (0.25 log-odds units) over [-DP_LOGIT_RANGE, DP_LOGIT_RANGE],
-#: and one group for each tail beyond it (few scores land there; every group, empty or not, adds noise and,
-#: once clamped at 0, upward bias)
+#: and one group for each tail beyond it (few scores land there; every group, empty or not, adds noise)
 DP_GROUP_WIDTH: Final = 16
 DP_LOGIT_RANGE: Final = 8.0
 
@@ -464,7 +465,10 @@ def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, An
     :func:`~lepton_tasks.core.privacy.evaluation_sigma` — the smallest whose one release costs at most the
     run's ``dp.evaluation_epsilon``, NOT the DP-SGD sigma: at sigma = 1 this one release alone would cost
     eps = 4.73 (delta = 1e-5), and a site whose budget DP-SGD nearly spent could not evaluate — and the
-    metrics recomputed from that noisy histogram only; nothing else of ``block`` is kept. ``dp`` records the
+    metrics recomputed from that noisy histogram only; nothing else of ``block`` is kept. The noisy counts
+    leave signed, unclamped (``"noisy": true`` in the summary): clamping each bin at 0 would bias the AUC
+    toward 0.5 (by 0.05 at 3,000 held-out rows and sigma 4.05, docs/benchmarks.md); the metrics computed
+    from them are clipped into their range instead. A noisy total below 0 reads ``n`` = 0. ``dp`` records the
     mechanism (the site checks it before the answer leaves). :class:`BadTrainerOutput` when the block has no
     usable score histogram."""
     from lepton_tasks.core import metrics as m
@@ -488,11 +492,13 @@ def private_evaluation(block: Mapping[str, Any], dp: DPTraining) -> dict[str, An
         _spread(noisy_counts(_regroup(pos), sigma)),
         _spread(noisy_counts(_regroup(neg), sigma)),
         threshold=threshold,
+        noisy=True,
     )
     merged = m.merge_score_summaries([noisy])
     note = (
         f"differentially private: Gaussian noise (sigma {sigma:g}) on a {DP_BINS}-bin score histogram per "
-        "class; every metric here is computed from the noisy histogram"
+        "class, counts left signed (unclamped, unbiased); every metric here is computed from the noisy "
+        "histogram and clipped into its range"
     )
     return {
         **{k: merged[k] for k in m.METRIC_KEYS},

@@ -127,6 +127,60 @@ def test_score_summary_single_class_and_inconsistent_input():
         evaluate.merge_score_summaries([{**bad, "bins": 10}])
 
 
+def _counts(pairs: dict[int, int]) -> np.ndarray:
+    out = np.zeros(evaluate.N_BINS, np.int64)
+    for i, c in pairs.items():
+        out[i] = c
+    return out
+
+
+def test_only_a_noisy_summary_holds_negative_counts_and_it_merges_signed():
+    pos, neg = _counts({1500: 30, 1600: 10, 2000: -3}), _counts({100: -2, 600: 50, 1500: 5})
+    with pytest.raises(ValueError, match=">= 0"):
+        evaluate.summary_from_counts(pos, neg)
+    noisy = evaluate.summary_from_counts(pos, neg, noisy=True)
+    assert noisy["noisy"] is True and [2000, -3] in noisy["pos"] and [100, -2] in noisy["neg"]
+    assert (noisy["n"], noisy["positives"]) == (90, 37)  # the signed sums: nothing clamped
+    exact = evaluate.summary_from_counts(np.maximum(pos, 0), np.maximum(neg, 0))
+    assert "noisy" not in exact
+    # an exact summary with a negative count is refused; the noisy one merges with exact ones, signed
+    with pytest.raises(ValueError, match="not a noisy release"):
+        evaluate.merge_score_summaries([{**noisy, "noisy": False}])
+    merged = evaluate.merge_score_summaries([noisy, exact])
+    assert (merged["n"], merged["positives"]) == (90 + 95, 37 + 40)
+    # pairs: 37 x 53 of the noisy histogram, signed; the same pairs in bin 1500 count half
+    auc_noisy = (30 * 48 + 10 * 53 - 3 * 53 + 0.5 * 30 * 5) / (37 * 53)
+    assert evaluate.merge_score_summaries([noisy])["auc"] == pytest.approx(auc_noisy)
+
+
+def test_metrics_of_signed_counts_are_clipped_and_undefined_below_zero_totals():
+    # more negative than positive mass above the negatives: a raw AUC below 0 reads 0
+    below = evaluate.summary_from_counts(_counts({100: 10, 2000: -4}), _counts({1000: 20}), noisy=True)
+    m = evaluate.merge_score_summaries([below])
+    assert m["auc"] == 0.0 and 0.0 <= m["pr_auc"] <= 1.0 and 0.0 <= m["accuracy"] <= 1.0
+    # a class total <= 0: no AUC/PR-AUC (noted), positives read within [0, n]
+    none_pos = evaluate.summary_from_counts(_counts({1500: 2, 1600: -5}), _counts({600: 40}), noisy=True)
+    m = evaluate.merge_score_summaries([none_pos])
+    assert m["auc"] is None and m["pr_auc"] is None and "noisy total" in m["notes"][0]
+    assert m["n"] == 37 and m["positives"] == 0 and m["positive_rate"] == 0.0 and m["log_loss"] >= 0.0
+    # a total <= 0: no metric at all, n reads 0
+    empty = evaluate.summary_from_counts(_counts({1500: 2}), _counts({600: -9}), noisy=True)
+    m = evaluate.merge_score_summaries([empty])
+    assert m["n"] == 0 and m["auc"] is None and m["accuracy"] is None and "-7 rows" in m["notes"][0]
+
+
+def test_the_guards_change_nothing_on_an_exact_histogram():
+    """Average precision with floored cumulative counts over every bin equals the one over the occupied bins,
+    and the clips are no-ops: an exact summary's metrics are those of sklearn to the bin width."""
+    rng = np.random.default_rng(5)
+    y = (rng.random(3000) < 0.1).astype(int)
+    p = 1 / (1 + np.exp(-(rng.normal(size=3000) + 1.5 * y - 1)))
+    m = evaluate.merge_score_summaries([evaluate.score_summary(y, p)])
+    assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=2e-3)
+    assert m["pr_auc"] == pytest.approx(average_precision_score(y, p), abs=1e-2)
+    assert m["positives"] == int(y.sum()) and "noisy" not in evaluate.score_summary(y, p)
+
+
 def test_pure_modules_do_not_import_tensorflow():
     code = (
         "import sys\n"
