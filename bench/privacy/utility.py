@@ -31,6 +31,13 @@ local-only: each bank's local-only model on the union, averaged (non-private: wh
 federate gets). Targets at the largest epsilon: within 0.02 of non-private federated, and >= 0.03 above the
 mean local-only AUC.
 
+Two verdicts, both printed. The exit status is the MODEL's: the DP-trained model's AUC on the union of the
+holdouts (from the sites' un-noised evaluations; the non-private run's published AUC is exact) against the
+targets: what DP training costs the model. The PUBLISHED number is a private estimate of that AUC whose
+noise does not depend on the model (the evaluation's own release, ``dp_evaluation_epsilon``); its verdict
+is the share of the re-releases that land within the targets, printed beside the one published value, so
+that neither a lucky nor an unlucky draw decides what the benchmark reports.
+
 Usage: ``python bench/privacy/utility.py [--seeds 1 2 3] [--epsilons 1 3 8] [--json out.json]``
 (needs ``bao`` and ``weed`` on PATH: ``PATH=.venv/bin:$PATH``).
 """
@@ -183,6 +190,7 @@ def _exact_auc(topo: Any, run_id: str, dp: Any, draws: int) -> tuple[float | Non
         "p05": round(float(np.nanpercentile(aucs, 5)), 4),
         "p95": round(float(np.nanpercentile(aucs, 95)), 4),
         "undefined": int(np.isnan(aucs).sum()),
+        "aucs": [None if math.isnan(x) else round(float(x), 4) for x in aucs],
         "clamped_mean": round(float(np.nanmean(clamped)), 4),
         "holdout": {
             name: {"n": int(b["n"]), "positives": int(b["positives"])}
@@ -348,20 +356,21 @@ def main() -> int:
         "training epsilon of the run at the smallest bank) =="
     )
     print("seed  setting       sigma   federated AUC  vs non-private  vs mean local-only  train eps per bank")
-    ok = True
+    print("(the published AUC; DP rows: noisy, see the model's AUC and the spread of the estimate below)")
+    published_ok = True
     base_by_seed = {r["seed"]: r for r in rows if r["setting"] == "non-private"}
     for r in rows:
         b = base_by_seed[r["seed"]]
         spent = " ".join(f"{v:.2f}" for v in (r.get("epsilon_spent") or {}).values()) or "-"
         sigma = f"{r['sigma']:.3f}" if r["sigma"] is not None else "-"
         if r["federated_auc"] is None:  # a class's noisy total <= 0 in the merged histograms: no AUC
-            ok &= r["target_epsilon"] != top
+            published_ok &= r["target_epsilon"] != top
             print(f"{r['seed']:>4}  {r['setting']:<12} {sigma:>6}   undefined (class total <= 0)  {spent}")
             continue
         d_np = r["federated_auc"] - b["federated_auc"]
         d_lo = r["federated_auc"] - b["mean_local_only_auc"]
         if r["target_epsilon"] == top:
-            ok &= d_np >= -0.02 and d_lo >= 0.03
+            published_ok &= d_np >= -0.02 and d_lo >= 0.03
         print(
             f"{r['seed']:>4}  {r['setting']:<12} {sigma:>6}   {r['federated_auc']:.4f}         "
             f"{d_np:+.4f}          {d_lo:+.4f}           {spent}"
@@ -389,9 +398,43 @@ def main() -> int:
                 f"seed {r['seed']} {r['setting']}: run epsilon per site with the private evaluation "
                 f"{r['epsilon_run_with_evaluation']}"
             )
+    ok = _model_verdict(rows, base_by_seed, top)
     print(f"total {total / 60:.1f} min")
-    print(f"target at eps={top:g} met" if ok else f"TARGET AT eps={top:g} NOT MET")
+    print(
+        f"published AUC at eps={top:g}: "
+        + ("within the targets" if published_ok else "NOT within the targets")
+        + " (one noisy draw per seed; see the share of re-releases above)"
+    )
+    print(f"model target at eps={top:g} met" if ok else f"MODEL TARGET AT eps={top:g} NOT MET")
     return 0 if ok else 1
+
+
+def _model_verdict(rows: list[dict[str, Any]], base_by_seed: dict[int, dict[str, Any]], top: float) -> bool:
+    """The issue's utility target on the DP-trained MODEL's AUC (un-noised evaluations; the non-private
+    published AUC is exact), and the share of the published estimate's re-releases within the same targets."""
+    ok = True
+    for r in rows:
+        if r["target_epsilon"] != top:
+            continue
+        b = base_by_seed[r["seed"]]
+        model = r.get("exact_auc_before_evaluation_noise")
+        if model is None:
+            print(f"seed {r['seed']} {r['setting']}: no un-noised evaluation found: model target not met")
+            ok = False
+            continue
+        d_np, d_lo = model - b["federated_auc"], model - b["mean_local_only_auc"]
+        met = d_np >= -0.02 and d_lo >= 0.03
+        ok &= met
+        share = ""
+        if (again := r.get("published_auc_rereleased")) is not None:
+            lo, hi = b["federated_auc"] - 0.02, b["mean_local_only_auc"] + 0.03
+            within = sum(1 for x in again["aucs"] if x is not None and x >= max(lo, hi)) / again["draws"]
+            share = f"; {within:.0%} of {again['draws']} re-releases of the published estimate within both"
+        print(
+            f"seed {r['seed']} {r['setting']}: MODEL AUC {model:.4f} ({d_np:+.4f} vs non-private, "
+            f"{d_lo:+.4f} vs mean local-only): {'met' if met else 'NOT met'}{share}"
+        )
+    return ok
 
 
 if __name__ == "__main__":
