@@ -67,10 +67,14 @@ __all__ = [
     "GlobalStats",
     "NumericStats",
     "SufficientStats",
+    "categorical_features",
     "category_keys",
+    "category_vocabulary",
+    "declared_labels",
     "declared_range",
     "feature_names",
     "merge",
+    "numeric_features",
     "transform",
 ]
 
@@ -78,12 +82,30 @@ __all__ = [
 BUCKET_PREFIX = "#"
 
 
-def _numeric_features(contract: Contract) -> list[str]:
+def numeric_features(contract: Contract) -> list[str]:
+    """The contract's numeric features, in contract order (the statistics' and the model's order)."""
     return [c for c, s in contract.columns.items() if s.role == "feature" and s.is_numeric()]
 
 
-def _categorical_features(contract: Contract) -> list[str]:
+def categorical_features(contract: Contract) -> list[str]:
+    """The contract's categorical features, in contract order."""
     return [c for c, s in contract.columns.items() if s.role == "feature" and not s.is_numeric()]
+
+
+def declared_labels(contract: Contract) -> list[str]:
+    """Every label value the statistics may count by name (sorted): the label's ``allowed`` values, or the
+    positive label alone; any other value is counted unnamed."""
+    spec = contract.columns[contract.label]
+    return sorted(spec.allowed) if spec.allowed is not None else [contract.positive_label]
+
+
+def category_vocabulary(contract: Contract, column: str) -> list[str]:
+    """Every key a categorical feature may be counted under: its allowed values (sorted), or every hashed
+    bucket. A fixed, data-independent layout: what secure aggregation and the DP release vectorize."""
+    spec = contract.columns[column]
+    if spec.allowed is not None:
+        return sorted(spec.allowed)
+    return [f"{BUCKET_PREFIX}{b}" for b in range(1, contract.model.hash_buckets)]
 
 
 def _as_float(s: pd.Series, spec: ColumnSpec) -> np.ndarray:
@@ -212,11 +234,6 @@ class CategoricalStats(BaseModel):
         return cls(counts=dict(sorted(counts.items())), other_count=other, null_count=int(s.isna().sum()))
 
 
-def _declared_labels(contract: Contract) -> set[str]:
-    spec = contract.columns[contract.label]
-    return set(spec.allowed) if spec.allowed is not None else {contract.positive_label}
-
-
 class SufficientStats(BaseModel):
     """One partner's (or a merged group's) additive statistics over TRAINING rows of one dataset."""
 
@@ -234,8 +251,8 @@ class SufficientStats(BaseModel):
         return cls(
             dataset=contract.name,
             contract_version=contract.version,
-            numeric={c: NumericStats() for c in _numeric_features(contract)},
-            categorical={c: CategoricalStats() for c in _categorical_features(contract)},
+            numeric={c: NumericStats() for c in numeric_features(contract)},
+            categorical={c: CategoricalStats() for c in categorical_features(contract)},
         )
 
     @classmethod
@@ -259,7 +276,7 @@ class SufficientStats(BaseModel):
                 CategoricalStats.of(df[c], contract.columns[c], contract.model.hash_buckets)
             )
         labels = _label_strings(df[contract.label]).value_counts(dropna=True)
-        declared = _declared_labels(contract)
+        declared = set(declared_labels(contract))
         counts = dict(self.label_counts)
         for k, v in labels.items():
             if str(k) in declared:

@@ -71,11 +71,14 @@ import numpy as np
 from lepton_tasks.core import privacy
 from lepton_tasks.core.contracts import ColumnSpec, Contract
 from lepton_tasks.core.features import (
-    BUCKET_PREFIX,
     CategoricalStats,
     NumericStats,
     SufficientStats,
+    categorical_features,
+    category_vocabulary,
+    declared_labels,
     declared_range,
+    numeric_features,
 )
 from lepton_tasks.core.messages import DPTraining
 
@@ -107,26 +110,6 @@ class Block:
     sensitivity: float
 
 
-def _numeric(contract: Contract) -> list[str]:
-    return [c for c, s in contract.columns.items() if s.role == "feature" and s.is_numeric()]
-
-
-def _categorical(contract: Contract) -> list[str]:
-    return [c for c, s in contract.columns.items() if s.role == "feature" and not s.is_numeric()]
-
-
-def _labels(contract: Contract) -> list[str]:
-    spec = contract.columns[contract.label]
-    return sorted(spec.allowed) if spec.allowed is not None else [contract.positive_label]
-
-
-def _vocabulary(contract: Contract, column: str) -> list[str]:
-    spec = contract.columns[column]
-    if spec.allowed is not None:
-        return sorted(spec.allowed)
-    return [f"{BUCKET_PREFIX}{b}" for b in range(1, contract.model.hash_buckets)]
-
-
 def _enforced(spec: ColumnSpec) -> bool:
     """Whether ingest keeps every staged value of this numeric column inside its declared range."""
     if spec.dtype == "bool":
@@ -141,7 +124,7 @@ def _enforced(spec: ColumnSpec) -> bool:
 def unbounded_columns(contract: Contract) -> list[str]:
     """The numeric features of ``contract`` whose range ingest does not enforce on every row (module
     docstring); a DP statistics round needs this list empty."""
-    return [c for c in _numeric(contract) if not _enforced(contract.columns[c])]
+    return [c for c in numeric_features(contract) if not _enforced(contract.columns[c])]
 
 
 def require_bounded(contract: Contract) -> None:
@@ -173,10 +156,10 @@ def blocks(contract: Contract) -> list[Block]:
     :class:`UnboundedStatistics` when a numeric feature has no enforced range."""
     require_bounded(contract)
     out = [Block("rows", 1.0), Block("labels", 1.0)]
-    for c in _numeric(contract):
+    for c in numeric_features(contract):
         h = _centre(contract, c)[1]
         out += [Block(f"{c}.count", 1.0), Block(f"{c}.sum", h), Block(f"{c}.sum_sq", h * h)]
-    out += [Block(c, 1.0) for c in _categorical(contract)]
+    out += [Block(c, 1.0) for c in categorical_features(contract)]
     return out
 
 
@@ -195,7 +178,7 @@ def _check_within_bounds(stats: SufficientStats, contract: Contract) -> None:
     outside the vocabulary) raise ``ValueError`` naming the entry, never a value: the sensitivity would not
     hold."""
     vec = dense(stats, contract)
-    for c in _numeric(contract):
+    for c in numeric_features(contract):
         h, count = _centre(contract, c)[1], stats.numeric[c].count
         centred, squares = float(vec[f"{c}.sum"][0]), float(vec[f"{c}.sum_sq"][0])
         # float64 rounding of the centring, relative to the uncentred magnitudes
@@ -205,10 +188,10 @@ def _check_within_bounds(stats: SufficientStats, contract: Contract) -> None:
                 f"the statistics of numeric feature {c!r} exceed count x its declared range: staged values "
                 "lie outside the contract's range, so the DP sensitivity does not hold; nothing is released"
             )
-    for c in _categorical(contract):
-        if set(stats.categorical[c].counts) - set(_vocabulary(contract, c)):
+    for c in categorical_features(contract):
+        if set(stats.categorical[c].counts) - set(category_vocabulary(contract, c)):
             raise ValueError(f"categorical feature {c!r} has counts under keys outside its vocabulary")
-    if set(stats.label_counts) - set(_labels(contract)):
+    if set(stats.label_counts) - set(declared_labels(contract)):
         raise ValueError("label counts outside the declared labels")
 
 
@@ -217,7 +200,9 @@ def _check_layout(stats: SufficientStats, contract: Contract) -> None:
         raise ValueError(
             f"statistics of {stats.dataset}@v{stats.contract_version}, the contract is {contract.version_tag}"
         )
-    if set(stats.numeric) != set(_numeric(contract)) or set(stats.categorical) != set(_categorical(contract)):
+    if set(stats.numeric) != set(numeric_features(contract)) or set(stats.categorical) != set(
+        categorical_features(contract)
+    ):
         raise ValueError("the statistics cover another feature set than the contract")
 
 
@@ -226,21 +211,21 @@ def dense(stats: SufficientStats, contract: Contract) -> dict[str, np.ndarray]:
     order; numeric sums centred on the range's midpoint; categorical blocks over the contract's full
     vocabulary, so zero counts are entries too)."""
     _check_layout(stats, contract)
-    labels = _labels(contract)
+    labels = declared_labels(contract)
     out: dict[str, np.ndarray] = {
         "rows": np.array([stats.rows], np.float64),
         "labels": np.array([stats.label_counts.get(v, 0) for v in labels] + [stats.label_other_count], float),
     }
-    for c in _numeric(contract):
+    for c in numeric_features(contract):
         n, (m, _) = stats.numeric[c], _centre(contract, c)
         out[f"{c}.count"] = np.array([n.count, n.null_count], np.float64)
         out[f"{c}.sum"] = np.array([n.sum - m * n.count], np.float64)  # sum(x - m)
         out[f"{c}.sum_sq"] = np.array(
             [n.sum_sq - 2 * m * n.sum + m * m * n.count], np.float64
         )  # sum((x-m)^2)
-    for c in _categorical(contract):
+    for c in categorical_features(contract):
         cs = stats.categorical[c]
-        counts = [cs.counts.get(k, 0) for k in _vocabulary(contract, c)]
+        counts = [cs.counts.get(k, 0) for k in category_vocabulary(contract, c)]
         out[c] = np.array([*counts, cs.other_count, cs.null_count], np.float64)
     return out
 
@@ -276,10 +261,10 @@ def noisy_statistics(
         return [int(v) for v in np.clip(np.rint(noisy[block]), 0, max_rows)]
 
     (rows,) = counts("rows")
-    labels = _labels(contract)
+    labels = declared_labels(contract)
     *label_values, label_other = counts("labels")
     out_numeric: dict[str, NumericStats] = {}
-    for c in _numeric(contract):
+    for c in numeric_features(contract):
         m, h = _centre(contract, c)
         count, nulls = counts(f"{c}.count")
         centred = min(max(float(noisy[f"{c}.sum"][0]), -h * count), h * count)
@@ -292,8 +277,8 @@ def noisy_statistics(
             null_count=nulls,
         )
     out_categorical: dict[str, CategoricalStats] = {}
-    for c in _categorical(contract):
-        vocab = _vocabulary(contract, c)
+    for c in categorical_features(contract):
+        vocab = category_vocabulary(contract, c)
         *values, other, nulls = counts(c)
         out_categorical[c] = CategoricalStats(
             counts={k: v for k, v in zip(vocab, values, strict=True) if v > 0},

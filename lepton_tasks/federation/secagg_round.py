@@ -67,11 +67,14 @@ from lepton_tasks.core.exchange import (
     sha256_hex,
 )
 from lepton_tasks.core.features import (
-    BUCKET_PREFIX,
     CategoricalStats,
     NumericStats,
     SufficientStats,
+    categorical_features,
+    category_vocabulary,
+    declared_labels,
     declared_range,
+    numeric_features,
 )
 from lepton_tasks.core.messages import BlobRef, RoundRefusal
 from lepton_tasks.core.secagg_messages import (
@@ -202,28 +205,6 @@ class UpdateCodec:
         return out, n_total
 
 
-def _numeric_features(contract: Contract) -> list[str]:
-    # the same feature sets as SufficientStats.empty
-    return [c for c, s in contract.columns.items() if s.role == "feature" and s.is_numeric()]
-
-
-def _categorical_features(contract: Contract) -> list[str]:
-    return [c for c, s in contract.columns.items() if s.role == "feature" and not s.is_numeric()]
-
-
-def _declared_labels(contract: Contract) -> list[str]:
-    spec = contract.columns[contract.label]
-    return sorted(spec.allowed) if spec.allowed is not None else [contract.positive_label]
-
-
-def _vocabulary(contract: Contract, column: str) -> list[str]:
-    """Every key a categorical feature may be counted under: its allowed values, or every hashed bucket."""
-    spec = contract.columns[column]
-    if spec.allowed is not None:
-        return sorted(spec.allowed)
-    return [f"{BUCKET_PREFIX}{b}" for b in range(1, contract.model.hash_buckets)]
-
-
 def statistics_layout(
     contract: Contract, *, max_rows: int | None = None, bounds: Mapping[str, float] | None = None
 ) -> StatisticsLayout:
@@ -232,7 +213,7 @@ def statistics_layout(
     value of its declared range (``clip``, else ``min``/``max``). A feature with neither is a
     ``ValueError`` naming it: its sums cannot be scaled without a public bound."""
     given = dict(bounds or {})
-    numeric = _numeric_features(contract)
+    numeric = numeric_features(contract)
     if stray := sorted(set(given) - set(numeric)):
         raise ValueError(
             f"bounds for columns that are not numeric features of {contract.version_tag}: {stray}"
@@ -277,8 +258,8 @@ class StatisticsCodec:
                 f"({layout.contract_sha256[:12]}…), not {contract.version_tag} ({contract.sha256[:12]}…)"
             )
         self.contract, self.layout = contract, layout
-        self.numeric = _numeric_features(contract)
-        self.categorical = _categorical_features(contract)
+        self.numeric = numeric_features(contract)
+        self.categorical = categorical_features(contract)
         if set(layout.bounds) != set(self.numeric):
             raise ValueError(
                 f"the layout bounds {sorted(layout.bounds)}, the numeric features are {self.numeric}"
@@ -286,8 +267,8 @@ class StatisticsCodec:
         if max_sites * layout.max_rows >= 1 << 63:
             raise ValueError(f"{max_sites} sites x {layout.max_rows} rows overflow the 64-bit ring")
         self.max_sites = max_sites
-        self.labels = _declared_labels(contract)
-        self.vocab = {c: _vocabulary(contract, c) for c in self.categorical}
+        self.labels = declared_labels(contract)
+        self.vocab = {c: category_vocabulary(contract, c) for c in self.categorical}
         ints = ["rows", "label_other_count", *(f"label={v}" for v in self.labels)]
         for c in self.numeric:
             ints += [f"{c}.count", f"{c}.null_count"]
