@@ -322,7 +322,9 @@ def remaining(ledger: PrivacyLedger) -> float:
     return max(0.0, ledger.budget.epsilon - spent(ledger))
 
 
-def _existing(ledger: PrivacyLedger, charge: Charge) -> Charge | None:
+def existing_charge(ledger: PrivacyLedger, charge: Charge) -> Charge | None:
+    """The ledger's entry for ``charge``'s key (``None``: not charged yet); ``ValueError`` when that key holds
+    another mechanism (a retry must repeat the same job)."""
     for e in ledger.entries:
         if e.key == charge.key:
             if not e.same_charge(charge):
@@ -340,7 +342,7 @@ def check_job(ledger: PrivacyLedger, charge: Charge) -> None:
     A charge already in the ledger (same key and parameters: a retried task) costs nothing more. A different
     charge under an existing key raises ``ValueError``; a shuffled charge is refused unless the budget allows.
     """
-    if _existing(ledger, charge) is not None:
+    if existing_charge(ledger, charge) is not None:
         return
     if charge.sampling == "shuffle" and not ledger.budget.accept_shuffled:
         raise ValueError(
@@ -364,7 +366,7 @@ def check_job(ledger: PrivacyLedger, charge: Charge) -> None:
 def charge(ledger: PrivacyLedger, entry: Charge) -> PrivacyLedger:
     """A new ledger with ``entry`` recorded, after :func:`check_job`; unchanged if it is already recorded."""
     check_job(ledger, entry)
-    if _existing(ledger, entry) is not None:
+    if existing_charge(ledger, entry) is not None:
         return ledger
     return ledger.model_copy(update={"entries": [*ledger.entries, entry]})
 

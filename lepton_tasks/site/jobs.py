@@ -1064,20 +1064,6 @@ def _evaluation_reserve(header: JobHeader, job: RoundJob, dp: DPTraining) -> pri
     return privacy.evaluation_charge(dp, run_id=header.run_id, rounds=job.rounds, dataset=job.dataset)
 
 
-def _charged_already(ledger: privacy.PrivacyLedger, entry: privacy.Charge) -> bool:
-    """Whether ``entry`` is in the ledger (same key and mechanism); ``ValueError`` when its key holds
-    another mechanism (``privacy.check_job``'s conflict)."""
-    for e in ledger.entries:
-        if e.key == entry.key:
-            if not e.same_charge(entry):
-                raise ValueError(
-                    f"run {entry.run_id!r} round {entry.round} is already charged with different parameters "
-                    f"(σ = {e.noise_multiplier:g}, q = {e.sampling_rate:g}, {e.steps} steps)"
-                )
-            return True
-    return False
-
-
 def _reserving_budget_reason(
     ledger: privacy.PrivacyLedger, scope: BudgetScope, entry: privacy.Charge, reserve: privacy.Charge
 ) -> dict[str, str] | None:
@@ -1095,7 +1081,7 @@ def _reserving_budget_reason(
         else f"the privacy budget of dataset {scope.ledger!r}"
     )
     try:
-        new = [c for c in (entry, reserve) if not _charged_already(ledger, c)]
+        new = [c for c in (entry, reserve) if privacy.existing_charge(ledger, c) is None]
     except ValueError as exc:  # the evaluation's round is charged with another sigma
         return _reason(SiteRefusalCode.PRIVACY_LEDGER_CONFLICT, "hparams.dp", f"{what}: {exc}")
     delta, limit = ledger.budget.delta, ledger.budget.epsilon
