@@ -61,7 +61,7 @@ DATASETS = available()
 def _coordinator() -> tuple[Any, Any, str, str]:
     """``(hook, storage, bucket, exchange run id)`` of the current task."""
     from lepton_airflow.hook import LeptonHook
-    from lepton_tasks.federation.coordinator import exchange_run_id
+    from lepton_tasks.federation.run_records import exchange_run_id
 
     hook = LeptonHook()
     settings = hook.get_settings()
@@ -217,8 +217,9 @@ def lepton_federated() -> None:
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from lepton_tasks.adapters.signing import SigningError, TransitSigner
-        from lepton_tasks.federation.coordinator import CoordinatorError, blocked_by, read_spec, send_jobs
+        from lepton_tasks.federation.coordinator import CoordinatorError, blocked_by, send_jobs
         from lepton_tasks.federation.enrollment import EnrollmentError, SiteRegistry
+        from lepton_tasks.federation.run_records import read_spec
 
         hook, storage, bucket, run_id = _coordinator()
         settings = hook.get_settings()
@@ -281,7 +282,9 @@ def lepton_federated() -> None:
         """metrics.json, report.html (every exclusion and why) and the versioned model."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from lepton_tasks.federation.coordinator import blocked_by, publish_run, read_spec
+        from lepton_tasks.federation.coordinator import blocked_by
+        from lepton_tasks.federation.publish import publish_run
+        from lepton_tasks.federation.run_records import read_spec
 
         hook, storage, bucket, run_id = _coordinator()
         why = blocked_by(storage, bucket, run_id, 0)

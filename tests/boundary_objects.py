@@ -73,9 +73,9 @@ def load_run_objects(topo: Any, run_id: str, dataset: str) -> RunObjects:
         load,
     )
     from lepton_tasks.core.outbound_log import OutboundRecord, read_log
-    from lepton_tasks.federation.coordinator import RoundRecord, RunSpec, run_prefix
     from lepton_tasks.federation.enrollment import SiteRegistry
     from lepton_tasks.federation.exchange import UPDATE_SUFFIX, WEIGHTS_SUFFIX
+    from lepton_tasks.federation.run_records import RoundRecord, RunSpec, run_prefix
     from lepton_tasks.federation.secagg_round import AggregationState
     from lepton_tasks.ingest.stage import staged_manifests
     from lepton_tasks.site.enrollment import SiteFiles

@@ -419,7 +419,7 @@ class EvalResult(Message):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# the coordinator's objects (``federation.coordinator``, in its own object storage)
+# the coordinator's objects (``federation.coordinator``, ``federation.publish``, in its own object storage)
 # ---------------------------------------------------------------------------------------------------------
 
 

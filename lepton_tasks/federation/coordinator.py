@@ -16,72 +16,43 @@ round is an :class:`Exclusion` with its kind — deadline missed, refused (with 
 failed verification, training failed, answer unusable, reply unreadable — and the reason the report shows.
 Fewer accepted sites than ``min_partners`` is a :class:`QuorumError` naming every excluded site and why.
 
-Everything lives in the coordinator's own object storage, keyed by run and round, so a retried or cleared
-task finds what an earlier try wrote (sending and deciding are idempotent)::
-
-    <bucket>/federated/<run>/run.json                the run's immutable spec (RunSpec)
-    <bucket>/federated/<run>/round-<kkkk>/sent.json  the headers of the jobs sent (what answers bind to)
-    <bucket>/federated/<run>/round-<kkkk>/record.json  the round's decision (RoundRecord)
-    <bucket>/federated/<run>/round-<kkkk>/global.npz   global weights after the round (0: initial), with a
-                                                     GlobalWeightsMeta
-    <bucket>/federated/<run>/stats.json              the merged statistics (round 0, MergedStatistics)
-    <bucket>/federated/<run>/metrics.json, report.html, model/global.npz, model/global.keras,
-                                                     model/VERSION.json (publish: RunMetrics, ModelVersion)
-
-Each of them is written from its model (``core.messages`` or the models below) and read back through it.
+The run's records (its spec, the jobs sent, each round's decision, the global weights, the merged statistics)
+and where they live in the coordinator's own object storage: :mod:`lepton_tasks.federation.run_records`.
+Sending and deciding are idempotent: a retried or cleared task finds what an earlier try wrote. Under secure
+aggregation a statistics or train round is decided on the sum :mod:`lepton_tasks.federation.secagg_driver`
+unmasks (:func:`decide_round` ``secure=``); a finished run is published by
+:mod:`lepton_tasks.federation.publish`.
 
 No Airflow import here (the DAG and the trigger in ``plugins/lepton_airflow`` wire it); no site address or
 credential is ever needed: the coordinator writes into and reads from the exchange buckets of its own storage.
 
-Secure aggregation (``RunSpec.secure_aggregation``, Bonawitz et al. 2017 through
-:mod:`lepton_tasks.federation.secagg_round`): a site's statistics and updates never cross on their own. In the
-statistics round and every train round the sites answer the round's job WITHOUT their statistics or update
-(they keep them at the site); once the round's answers are in, :func:`secure_aggregation_step` starts an
-aggregation over the accepted sites (each setup bound to the job the site answered) and, called again as each
-phase's replies arrive, advances it (keys → shares → masked inputs → reveal) and finishes it: the coordinator
-unmasks only the sum over the sites whose masked input arrived (weighted FedAvg ``sum n w / sum n``, or the
-merged statistics) and decides the round with it (:func:`decide_round` ``secure=``). The aggregation's state
-lives beside the round (``round-<kkkk>/secagg.json``). Only fedavg and fedprox can run on a sum
+Secure aggregation (``RunSpec.secure_aggregation``): only fedavg and fedprox can run on a sum
 (``core.strategies.NEEDS_INDIVIDUAL_UPDATES``): :func:`start_run` refuses any other strategy before the run
 starts, and a run with fewer than 3 sites (the protocol's minimum).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from lepton_tasks.core import weights as wio
 from lepton_tasks.core.contracts import Contract, load_contract
-from lepton_tasks.core.exchange import RUN_ID_PATTERN, JobHeader
+from lepton_tasks.core.exchange import JobHeader
 from lepton_tasks.core.messages import (
     ExclusionKind,
-    FinalMetrics,
     GlobalWeightsMeta,
-    Lineage,
     MergedStatistics,
-    ModelVersion,
     RoundAnswer,
     RoundJob,
-    RoundMetrics,
-    RunExclusion,
-    RunMetrics,
-    RunPrivacy,
     TrainerHParams,
     dump,
-    load,
 )
-from lepton_tasks.core.secagg_messages import UpdateLayout
 from lepton_tasks.core.strategies import NEEDS_INDIVIDUAL_UPDATES, Strategy
 from lepton_tasks.federation.enrollment import EnrollmentError, SiteEntry, SiteRegistry
 from lepton_tasks.federation.exchange import (
@@ -92,42 +63,48 @@ from lepton_tasks.federation.exchange import (
     collect_answers,
     send_round,
 )
+from lepton_tasks.federation.run_records import (
+    STATISTICS_ROUND,
+    Exclusion,
+    Mode,
+    RoundRecord,
+    RunSpec,
+    _global_key,
+    _global_weights,
+    _merged_statistics,
+    _record_key,
+    _sent_key,
+    _spec_key,
+    _stats_key,
+    exchange_run_id,
+    read_record,
+    read_sent,
+    read_spec,
+    round_deadline,
+)
 
 if TYPE_CHECKING:
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.core.features import SufficientStats
     from lepton_tasks.core.signatures import PublicKey, Signer
-    from lepton_tasks.federation.secagg_round import AggregationState, SecAggResult
+    from lepton_tasks.federation.secagg_round import SecAggResult
 
 __all__ = [
-    "STATISTICS_ROUND",
     "TRAINING_FAILURE_CODES",
     "CoordinatorError",
-    "Exclusion",
     "ExclusionKind",
     "QuorumError",
     "RoundNotComplete",
-    "RoundRecord",
     "RunSetupError",
-    "RunSpec",
     "SecureAggregationFailed",
     "aggregate_updates",
     "blocked_by",
     "check_quorum",
     "decide_round",
-    "exchange_run_id",
     "exclusion_of",
     "initial_weights",
     "merge_statistics",
     "poll_round",
-    "poll_secure_aggregation",
-    "publish_run",
-    "read_aggregation",
-    "read_record",
-    "read_sent",
-    "read_spec",
-    "round_deadline",
-    "secure_aggregation_step",
     "select_sites",
     "send_jobs",
     "start_run",
@@ -136,17 +113,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["statistics", "train", "evaluate"]
-
-#: the statistics round's number (train rounds are 1..R, the evaluation round R+1)
-STATISTICS_ROUND: Final = 0
 #: refusal codes a site uses when its trainer failed (the site's job DAG sends them; anything else a site
 #: refuses with is its decision)
 TRAINING_FAILURE_CODES: Final = frozenset({"training_failed", "trainer_failed"})
-PREFIX: Final = "federated"
-#: secure aggregation: the largest absolute value of a weight in a site's update (``UpdateLayout.clip``); a
-#: site whose model holds a larger one refuses to mask it rather than clip it silently
-SECAGG_UPDATE_CLIP: Final = 64.0
 #: secure aggregation: the fewest sites the protocol runs with (``federation.secagg.RoundConfig``)
 SECAGG_MIN_SITES: Final = 3
 
@@ -171,185 +140,6 @@ class SecureAggregationFailed(CoordinatorError):
 
 class RoundNotComplete(RuntimeError):
     """Some sites have no final outcome yet and the round's deadline has not passed: wait more."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# typed records
-# ----------------------------------------------------------------------------------------------------
-
-
-class Exclusion(BaseModel):
-    """One site left out of one round, with the kind, the machine-readable code and the human reason."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    site: str
-    round: int = Field(ge=0)
-    kind: ExclusionKind
-    code: str | None = None
-    reason: str
-
-    def describe(self) -> str:
-        code = f" ({self.code})" if self.code else ""
-        return f"{self.kind.value}{code}: {self.reason}"
-
-
-class RunSpec(BaseModel):
-    """A run's immutable plan (``run.json``), written once by :func:`start_run`."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = 1
-    run_id: str = Field(pattern=RUN_ID_PATTERN, description="the exchange run id")
-    airflow_run_id: str
-    consortium: str
-    dataset: str
-    contract: str = Field(description="the contract's version tag")
-    contract_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    sites: list[str] = Field(min_length=1)
-    rounds: int = Field(ge=1)
-    strategy: Strategy
-    min_partners: int = Field(ge=1)
-    round_deadline_minutes: float = Field(gt=0)
-    hparams: TrainerHParams
-    trim_beta: float = Field(0.2, ge=0, lt=0.5)
-    krum_f: int = Field(0, ge=0)
-    secure_aggregation: bool = False
-    created_at: AwareDatetime
-
-    @property
-    def evaluation_round(self) -> int:
-        return self.rounds + 1
-
-    def mode_of(self, round_: int) -> Mode:
-        if round_ == STATISTICS_ROUND:
-            return "statistics"
-        if 1 <= round_ <= self.rounds:
-            return "train"
-        if round_ == self.evaluation_round:
-            return "evaluate"
-        raise ValueError(f"run {self.run_id} has rounds 0..{self.evaluation_round}; {round_} is none of them")
-
-    @property
-    def deadline(self) -> timedelta:
-        return timedelta(minutes=self.round_deadline_minutes)
-
-
-class RoundRecord(BaseModel):
-    """A decided round (``record.json``): who took part, who did not and why, what came out."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    schema_version: Literal[1] = 1
-    run_id: str
-    round: int = Field(ge=0)
-    mode: Mode
-    quorum_met: bool
-    accepted: list[str]
-    exclusions: list[Exclusion]
-    #: per accepted site: its n_samples and training metrics (train), held-out metrics (evaluate); under
-    #: secure aggregation a site's training sample count is not known (no ``n``): see ``samples_total``
-    metrics: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    #: secure aggregation (statistics and train rounds): the round's total sample count, from the unmasked
-    #: sum (the only count the coordinator learns then)
-    samples_total: int | None = Field(None, ge=0)
-    #: evaluate: the merged held-out metrics of every accepted site's score histogram
-    overall: dict[str, Any] | None = None
-    #: message ids of the valid replies (replay protection for the later rounds)
-    reply_ids: list[str] = Field(default_factory=list)
-    global_weights_sha256: str | None = None
-    #: train: each accepted site's DP-SGD charge and privacy ledger as it reported them (``privacy``,
-    #: ``budget`` of its answer; sites training without DP are absent) — the report's "what protected it"
-    charges: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    #: secure aggregation: the aggregation's id, the sites in the sum (``survivors``), those recovered after
-    #: they dropped out (``recovered``), survivors that did not reveal, and the decoding's error bound
-    secure_aggregation: dict[str, Any] | None = None
-    warnings: list[str] = Field(default_factory=list)
-    decided_at: AwareDatetime
-
-    @property
-    def excluded(self) -> dict[str, str]:
-        """Site → why it is not in this round (the report's wording)."""
-        return {e.site: e.describe() for e in self.exclusions}
-
-    def brief(self) -> dict[str, Any]:
-        """A small JSON summary (XCom)."""
-        return {
-            "round": self.round,
-            "mode": self.mode,
-            "quorum_met": self.quorum_met,
-            "accepted": self.accepted,
-            "excluded": self.excluded,
-        }
-
-
-# ----------------------------------------------------------------------------------------------------
-# where things live
-# ----------------------------------------------------------------------------------------------------
-
-
-def exchange_run_id(airflow_run_id: str) -> str:
-    """A run id the exchange envelope accepts (letters, digits, ``._-``, ≤ 128), stable for one Airflow
-    run id: ``manual__2026-01-01T00:00:00+00:00`` → ``manual__2026-01-01T00-00-00-00-00-<8 hex of its
-    sha256>`` (the hash keeps two ids that clean up alike apart)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", airflow_run_id).strip("-._") or "run"
-    digest = hashlib.sha256(airflow_run_id.encode()).hexdigest()[:8]
-    return f"{cleaned[:110]}-{digest}"
-
-
-def run_prefix(run_id: str) -> str:
-    return f"{PREFIX}/{run_id}/"
-
-
-def round_prefix(run_id: str, round_: int) -> str:
-    return f"{run_prefix(run_id)}round-{round_:04d}/"
-
-
-def _spec_key(run_id: str) -> str:
-    return run_prefix(run_id) + "run.json"
-
-
-def _sent_key(run_id: str, round_: int) -> str:
-    return round_prefix(run_id, round_) + "sent.json"
-
-
-def _record_key(run_id: str, round_: int) -> str:
-    return round_prefix(run_id, round_) + "record.json"
-
-
-def _global_key(run_id: str, round_: int) -> str:
-    return round_prefix(run_id, round_) + "global.npz"
-
-
-def _secagg_key(run_id: str, round_: int) -> str:
-    return f"{round_prefix(run_id, round_)}secagg.json"
-
-
-def _stats_key(run_id: str) -> str:
-    return run_prefix(run_id) + "stats.json"
-
-
-def read_spec(storage: Storage, bucket: str, run_id: str) -> RunSpec:
-    return RunSpec.model_validate_json(storage.get_bytes(bucket, _spec_key(run_id)))
-
-
-def read_sent(storage: Storage, bucket: str, run_id: str, round_: int) -> dict[str, JobHeader]:
-    """The headers of the jobs sent for ``round_`` (what the answers are bound to)."""
-    doc = storage.get_json(bucket, _sent_key(run_id, round_))
-    # headers are strict models: validated from JSON, as the exchange reads them
-    return {site: JobHeader.model_validate_json(json.dumps(h)) for site, h in doc["jobs"].items()}
-
-
-def read_record(storage: Storage, bucket: str, run_id: str, round_: int) -> RoundRecord | None:
-    key = _record_key(run_id, round_)
-    if not storage.exists(bucket, key):
-        return None
-    return RoundRecord.model_validate_json(storage.get_bytes(bucket, key))
-
-
-def round_deadline(sent: Mapping[str, JobHeader]) -> datetime:
-    """When the last job of the round expires: after it, a silent site is *missing*."""
-    return max(h.expires_at for h in sent.values())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -497,22 +287,6 @@ def _contract(spec: RunSpec) -> Contract:
             f"contract here is now {contract.version_tag} ({contract.sha256[:12]}…): start a new run"
         )
     return contract
-
-
-def _merged_statistics(storage: Storage, bucket: str, run_id: str) -> tuple[SufficientStats, list[str]]:
-    key = _stats_key(run_id)
-    doc = load(MergedStatistics, storage.get_bytes(bucket, key), where=f"s3://{bucket}/{key}")
-    return doc.statistics, list(doc.feature_names)
-
-
-def _global_weights(
-    storage: Storage, bucket: str, run_id: str, round_: int
-) -> tuple[bytes, list[np.ndarray], GlobalWeightsMeta]:
-    """Round ``round_``'s global weights (the blob, its arrays and its :class:`GlobalWeightsMeta`)."""
-    key = _global_key(run_id, round_)
-    blob = storage.get_bytes(bucket, key)
-    arrays, meta = wio.loads(blob)
-    return blob, arrays, load(GlobalWeightsMeta, meta, where=f"s3://{bucket}/{key}")
 
 
 def build_job(
@@ -765,7 +539,7 @@ def aggregate_updates(
     (``federation.aggregate``: fedavg, fedprox, median, trimmed_mean, krum).
 
     Individual updates only: under secure aggregation the coordinator never holds one, and the round's sum
-    is unmasked by :func:`secure_aggregation_step` instead."""
+    is unmasked by :func:`~lepton_tasks.federation.secagg_driver.secure_aggregation_step` instead."""
     from lepton_tasks.federation.aggregate import aggregate
 
     params: dict[str, Any] = {}
@@ -1005,198 +779,6 @@ def decide_round(
     return record
 
 
-# ----------------------------------------------------------------------------------------------------
-# secure aggregation
-# ----------------------------------------------------------------------------------------------------
-
-
-def read_aggregation(storage: Storage, bucket: str, run_id: str, round_: int) -> AggregationState | None:
-    """The round's secure aggregation as the last step left it (``None``: not started)."""
-    from lepton_tasks.federation.secagg_round import AggregationState
-
-    key = _secagg_key(run_id, round_)
-    if not storage.exists(bucket, key):
-        return None
-    return AggregationState.model_validate_json(storage.get_bytes(bucket, key))
-
-
-def _write_aggregation(storage: Storage, bucket: str, state: AggregationState) -> None:
-    storage.put_bytes(
-        bucket,
-        _secagg_key(state.run_id, state.round),
-        state.model_dump_json().encode(),
-        content_type="application/json",
-    )
-
-
-def _update_layout(
-    storage: Storage, bucket: str, spec: RunSpec, round_: int, contract: Contract
-) -> UpdateLayout:
-    """A train round's public ring layout: the shapes of the global weights the sites trained from, the
-    clip bound :data:`SECAGG_UPDATE_CLIP` and the contract's largest row count as the sample bound."""
-    _, global_prev, _ = _global_weights(storage, bucket, spec.run_id, round_ - 1)
-    return UpdateLayout(
-        shapes=[list(np.shape(w)) for w in global_prev],
-        clip=SECAGG_UPDATE_CLIP,
-        max_samples=contract.rows.max,
-    )
-
-
-def _secure_failure(
-    storage: Storage,
-    bucket: str,
-    spec: RunSpec,
-    round_: int,
-    outcome: RoundOutcome,
-    answers: Mapping[str, RoundAnswer],
-    exclusions: list[Exclusion],
-    warnings: list[str],
-    exc: Exception,
-) -> SecureAggregationFailed:
-    """Record the round as failed (for ``blocked_by`` and the post-mortem) and the one error to raise."""
-    lost = getattr(exc, "lost", {})
-    remaining = sorted(getattr(exc, "remaining", ()))
-    exclusions = exclusions + [
-        _unusable(s, round_, "secagg_dropout", f"left the secure aggregation: {lost.get(s, 'dropped out')}")
-        for s in sorted(set(answers) - set(remaining))
-    ]
-    mode = spec.mode_of(round_)
-    record = _record(spec, round_, mode, remaining, exclusions, {}, None, outcome, warnings)
-    record = record.model_copy(update={"quorum_met": False})
-    storage.put_json(bucket, _record_key(spec.run_id, round_), record.model_dump(mode="json"))
-    return SecureAggregationFailed(f"round {round_} ({mode}): {exc}")
-
-
-class _ReadOnly:
-    """The signer of an exchange that only reads (polling a phase): it never signs."""
-
-    def sign(self, data: bytes) -> str:
-        raise RuntimeError("polling a secure aggregation signs nothing")
-
-
-def poll_secure_aggregation(
-    storage: Storage,
-    bucket: str,
-    registry: SiteRegistry,
-    run_id: str,
-    round_: int,
-    *,
-    now: datetime | None = None,
-) -> tuple[str, dict[str, str], datetime] | None:
-    """One look at the round's secure aggregation (what the trigger calls): ``(phase, each site's status in
-    it, the phase's deadline)``, or ``None`` when no aggregation is in progress (not started, or decided)."""
-    from lepton_tasks.federation import secagg_round as sr
-
-    state = read_aggregation(storage, bucket, run_id, round_)
-    record = read_record(storage, bucket, run_id, round_)
-    if state is None or (record is not None and record.quorum_met):
-        return None
-    exchange = sr.CoordinatorExchange(storage, _ReadOnly(), registry, state.consortium)
-    replies = sr.collect(exchange, state, now=now)
-    deadline = max(h.expires_at for h in state.jobs.values())
-    return state.phase.value, {s: r.status.value for s, r in replies.sites.items()}, deadline
-
-
-def secure_aggregation_step(
-    storage: Storage,
-    bucket: str,
-    registry: SiteRegistry,
-    signer: Signer,
-    run_id: str,
-    round_: int,
-    *,
-    now: datetime | None = None,
-    coordinator_key: str | PublicKey | None = None,
-    build_initial: Callable[[Contract, Sequence[str], int], list[np.ndarray]] = initial_weights,
-) -> AggregationState | RoundRecord:
-    """One step of round ``round_``'s secure aggregation; call it again until it returns the round's record.
-
-    - not started: the round's answers must be complete (else :class:`RoundNotComplete`); below the
-      quorum the round fails as :func:`decide_round` fails it (:class:`QuorumError`); else the aggregation
-      starts over the accepted sites, each setup bound to the job the site answered (the phase deadline is
-      the run's round deadline), and its state is returned;
-    - a phase in progress whose replies are not all in before its deadline: the state, unchanged;
-    - a complete phase: :func:`~lepton_tasks.federation.secagg_round.advance` to the next (the new state),
-      or after the reveal :func:`~lepton_tasks.federation.secagg_round.finish` and :func:`decide_round` on
-      the sum (the record).
-
-    The state is written to ``round-<kkkk>/secagg.json`` after every step. Fewer sites than the protocol's
-    threshold at any phase ends the round: the record is written (quorum not met) and
-    :class:`SecureAggregationFailed` names every site lost and why."""
-    from lepton_tasks.federation import secagg_round as sr
-
-    existing = read_record(storage, bucket, run_id, round_)
-    if existing is not None and existing.quorum_met:
-        return existing
-    spec = read_spec(storage, bucket, run_id)
-    mode = spec.mode_of(round_)
-    if not spec.secure_aggregation or mode == "evaluate":
-        raise ValueError(f"round {round_} ({mode}) of run {run_id} does not run under secure aggregation")
-    now = (now or datetime.now(UTC)).astimezone(UTC)
-    exchange = sr.CoordinatorExchange(storage, signer, registry, spec.consortium)
-    contract = _contract(spec)
-    state = read_aggregation(storage, bucket, run_id, round_)
-    outcome = poll_round(storage, bucket, registry, run_id, round_, now=now, coordinator_key=coordinator_key)
-    if not outcome.complete:
-        raise RoundNotComplete(
-            f"round {round_}: waiting for {', '.join(outcome.pending)} until "
-            f"{round_deadline(read_sent(storage, bucket, run_id, round_)).isoformat()}"
-        )
-    answers, exclusions, warnings = _judge(outcome, round_, mode)
-    try:
-        if state is None:
-            accepted = sorted(answers)
-            check = _record(spec, round_, mode, accepted, exclusions, {}, None, outcome, warnings)
-            _quorum_or_record(storage, bucket, spec, check)
-            sent = read_sent(storage, bucket, run_id, round_)
-            layout: dict[str, Any] = (
-                {"statistics": sr.statistics_layout(contract), "bits": 64}
-                if mode == "statistics"
-                else {"update": _update_layout(storage, bucket, spec, round_, contract), "bits": 64}
-            )
-            state = sr.start(
-                exchange,
-                run_id=run_id,
-                round=round_,
-                purpose="statistics" if mode == "statistics" else "update",
-                sites=accepted,
-                for_jobs={s: sent[s] for s in accepted},
-                contract=contract,
-                ttl=spec.deadline,
-                now=now,
-                **layout,
-            )
-            _write_aggregation(storage, bucket, state)
-            log.info("run %s round %d: secure aggregation %s started", run_id, round_, state.aggregation_id)
-            return state
-        replies = sr.collect(exchange, state, now=now)
-        if not replies.complete:
-            return state
-        if state.phase is not sr.Phase.REVEAL:
-            state = sr.advance(exchange, state, replies, now=now)
-            _write_aggregation(storage, bucket, state)
-            log.info("run %s round %d: secure aggregation now in phase %s", run_id, round_, state.phase.value)
-            return state
-        result = sr.finish(exchange, state, replies, contract=contract)
-    except (sr.SecAggRoundFailed, ValueError) as exc:
-        if isinstance(exc, sr.PhaseIncomplete):
-            raise
-        raise _secure_failure(
-            storage, bucket, spec, round_, outcome, answers, exclusions, warnings, exc
-        ) from exc
-    return decide_round(
-        storage,
-        bucket,
-        registry,
-        run_id,
-        round_,
-        now=now,
-        coordinator_key=coordinator_key,
-        build_initial=build_initial,
-        secure=result,
-    )
-
-
 def _arrays(outcome: RoundOutcome, site: str) -> tuple[list[np.ndarray], int]:
     out = outcome.sites[site]
     assert out.answer is not None
@@ -1260,175 +842,3 @@ def blocked_by(storage: Storage, bucket: str, run_id: str, round_: int) -> str |
 def _group_of(spec: RunSpec, round_: int) -> str:
     mode = spec.mode_of(round_)
     return {"statistics": "statistics", "evaluate": "evaluation"}.get(mode, f"round_{round_}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# publish
-# ----------------------------------------------------------------------------------------------------
-
-
-def _round_metrics(record: RoundRecord) -> RoundMetrics:
-    return RoundMetrics(
-        round=record.round,
-        partners=record.metrics,
-        excluded=record.excluded,
-        samples_total=record.samples_total,
-    )
-
-
-def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> RunMetrics:
-    """The run's metrics (``metrics.json``, the report's input): per round the sites that took part and
-    their metrics, every exclusion with its kind and reason, the final held-out metrics per site and
-    overall, and what protected the run (``core.privacy.run_privacy`` over the DP-SGD charges the sites
-    reported)."""
-    from lepton_tasks.core.privacy import run_privacy
-
-    records = []
-    for k in range(STATISTICS_ROUND, spec.evaluation_round + 1):
-        record = read_record(storage, bucket, spec.run_id, k)
-        if record is None or not record.quorum_met:
-            raise CoordinatorError(f"run {spec.run_id}: round {k} was not decided with its quorum")
-        records.append(record)
-    train = [r for r in records if r.mode == "train"]
-    final = records[-1]
-    excluded = {f"{e.site} (round {r.round}, {r.mode})": e.describe() for r in records for e in r.exclusions}
-    exclusions = [
-        RunExclusion(site=e.site, round=e.round, mode=r.mode, kind=e.kind, code=e.code, reason=e.reason)
-        for r in records
-        for e in r.exclusions
-    ]
-    warnings = [w for r in records for w in r.warnings]
-    privacy = run_privacy(
-        {
-            s: [RoundAnswer(mode=r.mode, n_samples=1, **r.charges[s]) for r in records if s in r.charges]
-            for s in spec.sites
-        },
-        dp=spec.hparams.dp,
-        secure_aggregation=spec.secure_aggregation,
-        dropouts_recovered=sum(
-            len(r.secure_aggregation.get("recovered", [])) for r in records if r.secure_aggregation
-        ),
-    )
-    if excluded:
-        warnings.append(f"{len(excluded)} exclusion(s): see the exclusions table")
-    last = train[-1]
-    if last.global_weights_sha256 is None:  # a train round decided with its quorum wrote its weights
-        raise CoordinatorError(f"run {spec.run_id}: round {last.round} recorded no global weights")
-    return RunMetrics(
-        run_id=spec.run_id,
-        airflow_run_id=spec.airflow_run_id,
-        consortium=spec.consortium,
-        dataset=spec.dataset,
-        contract_version=spec.contract,
-        contract_sha256=spec.contract_sha256,
-        strategy=spec.strategy,
-        min_partners=spec.min_partners,
-        created_at=spec.created_at,
-        partners=spec.sites,
-        statistics_round=_round_metrics(records[0]),
-        rounds=[_round_metrics(r) for r in train],
-        final=FinalMetrics(per_partner=final.metrics, overall=final.overall or {}),
-        excluded=excluded,
-        exclusions=exclusions,
-        lineage=Lineage(
-            run_id=spec.run_id,
-            rounds=spec.rounds,
-            strategy=spec.strategy,
-            contract=spec.contract,
-            sites=sorted({s for r in train for s in r.accepted}),
-            published_round=last.round,
-            global_weights_sha256=last.global_weights_sha256,
-        ),
-        privacy=_with_evaluation_noise(privacy),
-        warnings=warnings,
-    )
-
-
-def _with_evaluation_noise(privacy: RunPrivacy) -> RunPrivacy:
-    """``privacy`` with the evaluation release's sigma, calibrated from the run's evaluation epsilon as every
-    site calibrates it (``core.privacy.evaluation_sigma``), for the report; unchanged without DP."""
-    from lepton_tasks.core.privacy import evaluation_sigma
-
-    if privacy.dp is None:
-        return privacy
-    return privacy.model_copy(update={"evaluation_noise_multiplier": evaluation_sigma(privacy.dp)})
-
-
-def publish_run(
-    storage: Storage,
-    bucket: str,
-    spec: RunSpec,
-    *,
-    report_dir: Path,
-    save_keras: bool = True,
-) -> dict[str, Any]:
-    """Publish a finished run: ``metrics.json``, ``report.html`` (every excluded site and why), the last
-    round's global weights as a versioned model (``model/global.npz``, ``model/global.keras`` when the
-    contract's model can be rebuilt, ``model/VERSION.json`` and a ``_registry/<dataset>/`` entry: one
-    version sequence per dataset across runs). Idempotent: re-publishing keeps the run's version."""
-    from lepton_tasks.core.messages import RegistryEntry
-    from lepton_tasks.federation.report import render_report
-
-    metrics = run_metrics(storage, bucket, spec)
-    prefix = run_prefix(spec.run_id)
-    version = _next_version(storage, bucket, spec.dataset, spec.run_id)
-    metrics = metrics.model_copy(update={"model_version": version})
-    report = render_report(metrics, report_dir)
-    (report_dir / "metrics.json").write_text(json.dumps(dump(metrics), indent=2), encoding="utf-8")
-    storage.put_json(bucket, prefix + "metrics.json", dump(metrics))
-    storage.put_file(bucket, prefix + "report.html", report, content_type="text/html")
-
-    last = metrics.lineage.published_round
-    blob, _, _ = _global_weights(storage, bucket, spec.run_id, last)
-    storage.put_bytes(bucket, prefix + "model/global.npz", blob)
-    model_url = f"s3://{bucket}/{prefix}model/global.npz"
-    if save_keras:
-        import tempfile
-
-        _, names = _merged_statistics(storage, bucket, spec.run_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = _save_keras(spec.dataset, blob, len(names), Path(tmp))
-            storage.put_file(bucket, prefix + "model/global.keras", path)
-        model_url = f"s3://{bucket}/{prefix}model/global.keras"
-    model_version = ModelVersion(
-        version=version,
-        dataset=spec.dataset,
-        run_id=spec.run_id,
-        published_at=datetime.now(UTC),
-        lineage=metrics.lineage,
-    )
-    storage.put_json(bucket, prefix + "model/VERSION.json", dump(model_version))
-    storage.put_json(
-        bucket,
-        f"_registry/{spec.dataset}/{version:06d}.json",
-        dump(RegistryEntry(run_id=spec.run_id, version=version)),
-    )
-    return {
-        "version": version,
-        "published_round": last,
-        "report_path": str(report),
-        "report_url": f"s3://{bucket}/{prefix}report.html",
-        "model_url": model_url,
-        "excluded": metrics.excluded,
-    }
-
-
-def _next_version(storage: Storage, bucket: str, dataset: str, run_id: str) -> int:
-    from lepton_tasks.core.messages import RegistryEntry
-
-    versions: dict[str, int] = {}
-    for obj in storage.list(bucket, f"_registry/{dataset}/"):
-        entry = load(RegistryEntry, storage.get_bytes(bucket, obj.key), where=f"s3://{bucket}/{obj.key}")
-        versions[entry.run_id] = entry.version
-    return versions.get(run_id, max(versions.values(), default=0) + 1)
-
-
-def _save_keras(dataset: str, blob: bytes, n_features: int, out: Path) -> Path:
-    from lepton_tasks.trainer.model import build_model
-
-    arrays, _ = wio.loads(blob)
-    model = build_model(load_contract(dataset).model, n_features, seed=0)
-    model.set_weights(arrays)
-    path = out / "global.keras"
-    model.save(path)
-    return path

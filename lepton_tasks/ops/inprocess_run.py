@@ -21,7 +21,7 @@ site ``lepton_site`` ``jobs``/``verify``/     :func:`answer_site_jobs`: ``site.j
                                               :data:`~lepton_tasks.site.training.TrainerRunner`
 ``<round>.collect``                           ``coordinator.decide_round`` (no trigger: every site has
                                               answered when it is called)
-``publish``                                   ``coordinator.publish_run``
+``publish``                                   ``publish.publish_run``
 ============================================  =====================================================
 
 What differs from the Airflow path: nothing waits (each site handles its job right after it was sent; a site
@@ -53,8 +53,8 @@ if TYPE_CHECKING:
     from lepton_tasks.adapters.vault import Vault
     from lepton_tasks.core.messages import RunMetrics, TrainerHParams
     from lepton_tasks.core.strategies import Strategy
-    from lepton_tasks.federation.coordinator import RoundRecord, RunSpec
     from lepton_tasks.federation.enrollment import SiteRegistry
+    from lepton_tasks.federation.run_records import RoundRecord, RunSpec
     from lepton_tasks.ingest.stage import IngestResult
     from lepton_tasks.ops.embedded.stack import Stack
     from lepton_tasks.ops.topology import Topology
@@ -240,14 +240,9 @@ def run_federated(
     runner (default :func:`~lepton_tasks.site.training.local_runner`); ``min_partners`` defaults to every
     site; ``run_name`` is the "Airflow run id" (default: a fresh ``inprocess__<uuid>``)."""
     from lepton_tasks.core.messages import RunMetrics, load
-    from lepton_tasks.federation.coordinator import (
-        RoundNotComplete,
-        decide_round,
-        publish_run,
-        run_prefix,
-        send_jobs,
-        start_run,
-    )
+    from lepton_tasks.federation.coordinator import RoundNotComplete, decide_round, send_jobs, start_run
+    from lepton_tasks.federation.publish import publish_run
+    from lepton_tasks.federation.run_records import run_prefix
     from lepton_tasks.site.training import local_runner
 
     make_runner: RunnerFactory = runner or local_runner

@@ -248,7 +248,7 @@ def federated_run(
     it; fills ``result``."""
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.core.messages import RunMetrics, load
-    from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
+    from lepton_tasks.federation.run_records import exchange_run_id, run_prefix
 
     coordinator = topo.coordinator()
     api = _api(coordinator)
@@ -294,7 +294,7 @@ def references(topo: Topology, scenario: str, *, seed: int, result: TopologyDemo
     site's holdout (:func:`lepton_tasks.ops.inprocess_run.local_only_baseline`), with the run's own
     hyper-parameters; both train in this process."""
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.coordinator import exchange_run_id, read_spec
+    from lepton_tasks.federation.run_records import exchange_run_id, read_spec
     from lepton_tasks.ops.demo import centralized_reference
     from lepton_tasks.ops.inprocess_run import local_only_baseline
 

@@ -1,7 +1,7 @@
 """Waiting for one round's answers without holding a worker slot: a deferrable trigger and its operator.
 
 ``CollectAnswersOperator`` (one per round of the ``lepton_federated`` DAG) reads the headers of the jobs
-its round sent (``federation.coordinator.read_sent``) and defers at once to :class:`AnswersTrigger`, which
+its round sent (``federation.run_records.read_sent``) and defers at once to :class:`AnswersTrigger`, which
 runs in the triggerer: every ``poll_interval`` seconds it looks at every site's replies
 (``coordinator.poll_round`` → ``federation.exchange.collect_answers``, blocking S3 calls in a thread) and
 fires ONE event when every site has a final outcome (accepted, refused, rejected) or the round's deadline —
@@ -13,9 +13,9 @@ no retry can add a site). A site still pending on resume (the trigger ended on a
 task back to the trigger.
 
 Under secure aggregation (the run's spec sets ``secure_aggregation``) the statistics and train rounds go on
-after their answers: on resume the operator calls ``coordinator.secure_aggregation_step``, which starts the
-round's aggregation over the accepted sites, and defers again to the same trigger in its ``secure`` mode
-(``coordinator.poll_secure_aggregation``: the current phase's replies, until every site replied or the
+after their answers: on resume the operator calls ``secagg_driver.secure_aggregation_step``, which starts
+the round's aggregation over the accepted sites, and defers again to the same trigger in its ``secure`` mode
+(``secagg_driver.poll_secure_aggregation``: the current phase's replies, until every site replied or the
 phase's jobs expired); each resume advances one phase (keys → shares → masked inputs → reveal) until the
 step unmasks the sum and decides the round. No task is added to the DAG: a run without secure aggregation
 never enters this path, and a secure one holds no worker slot between phases. A failed aggregation (fewer
@@ -50,8 +50,9 @@ def _statuses(run_id: str, round_number: int, secure: bool = False) -> dict[str,
     aggregation (blocking; runs in a thread). No aggregation in progress: ``{}`` (nothing to wait for)."""
     from lepton_airflow.hook import LeptonHook
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.coordinator import poll_round, poll_secure_aggregation
+    from lepton_tasks.federation.coordinator import poll_round
     from lepton_tasks.federation.enrollment import SiteRegistry
+    from lepton_tasks.federation.secagg_driver import poll_secure_aggregation
 
     settings = LeptonHook.from_env()
     if secure:
@@ -198,12 +199,12 @@ class CollectAnswersOperator(BaseOperator):
         self.poll_interval = poll_interval
 
     def _run_id(self, context: Context) -> str:
-        from lepton_tasks.federation.coordinator import exchange_run_id
+        from lepton_tasks.federation.run_records import exchange_run_id
 
         return exchange_run_id(context["run_id"])
 
     def _round(self, storage: Any, bucket: str, run_id: str) -> int:
-        from lepton_tasks.federation.coordinator import read_spec
+        from lepton_tasks.federation.run_records import read_spec
 
         if self.round_number == "evaluation":
             return read_spec(storage, bucket, run_id).evaluation_round
@@ -211,7 +212,7 @@ class CollectAnswersOperator(BaseOperator):
 
     def execute(self, context: Context) -> Any:
         from lepton_airflow.hook import LeptonHook
-        from lepton_tasks.federation.coordinator import read_sent, round_deadline
+        from lepton_tasks.federation.run_records import read_sent, round_deadline
 
         hook = LeptonHook()
         settings = hook.get_settings()
@@ -240,17 +241,10 @@ class CollectAnswersOperator(BaseOperator):
 
         from lepton_airflow.hook import LeptonHook
         from lepton_tasks.adapters.signing import SigningError, TransitSigner
-        from lepton_tasks.federation.coordinator import (
-            CoordinatorError,
-            RoundNotComplete,
-            RoundRecord,
-            decide_round,
-            read_sent,
-            read_spec,
-            round_deadline,
-            secure_aggregation_step,
-        )
+        from lepton_tasks.federation.coordinator import CoordinatorError, RoundNotComplete, decide_round
         from lepton_tasks.federation.enrollment import EnrollmentError, SiteRegistry
+        from lepton_tasks.federation.run_records import RoundRecord, read_sent, read_spec, round_deadline
+        from lepton_tasks.federation.secagg_driver import secure_aggregation_step
 
         event = event or {}
         if event.get("ended") == "error":

@@ -79,7 +79,7 @@ def _pin_a_key_that_does_not_sign_its_answers(topo: Topology) -> None:
 
 def test_a_federated_run_across_separate_stacks(topology):
     from lepton_tasks.adapters.storage import Storage
-    from lepton_tasks.federation.coordinator import exchange_run_id
+    from lepton_tasks.federation.run_records import exchange_run_id
     from lepton_tasks.ops.topology_demo import TopologyDemoResult, federated_run, ingest_at_sites
 
     _refuse_the_runs_strategy(topology)
@@ -205,7 +205,7 @@ def test_a_secure_run_with_dp_across_separate_stacks(topology):
     """Runs after the first test (same stacks, the sites' data already ingested)."""
     from lepton_tasks.adapters.storage import Storage
     from lepton_tasks.core.messages import RunMetrics, load
-    from lepton_tasks.federation.coordinator import exchange_run_id, run_prefix
+    from lepton_tasks.federation.run_records import exchange_run_id, run_prefix
     from lepton_tasks.ops.topology_demo import _api
 
     _every_site_back_in(topology)

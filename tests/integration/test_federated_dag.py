@@ -44,7 +44,6 @@ from lepton_tasks.core.messages import RoundAnswer, RoundJob
 from lepton_tasks.core.metrics import score_summary
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.site_policy import Approval, DatasetGrant, load_policy
-from lepton_tasks.federation.coordinator import exchange_run_id, read_record
 from lepton_tasks.federation.enrollment import (
     SiteRegistry,
     enroll_site,
@@ -53,6 +52,7 @@ from lepton_tasks.federation.enrollment import (
     remove_site,
     write_bundle,
 )
+from lepton_tasks.federation.run_records import exchange_run_id, read_record
 from lepton_tasks.ops.partners import SeaweedIdentities
 from lepton_tasks.site.enrollment import exchange_storage, import_bundle
 from lepton_tasks.site.jobs import run_pending
@@ -439,14 +439,8 @@ def test_the_trigger_gives_up_at_the_deadline_and_the_silent_sites_are_named(fed
 
     from lepton_airflow.answers_trigger import AnswersTrigger
     from lepton_tasks.core.messages import TrainerHParams
-    from lepton_tasks.federation.coordinator import (
-        QuorumError,
-        decide_round,
-        read_spec,
-        round_deadline,
-        send_jobs,
-        start_run,
-    )
+    from lepton_tasks.federation.coordinator import QuorumError, decide_round, send_jobs, start_run
+    from lepton_tasks.federation.run_records import read_spec, round_deadline
 
     fed = federation
     bucket = fed.settings.models_bucket

@@ -46,16 +46,11 @@ from lepton_tasks.core.messages import RoundAnswer, RoundJob
 from lepton_tasks.core.metrics import score_summary
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.site_policy import Approval, DatasetGrant, load_policy
-from lepton_tasks.federation.coordinator import (
-    SECAGG_UPDATE_CLIP,
-    exchange_run_id,
-    read_record,
-    read_spec,
-    send_jobs,
-    start_run,
-)
+from lepton_tasks.federation.coordinator import send_jobs, start_run
 from lepton_tasks.federation.enrollment import SiteRegistry, enroll_site, pin_site_key, remove_site
+from lepton_tasks.federation.run_records import exchange_run_id, read_record, read_spec
 from lepton_tasks.federation.secagg import FixedPoint
+from lepton_tasks.federation.secagg_driver import SECAGG_UPDATE_CLIP
 from lepton_tasks.ops.partners import SeaweedIdentities
 from lepton_tasks.site.enrollment import exchange_storage, import_bundle
 from lepton_tasks.site.jobs import JobStatus, handle_job, poll_jobs

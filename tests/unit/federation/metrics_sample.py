@@ -1,4 +1,4 @@
-"""A :class:`RunMetrics` built by hand, shaped as ``coordinator.run_metrics`` builds it (report input)."""
+"""A :class:`RunMetrics` built by hand, shaped as ``publish.run_metrics`` builds it (report input)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,6 @@ from lepton_tasks.core.metrics import score_summary
 from lepton_tasks.core.outbound_log import OutboundLog
 from lepton_tasks.core.privacy import epsilon_of, gaussian_privacy_charge
 from lepton_tasks.federation.coordinator import (
-    Exclusion,
     ExclusionKind,
     QuorumError,
     RoundNotComplete,
@@ -45,15 +44,8 @@ from lepton_tasks.federation.coordinator import (
     blocked_by,
     check_quorum,
     decide_round,
-    exchange_run_id,
     exclusion_of,
     merge_statistics,
-    publish_run,
-    read_record,
-    read_sent,
-    read_spec,
-    round_deadline,
-    run_metrics,
     select_sites,
     send_jobs,
     start_run,
@@ -61,6 +53,15 @@ from lepton_tasks.federation.coordinator import (
 )
 from lepton_tasks.federation.enrollment import SiteEntry, SiteRegistry, pin_site_key
 from lepton_tasks.federation.exchange import Rejection, SiteOutcome, SiteStatus
+from lepton_tasks.federation.publish import publish_run, run_metrics
+from lepton_tasks.federation.run_records import (
+    Exclusion,
+    exchange_run_id,
+    read_record,
+    read_sent,
+    read_spec,
+    round_deadline,
+)
 from lepton_tasks.site.jobs import run_pending
 from lepton_tasks.site.state import SiteState
 from tests.unit.site.fakes import CONSORTIUM, LocalSigner, MemoryStorage, site_policy
