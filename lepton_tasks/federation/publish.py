@@ -14,9 +14,11 @@ No Airflow import here.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from lepton_tasks.core import weights as wio
 from lepton_tasks.core.contracts import load_contract
@@ -58,6 +60,43 @@ def _round_metrics(record: RoundRecord) -> RoundMetrics:
     )
 
 
+#: the smaller class's merged held-out count must be this many noise sds to make the merged metrics worth
+#: reading (below it the overall AUC of a DP run can be far off or undefined: docs/benchmarks.md)
+NOISE_DOMINATED_SDS: Final = 4.0
+
+
+def evaluation_noise_warning(
+    per_site: Mapping[str, Mapping[str, Any]], overall: Mapping[str, Any]
+) -> str | None:
+    """The warning for a DP run whose merged held-out metrics are dominated by the evaluation's noise, or
+    ``None``. Each site's noisy histogram (its block's ``dp``: noise multiplier σ_s on ``bins_per_class``
+    bins) adds noise of variance σ_s² x bins to each merged class total; when the smaller class's noisy
+    total is under :data:`NOISE_DOMINATED_SDS` of that noise's sd (e.g. banks: 67 positives against sd 57
+    at the default evaluation ε), the consortium should not read the overall AUC as the model's quality."""
+    variance, noisy_sites = 0.0, 0
+    for block in per_site.values():
+        dp = block.get("dp")
+        if not isinstance(dp, Mapping):
+            continue
+        sigma, bins = dp.get("noise_multiplier"), dp.get("bins_per_class")
+        if isinstance(sigma, (int, float)) and isinstance(bins, int):
+            variance += float(sigma) ** 2 * bins
+            noisy_sites += 1
+    if noisy_sites == 0:
+        return None
+    sd = math.sqrt(variance)
+    n, positives = overall.get("n"), overall.get("positives")
+    smaller = min(positives, n - positives) if isinstance(n, int) and isinstance(positives, int) else None
+    if smaller is not None and smaller >= NOISE_DOMINATED_SDS * sd:
+        return None
+    count = "undefined" if smaller is None else str(smaller)
+    return (
+        f"the held-out metrics are dominated by the evaluation's noise: the smaller class's merged noisy "
+        f"count is {count}, against noise of sd {sd:.0f} ({noisy_sites} noisy histograms); the overall AUC "
+        "can be far off or undefined: raise dp_evaluation_epsilon or evaluate on more held-out rows"
+    )
+
+
 def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> RunMetrics:
     """The run's metrics (``metrics.json``, the report's input): per round the sites that took part and
     their metrics, every exclusion with its kind and reason, the final held-out metrics per site and
@@ -93,6 +132,8 @@ def run_metrics(storage: Storage, bucket: str, spec: RunSpec) -> RunMetrics:
     )
     if excluded:
         warnings.append(f"{len(excluded)} exclusion(s): see the exclusions table")
+    if (noisy := evaluation_noise_warning(final.metrics, final.overall or {})) is not None:
+        warnings.append(noisy)
     last = train[-1]
     if last.global_weights_sha256 is None:  # a train round decided with its quorum wrote its weights
         raise CoordinatorError(f"run {spec.run_id}: round {last.round} recorded no global weights")
