@@ -6,7 +6,10 @@ each enrolled site's exchange bucket (its own object storage) and reads back the
 site trains on its own data in its own Airflow; this DAG only plans, waits, aggregates, evaluates and
 publishes.
 
-**Starts** from the UI with validated Params: the dataset (one of the contracts), the sites (empty: every
+**Starts** when a site announces new staged data (a signed `announcements/<dataset>/<id>.json` in its
+exchange bucket, verified with its pinned key by the `lepton-announcements` Asset's watcher: that dataset,
+the other Params' defaults), on the cron `LEPTON_FEDERATED_CRON` when set (the Params' defaults), or from
+the UI with validated Params: the dataset (one of the contracts), the sites (empty: every
 enrolled site whose key is pinned), rounds, strategy, quorum (`min_partners`), the round deadline and the
 local training settings (empty: the contract's `training:` defaults).
 
@@ -43,11 +46,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import Param, TaskGroup, dag, get_current_context, task
+from airflow.sdk import Asset, AssetWatcher, Param, TaskGroup, dag, get_current_context, task
+from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
+from airflow.sdk.definitions.timetables.trigger import CronTriggerTimetable
 
+from lepton_airflow.announcements_trigger import AnnouncementsTrigger
 from lepton_airflow.answers_trigger import CollectAnswersOperator
 from lepton_airflow.defaults import default_args
 from lepton_airflow.roles import serves
+from lepton_tasks.adapters.settings import load_settings
 from lepton_tasks.core.contracts import available
 from lepton_tasks.core.strategies import STRATEGIES
 
@@ -56,6 +63,32 @@ MAX_ROUNDS = 8
 #: transient failures (a service restarting) retry with exponential backoff: 15 s … 2 min
 DEFAULT_ARGS = default_args(retries=4)
 DATASETS = available()
+#: the sites' signed announcements of new staged data (verified by the watcher: a forged one starts nothing)
+ANNOUNCEMENTS = Asset(
+    name="lepton-announcements",
+    uri="s3://exchange/announcements/",
+    watchers=[
+        AssetWatcher(
+            name="lepton_announcements_watcher",
+            trigger=AnnouncementsTrigger(poll_interval=load_settings().announcements_poll_seconds),
+        )
+    ],
+)
+
+
+def schedule(cron: str | None = None, on_announcements: bool | None = None) -> Any:
+    """The announcements, or the announcements OR ``cron`` (``LEPTON_FEDERATED_CRON``, UTC) when set; with
+    ``LEPTON_FEDERATED_ON_ANNOUNCEMENTS=false`` the cron alone (none: UI/REST runs only)."""
+    settings = load_settings()
+    cron = (settings.federated_cron if cron is None else cron).strip()
+    if on_announcements is None:
+        on_announcements = settings.federated_on_announcements
+    timetable = CronTriggerTimetable(cron, timezone="UTC") if cron else None
+    if not on_announcements:
+        return timetable
+    return (
+        ANNOUNCEMENTS if timetable is None else AssetOrTimeSchedule(timetable=timetable, assets=ANNOUNCEMENTS)
+    )
 
 
 def _coordinator() -> tuple[Any, Any, str, str]:
@@ -75,7 +108,7 @@ def _round_of(spec: Any, which: int | str) -> int:
 
 @dag(
     dag_id="lepton_federated",
-    schedule=None,
+    schedule=schedule(),
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
@@ -154,11 +187,18 @@ def lepton_federated() -> None:
 
         from lepton_tasks.core.contracts import load_contract
         from lepton_tasks.core.messages import DPTraining, TrainerHParams
+        from lepton_tasks.federation.announcements import announced_dataset
         from lepton_tasks.federation.coordinator import CoordinatorError, start_run
         from lepton_tasks.federation.enrollment import SiteRegistry
 
         ctx = get_current_context()
-        p = ctx["params"]
+        p = dict(ctx["params"])
+        events = ctx.get("triggering_asset_events") or {}
+        if dataset := announced_dataset(
+            (e.extra for e in events.get(ANNOUNCEMENTS, ())), DATASETS
+        ):  # started by the sites' announcements: train on what they announced (the other Params: defaults)
+            print(f"started by the sites' announcements of new staged data for {dataset}")
+            p["dataset"] = dataset
         hook, storage, bucket, _ = _coordinator()
         settings = hook.get_settings()
         d = load_contract(p["dataset"]).training

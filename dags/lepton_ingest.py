@@ -13,7 +13,8 @@ partner's Vault transit key → staging, manifest last. The `ingest` tasks are m
 per task, the grid names it `partner/key`; past 1,024 drops a few per task, one after the other). A bad drop
 is moved to the partner's `quarantine/` folder with `reason.json`, and its task fails at once (no retry:
 the data will not change); other drops are unaffected. A drop that failed for another reason (storage or
-Vault down) is retried. Datasets that received new staged data announce it through an Asset, which starts
+Vault down) is retried. Datasets that received new staged data announce it through an Asset (and, at an
+enrolled site, to the coordinator with a signed announcement in its exchange bucket), which starts
 training. The last task, `summary`, lists every drop's outcome and **fails the run** when a drop was
 quarantined or could not be ingested, with the reasons in its log.
 """
@@ -176,9 +177,16 @@ def lepton_ingest():
                 "dataset": dataset,
                 "drops": [f"{r['partner']}/{r['drop_id']}" for r in staged],
             }
-            settings = LeptonHook().get_settings()
+            hook = LeptonHook()
+            settings = hook.get_settings()
             mark_announced(Storage.from_settings(settings), settings, staged)
             print(f"announced {len(staged)} new staged drop(s) for {dataset}")
+            # an enrolled site also tells its coordinator (dataset and time only); a storage error retries
+            # this task (the drops above stay staged and announced locally); no bundle: skipped, logged
+            from lepton_tasks.site.announce import announce_staged
+
+            if sent := announce_staged(settings, hook.get_vault, dataset):
+                print(f"announced {dataset} to the coordinator: s3://{sent.bucket}/{sent.key}")
 
         announcements.append(announce(results))
 

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
     #: the coordinator's ed25519 signing key in its Vault's transit engine (its token needs only
     #: ``adapters.signing.signer_policy`` on it; deliberately outside ``key_prefix``, the partner keys)
     coordinator_key_name: str = "coordinator-signing"
+    #: a cron (UTC) on which ``lepton_federated`` also runs with its Params' defaults, besides the sites'
+    #: announcements of new staged data; empty: announcements (and the UI) only. Read at DAG parse time.
+    federated_cron: str = ""
+    #: whether the sites' announcements of new staged data start ``lepton_federated``. Off by default: a run
+    #: starts on the FIRST announcement, before the other sites may have staged (they then refuse with
+    #: ``no_usable_data``); until the watcher waits for a quorum of sites, turn it on only where the sites
+    #: stage together. Off: the cron and the UI/REST only.
+    federated_on_announcements: bool = False
+    #: seconds between two listings of the sites' ``announcements/`` by the coordinator's watcher
+    announcements_poll_seconds: float = Field(30.0, gt=0, allow_inf_nan=False)
 
     # site (a partner's own Lepton: its exchange watcher and job DAG, ``dags/lepton_site.py``)
     #: the partner whose staged data the site trains (its name in this site's own staging); empty: the

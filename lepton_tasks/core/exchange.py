@@ -24,7 +24,8 @@ at enrollment and never needs the signer's Vault.
 
 Object keys (:func:`object_key`): ``jobs/<run>/<round>/<message id>.json`` (coordinator → site),
 ``answers/...`` and ``refusals/...`` (site → coordinator); ``<round>`` is zero-padded to 4 digits so that
-listings sort by round.
+listings sort by round. A site's announcement of new staged data (``announcements/<dataset>/<id>.json``) uses
+the same envelope with its own header, bound to a dataset instead of a run: ``core.announcements``.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ class MessageKind(StrEnum):
     JOB = "job"  # coordinator → site
     ANSWER = "answer"  # site → coordinator: the work asked for
     REFUSAL = "refusal"  # site → coordinator: why the site will not do it
+    #: site → coordinator: "new staged data for a dataset" (``core.announcements``: its own header, no run)
+    ANNOUNCEMENT = "announcement"
 
 
 #: the object-key prefix of each kind
@@ -115,9 +118,14 @@ KIND_PREFIX: Final[dict[MessageKind, str]] = {
     MessageKind.JOB: "jobs",
     MessageKind.ANSWER: "answers",
     MessageKind.REFUSAL: "refusals",
+    MessageKind.ANNOUNCEMENT: "announcements",
 }
 #: what a site writes into its exchange bucket (the outbound log reconciles exactly these)
-SITE_WRITTEN_PREFIXES: Final = (f"{KIND_PREFIX[MessageKind.ANSWER]}/", f"{KIND_PREFIX[MessageKind.REFUSAL]}/")
+SITE_WRITTEN_PREFIXES: Final = (
+    f"{KIND_PREFIX[MessageKind.ANSWER]}/",
+    f"{KIND_PREFIX[MessageKind.REFUSAL]}/",
+    f"{KIND_PREFIX[MessageKind.ANNOUNCEMENT]}/",
+)
 
 
 class RejectReason(StrEnum):
@@ -331,6 +339,8 @@ def make_header(
     """A new header for ``payload``: fresh message id, ``created_at = now``, ``expires_at = now + ttl``."""
     if ttl <= timedelta(0):
         raise ValueError("ttl must be positive")
+    if kind is MessageKind.ANNOUNCEMENT:
+        raise ValueError("an announcement has its own header: core.announcements.make_announcement")
     created = (now or datetime.now(UTC)).astimezone(UTC)
     common: dict[str, Any] = {
         "consortium": consortium,

@@ -23,7 +23,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lepton_tasks.core.features import SufficientStats
 from lepton_tasks.core.strategies import Strategy
@@ -667,6 +667,35 @@ class RoundRefusal(Message):
     reasons: list[dict[str, str]] = Field(min_length=1, description="code, field and message of each reason")
 
 
+#: a dataset name as it travels in a message and an object-key segment (the contracts' file names)
+DATASET_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+class StagedAnnouncement(Message):
+    """``lepton-staged-announcement/1``: a site tells the coordinator it staged new data for a dataset.
+
+    Which dataset, under which contract, and when: nothing about the data itself (no row count, no drop,
+    no value). Sealed in the signed envelope of ``core.announcements``, bound to consortium, site and
+    dataset."""
+
+    payload_schema: ClassVar[str] = "lepton-staged-announcement/1"
+
+    dataset: str = Field(pattern=DATASET_PATTERN)
+    contract_version: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,62}@v[1-9][0-9]{0,5}$", description="the contract's tag: <dataset>@v<N>"
+    )
+    contract_sha256: str = Field(pattern=SHA256_PATTERN)
+    announced_at: AwareDatetime
+
+    @model_validator(mode="after")
+    def _contract_of_dataset(self) -> StagedAnnouncement:
+        if self.contract_version.split("@v")[0] != self.dataset:
+            raise ValueError(
+                f"contract_version {self.contract_version!r} is not a contract of {self.dataset!r}"
+            )
+        return self
+
+
 #: every boundary model, by the name its JSON Schema is exported under
 BOUNDARY_MODELS: dict[str, type[Message]] = {
     "manifest": SignedManifest,
@@ -685,6 +714,7 @@ BOUNDARY_MODELS: dict[str, type[Message]] = {
     "round-answer": RoundAnswer,
     "round-refusal": RoundRefusal,
     "exchange-update-meta": ExchangeUpdateMeta,
+    "staged-announcement": StagedAnnouncement,
 }
 
 

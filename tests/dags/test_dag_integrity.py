@@ -117,3 +117,38 @@ print(f"{{elapsed:.3f}} {{','.join(heavy)}}")
     elapsed_s, _, heavy = out.stdout.strip().splitlines()[-1].partition(" ")
     # behaviour, not time (a loaded machine makes any time bound flaky): no heavy module at parse time
     assert heavy == "", f"{path.name} imports {heavy} at parse time (took {elapsed_s}s)"
+
+
+def test_the_federated_dag_runs_on_the_sites_announcements_or_a_cron(dagbag):
+    """Off by default (UI/REST only: a run on the first announcement would start before the other sites
+    staged); with ``LEPTON_FEDERATED_ON_ANNOUNCEMENTS=true`` scheduled on the ``lepton-announcements`` Asset
+    (its watcher verifies the sites' signed announcements), and with ``LEPTON_FEDERATED_CRON`` also on that
+    cron, the Params' defaults."""
+    from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
+
+    dag = dagbag.dags["lepton_federated"]
+    assert getattr(dag.timetable, "asset_condition", None) is None  # the default: no announcement starts it
+
+    code = f"""
+import os, sys, runpy
+sys.path.insert(0, {str(REPO / "plugins")!r})
+os.environ["LEPTON_ROLE"] = "coordinator"
+os.environ["LEPTON_FEDERATED_CRON"] = "0 3 * * 1"
+os.environ["LEPTON_FEDERATED_ON_ANNOUNCEMENTS"] = "true"
+ns = runpy.run_path({str(REPO / "dags" / "lepton_federated.py")!r})
+[watcher] = ns["ANNOUNCEMENTS"].watchers
+print(type(watcher.trigger).__name__)
+s = ns["schedule"]()
+print(type(s).__name__, s.asset_condition.name, s.timetable.expression)
+print(type(ns["schedule"]("")).__name__)
+off = ns["schedule"]("5 4 * * *", False)
+print(type(ns["schedule"]("", on_announcements=False)).__name__, off.expression)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    trigger, with_cron, without, off = out.stdout.strip().splitlines()[-4:]
+    assert trigger == "AnnouncementsTrigger"
+    assert with_cron == f"{AssetOrTimeSchedule.__name__} lepton-announcements 0 3 * * 1"
+    assert without == "Asset"
+    assert off == "NoneType 5 4 * * *"  # LEPTON_FEDERATED_ON_ANNOUNCEMENTS=false: the cron alone, or none
