@@ -37,7 +37,18 @@ def _fingerprint(output: str) -> str:
     return FINGERPRINT.findall(output)[-1]
 
 
-def test_enroll_import_pin_remove(cli, settings, tmp_path):
+@pytest.fixture
+def site_files_removed_after(settings):
+    """The site import below writes the session stack's site files (bundle, key, policy); a bundle left there
+    would make every later ingest announce to this test's removed site. Remove them after the test."""
+    import shutil
+
+    yield
+    if settings.site_dir.exists():
+        shutil.rmtree(settings.site_dir)
+
+
+def test_enroll_import_pin_remove(cli, settings, tmp_path, site_files_removed_after):
     site = f"hosp-cli-{uuid.uuid4().hex[:6]}"
     init = cli("coordinator", "init")
     assert init.exit_code == 0, init.output
